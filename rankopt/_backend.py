@@ -1,0 +1,297 @@
+"""The one place where array libraries differ.
+
+All manifold math in rankopt is written against the small :class:`Backend` interface
+below. The array arithmetic itself (``@``, ``+``, ``*``, slicing) is shared by NumPy, CuPy
+and Torch; what differs (namespaces, QR/SVD, random numbers, sparse products, devices,
+turning a 0-d array into a Python float) is wrapped here, on top of ``array-api-compat``.
+
+Backends are imported lazily: ``import rankopt`` imports neither torch nor cupy.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+BACKENDS = ("numpy", "torch", "cupy")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _is_torch(x: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _is_cupy(x: Any) -> bool:
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(x, cp.ndarray):
+        return True
+    sp = sys.modules.get("cupyx.scipy.sparse")
+    return sp is not None and sp.issparse(x)
+
+
+def _is_scipy_sparse(x: Any) -> bool:
+    sp = sys.modules.get("scipy.sparse")
+    return sp is not None and sp.issparse(x)
+
+
+def backend_name_of(x: Any) -> str | None:
+    """Name of the backend an array (dense or sparse) belongs to, or None if not an array."""
+    if isinstance(x, np.ndarray) or _is_scipy_sparse(x):
+        return "numpy"
+    if _is_torch(x):
+        return "torch"
+    if _is_cupy(x):
+        return "cupy"
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Array-library adapter used by every manifold operation.
+
+    Parameters
+    ----------
+    name : {"numpy", "torch", "cupy"}
+    dtype : backend dtype object (float32 or float64)
+    device : backend device (``None`` for NumPy)
+    """
+
+    name: str
+    dtype: Any
+    device: Any
+
+    # -- namespaces ---------------------------------------------------------
+    @property
+    def xp(self):
+        """The array-api-compat namespace of this backend."""
+        return _namespace(self.name)
+
+    @property
+    def eps(self) -> float:
+        """Machine epsilon of the working dtype."""
+        return 1.1920929e-07 if self.is_float32 else 2.220446049250313e-16
+
+    @property
+    def is_float32(self) -> bool:
+        return "32" in str(self.dtype)
+
+    # -- creation -------------------------------------------------------------
+    def asarray(self, a: Any) -> Any:
+        """Convert ``a`` (array of any backend, or Python/NumPy data) to this backend."""
+        if self.name == "numpy":
+            if _is_torch(a):
+                a = a.detach().cpu().numpy()
+            elif _is_cupy(a):
+                a = a.get()
+            return np.asarray(a, dtype=self.dtype)
+        if self.name == "torch":
+            torch = _torch()
+            if _is_torch(a):
+                return a.to(device=self.device, dtype=self.dtype)
+            if _is_cupy(a):
+                a = a.get()
+            return torch.as_tensor(np.asarray(a), device=self.device).to(self.dtype)
+        import cupy as cp
+
+        if _is_torch(a):
+            a = a.detach().cpu().numpy()
+        with cp.cuda.Device(self.device):
+            return cp.asarray(a, dtype=self.dtype)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.xp.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def eye(self, n: int) -> Any:
+        return self.xp.eye(n, dtype=self.dtype, device=self.device)
+
+    def randn(self, rng: np.random.Generator, shape: tuple[int, ...]) -> Any:
+        """Standard normal samples drawn in NumPy (float64) then moved here.
+
+        Drawing on the host makes a seed give the same numbers on every backend, which the
+        backend-agreement tests rely on; random draws are never on a hot path.
+        """
+        return self.asarray(rng.standard_normal(shape))
+
+    # -- linear algebra -------------------------------------------------------
+    def qr(self, a: Any) -> tuple[Any, Any]:
+        """Reduced QR factorization, O(m k^2) for an m x k matrix."""
+        return self.xp.linalg.qr(a, mode="reduced")
+
+    def svd(self, a: Any) -> tuple[Any, Any, Any]:
+        """Thin SVD ``a = U diag(s) Vh`` with s descending."""
+        if self.name == "torch":
+            torch = _torch()
+            return torch.linalg.svd(a, full_matrices=False)
+        return self.xp.linalg.svd(a, full_matrices=False)
+
+    def diag(self, v: Any) -> Any:
+        n = v.shape[0]
+        out = self.zeros((n, n))
+        idx = self.xp.arange(n, device=self.device) if self.name != "numpy" else np.arange(n)
+        out[idx, idx] = v
+        return out
+
+    def diagonal(self, a: Any) -> Any:
+        return self.xp.linalg.diagonal(a)
+
+    def concat(self, arrays: list[Any], axis: int = 0) -> Any:
+        return self.xp.concat(arrays, axis=axis)
+
+    def sum_sq(self, a: Any) -> Any:
+        return self.xp.sum(a * a)
+
+    def vdot(self, a: Any, b: Any) -> Any:
+        """Sum of elementwise products (Frobenius inner product), as a 0-d array."""
+        return self.xp.sum(a * b)
+
+    def to_float(self, a: Any) -> float:
+        """A 0-d array (or number) as a Python float (synchronizes GPU backends)."""
+        return float(a)
+
+    def all_finite(self, a: Any) -> bool:
+        return bool(self.xp.all(self.xp.isfinite(a)))
+
+    def to_numpy(self, a: Any) -> np.ndarray:
+        if self.name == "torch":
+            return a.detach().cpu().numpy()
+        if self.name == "cupy":
+            return a.get()
+        return np.asarray(a)
+
+    # -- ambient matrices ------------------------------------------------------
+    def is_sparse(self, z: Any) -> bool:
+        if self.name == "numpy":
+            return _is_scipy_sparse(z)
+        if self.name == "torch":
+            return _is_torch(z) and z.layout != _torch().strided
+        sp = sys.modules.get("cupyx.scipy.sparse")
+        return sp is not None and sp.issparse(z)
+
+    def matmul_sparse(self, z: Any, b: Any) -> Any:
+        """``z @ b`` for a sparse ``z`` (dense result)."""
+        out = z @ b
+        if self.name == "numpy":
+            out = np.asarray(out)
+        return out
+
+    def rmatmul_sparse(self, z: Any, a: Any) -> Any:
+        """``z.T @ a`` for a sparse ``z`` (dense result), without densifying ``z``."""
+        if self.name == "torch":
+            return z.t() @ a
+        out = z.T @ a
+        if self.name == "numpy":
+            out = np.asarray(out)
+        return out
+
+    def sparse_values(self, z: Any) -> Any:
+        """The stored values of a sparse matrix (for finiteness checks)."""
+        if self.name == "torch":
+            if z.layout == _torch().sparse_coo:
+                return z.coalesce().values()
+            return z.values()
+        return z.data
+
+    def sparse_to_dtype(self, z: Any) -> Any:
+        if self.name == "torch":
+            return z.to(self.dtype)
+        return z.astype(self.dtype) if z.dtype != self.dtype else z
+
+    def device_of(self, a: Any) -> Any:
+        if self.name == "torch":
+            return a.device
+        if self.name == "cupy":
+            return getattr(a, "device", None)
+        return None
+
+    def same_device(self, a: Any) -> bool:
+        if self.name == "numpy":
+            return True
+        if self.name == "torch":
+            return a.device == self.device
+        dev = self.device_of(a)
+        return dev is None or int(getattr(dev, "id", dev)) == int(getattr(self.device, "id", self.device))
+
+
+@lru_cache(maxsize=None)
+def _namespace(name: str):
+    if name == "numpy":
+        import array_api_compat.numpy as xp
+
+        return xp
+    if name == "torch":
+        import array_api_compat.torch as xp
+
+        return xp
+    if name == "cupy":
+        import array_api_compat.cupy as xp
+
+        return xp
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+_DTYPE_NAMES = {"float32": "float32", "float64": "float64", "single": "float32", "double": "float64"}
+
+
+def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> Backend:
+    """Build a :class:`Backend` from user arguments, with clear errors.
+
+    ``dtype`` may be None (float64), a string (``"float32"``, ``"float64"``) or a dtype object
+    of any backend; ``device`` may be None (CPU for torch, the current device for CuPy).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    key = "float64"
+    if dtype is not None:
+        s = str(dtype).replace("torch.", "").replace("numpy.", "")
+        s = s.replace("<class '", "").replace("'>", "")
+        if s not in _DTYPE_NAMES:
+            raise ValueError(f"unsupported dtype {dtype!r}: rankopt supports float32 and float64")
+        key = _DTYPE_NAMES[s]
+    if name == "numpy":
+        if device not in (None, "cpu"):
+            raise ValueError(f"the numpy backend has no device {device!r}; use backend='torch' or 'cupy'")
+        return Backend("numpy", np.dtype(key), None)
+    if name == "torch":
+        try:
+            torch = _torch()
+        except ImportError as e:  # pragma: no cover - exercised only without torch
+            raise ImportError("backend='torch' needs PyTorch: pip install 'rankopt[torch]'") from e
+        dev = torch.device(device if device is not None else "cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return Backend("torch", getattr(torch, key), dev)
+    try:
+        import cupy as cp
+    except ImportError as e:
+        raise ImportError("backend='cupy' needs CuPy and a CUDA GPU: pip install 'rankopt[cupy]'") from e
+    dev = cp.cuda.Device(device if device is not None else cp.cuda.runtime.getDevice())
+    return Backend("cupy", np.dtype(key), dev)
+
+
+def backend_like(a: Any) -> Backend:
+    """The :class:`Backend` (name, dtype, device) of an existing array."""
+    name = backend_name_of(a)
+    if name is None:
+        raise ValueError(f"expected an array (numpy, torch or cupy), got {type(a).__name__}")
+    if name == "torch":
+        return make_backend("torch", a.dtype, a.device)
+    if name == "cupy":
+        return make_backend("cupy", a.dtype, getattr(a, "device", None))
+    return make_backend("numpy", a.dtype if a.dtype.kind == "f" else None, None)
+
+
+def as_rng(seed: Any) -> np.random.Generator:
+    """A NumPy Generator from None, an int, a SeedSequence or a Generator (no global state)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
