@@ -179,6 +179,10 @@ class FixedRankManifold:
         """Validate an ambient matrix; returns it cast to the manifold dtype."""
         be = self.backend
         shape = (self.m, self.n)
+        if isinstance(Z, (tuple, list)):
+            if len(Z) == 0:
+                raise ValueError("an ambient sum (tuple of matrices) needs at least one term")
+            return tuple(self._check_ambient(t) for t in Z)
         if isinstance(Z, FixedRankPoint):
             Z = Z.to_lowrank()
         if isinstance(Z, LowRankMatrix):
@@ -204,7 +208,16 @@ class FixedRankManifold:
 
     # --------------------------------------------------------- ambient products
     def _matmul(self, Z: Any, B: Any) -> Any:
-        """``Z @ B`` for a dense, sparse or factored Z (validated). O(mnk), O(nnz k), O((m+n)k^2)."""
+        """``Z @ B`` for a dense, sparse or factored Z (validated). O(mnk), O(nnz k), O((m+n)k^2).
+
+        A tuple of such matrices stands for their sum (e.g. a sparse data term plus a low-rank
+        regularization term).
+        """
+        if isinstance(Z, tuple):
+            out = self._matmul(Z[0], B)
+            for t in Z[1:]:
+                out = out + self._matmul(t, B)
+            return out
         if isinstance(Z, LowRankMatrix):
             return Z.A @ (Z.B.T @ B)
         if self.backend.is_sparse(Z):
@@ -212,7 +225,12 @@ class FixedRankManifold:
         return Z @ B
 
     def _rmatmul(self, Z: Any, A: Any) -> Any:
-        """``Z^T @ A`` without transposing Z in memory."""
+        """``Z^T @ A`` without transposing Z in memory (tuples: sum of terms)."""
+        if isinstance(Z, tuple):
+            out = self._rmatmul(Z[0], A)
+            for t in Z[1:]:
+                out = out + self._rmatmul(t, A)
+            return out
         if isinstance(Z, LowRankMatrix):
             return Z.B @ (Z.A.T @ A)
         if self.backend.is_sparse(Z):
