@@ -15,7 +15,10 @@ from .manifold import FixedRankManifold
 __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = ("diagnostics", "problems", "solvers", "pymanopt", "torch", "data")
-_LAZY_ATTRS = {"solve": ("rankopt.solvers", "solve"), "SolverResult": ("rankopt.solvers", "SolverResult")}
+_LAZY_ATTRS = {
+    "solve": ("rankopt.solvers", "solve"),
+    "SolverResult": ("rankopt.solvers", "SolverResult"),
+}
 
 __all__ = [
     "FixedRankManifold",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -219,10 +219,12 @@ class Backend:
         if self.name == "torch":
             return a.device == self.device
         dev = self.device_of(a)
-        return dev is None or int(getattr(dev, "id", dev)) == int(getattr(self.device, "id", self.device))
+        return dev is None or int(getattr(dev, "id", dev)) == int(
+            getattr(self.device, "id", self.device)
+        )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _namespace(name: str):
     if name == "numpy":
         import array_api_compat.numpy as xp
@@ -239,7 +241,12 @@ def _namespace(name: str):
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
-_DTYPE_NAMES = {"float32": "float32", "float64": "float64", "single": "float32", "double": "float64"}
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "float64": "float64",
+    "single": "float32",
+    "double": "float64",
+}
 
 
 def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> Backend:
@@ -259,7 +266,9 @@ def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> 
         key = _DTYPE_NAMES[s]
     if name == "numpy":
         if device not in (None, "cpu"):
-            raise ValueError(f"the numpy backend has no device {device!r}; use backend='torch' or 'cupy'")
+            raise ValueError(
+                f"the numpy backend has no device {device!r}; use backend='torch' or 'cupy'"
+            )
         return Backend("numpy", np.dtype(key), None)
     if name == "torch":
         try:
@@ -273,7 +282,9 @@ def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> 
     try:
         import cupy as cp
     except ImportError as e:
-        raise ImportError("backend='cupy' needs CuPy and a CUDA GPU: pip install 'rankopt[cupy]'") from e
+        raise ImportError(
+            "backend='cupy' needs CuPy and a CUDA GPU: pip install 'rankopt[cupy]'"
+        ) from e
     dev = cp.cuda.Device(device if device is not None else cp.cuda.runtime.getDevice())
     return Backend("cupy", np.dtype(key), dev)
 

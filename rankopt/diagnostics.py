@@ -87,7 +87,9 @@ class CheckResult:
         return ax
 
 
-def fit_slope(steps: np.ndarray, errors: np.ndarray, floor: float, min_len: int = 6) -> tuple[float, tuple[int, int]]:
+def fit_slope(
+    steps: np.ndarray, errors: np.ndarray, floor: float, min_len: int = 6
+) -> tuple[float, tuple[int, int]]:
     """Slope of log(error) vs log(step) on the most linear window above the noise floor.
 
     Windows of every length >= ``min_len`` whose errors all exceed ``floor`` are fitted by least
@@ -188,7 +190,10 @@ def check_gradient(
     slope_d = manifold.inner_product(x, g, d)
     ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else np.asarray(steps)
     errs = np.array(
-        [abs(_as_float(be, cost(manifold.retraction(x, d * float(t)))) - f0 - t * slope_d) for t in ts]
+        [
+            abs(_as_float(be, cost(manifold.retraction(x, d * float(t)))) - f0 - t * slope_d)
+            for t in ts
+        ]
     )
     xp = be.xp
     tang = max(be.to_float(xp.max(xp.abs(x.U.T @ g.Up))), be.to_float(xp.max(xp.abs(x.V.T @ g.Vp))))
@@ -228,7 +233,12 @@ def check_hessian(
     ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else np.asarray(steps)
     errs = np.array(
         [
-            abs(_as_float(be, cost(manifold.retraction(x, d * float(t)))) - f0 - t * gd - 0.5 * t * t * hdd)
+            abs(
+                _as_float(be, cost(manifold.retraction(x, d * float(t))))
+                - f0
+                - t * gd
+                - 0.5 * t * t * hdd
+            )
             for t in ts
         ]
     )
@@ -278,6 +288,14 @@ def check_retraction(
     nrm = X.fro_norm()
     floor = 100 * be.eps * nrm
     tan_res = _result("retraction (tangential part)", 3.0, ts, tans, floor, slope_tol, {})
-    res = _result("retraction", 2.0, ts, errs, floor, slope_tol, {"tangential": tan_res, "orthonormality": orth})
+    res = _result(
+        "retraction",
+        2.0,
+        ts,
+        errs,
+        floor,
+        slope_tol,
+        {"tangential": tan_res, "orthonormality": orth},
+    )
     res.ok = bool(res.ok and tan_res.ok)
     return res

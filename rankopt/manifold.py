@@ -133,7 +133,9 @@ class FixedRankManifold:
             raise ValueError(f"expected a FixedRankPoint, got {type(x).__name__}")
         r = int(x.s.shape[0]) if len(x.s.shape) == 1 else -1
         if r != self.r:
-            raise ValueError(f"point has rank {r} (s of shape {tuple(x.s.shape)}), expected {self.r}")
+            raise ValueError(
+                f"point has rank {r} (s of shape {tuple(x.s.shape)}), expected {self.r}"
+            )
         self._check_array(x.U, "point factor U", (self.m, self.r))
         self._check_array(x.s, "point singular values s", (self.r,))
         self._check_array(x.V, "point factor V", (self.n, self.r))
@@ -170,7 +172,8 @@ class FixedRankManifold:
             be, xp = self.backend, self.backend.xp
             scale = max(1.0, be.to_float(xp.sqrt(be.sum_sq(xi.Up) + be.sum_sq(xi.Vp))))
             err = max(
-                be.to_float(xp.max(xp.abs(x.U.T @ xi.Up))), be.to_float(xp.max(xp.abs(x.V.T @ xi.Vp)))
+                be.to_float(xp.max(xp.abs(x.U.T @ xi.Up))),
+                be.to_float(xp.max(xp.abs(x.V.T @ xi.Vp))),
             )
             if err > 1e3 * be.eps * scale * max(self.m, self.n):
                 raise ValueError(f"vector is not tangent: max |U^T Up|, |V^T Vp| = {err:.2e}")
@@ -268,7 +271,9 @@ class FixedRankManifold:
             s = s[: self.r]
         else:
             if be.is_sparse(A):
-                raise ValueError("from_matrix takes a dense array or a LowRankMatrix, not a sparse matrix")
+                raise ValueError(
+                    "from_matrix takes a dense array or a LowRankMatrix, not a sparse matrix"
+                )
             A = self._check_ambient(A)
             u, s, vh = be.svd(A)
             U, s, V = u[:, : self.r], s[: self.r], vh[: self.r].T
@@ -286,7 +291,9 @@ class FixedRankManifold:
     # ---------------------------------------------------------- tangent space
     def zero_vector(self, x: FixedRankPoint) -> TangentVector:
         be = self.backend
-        return TangentVector(be.zeros((self.r, self.r)), be.zeros((self.m, self.r)), be.zeros((self.n, self.r)))
+        return TangentVector(
+            be.zeros((self.r, self.r)), be.zeros((self.m, self.r)), be.zeros((self.n, self.r))
+        )
 
     def projection(self, x: FixedRankPoint, Z: Any) -> TangentVector:
         r"""Orthogonal projection of an ambient matrix onto the tangent space at x.
@@ -323,7 +330,9 @@ class FixedRankManifold:
         xi = self.project_tangent(
             x,
             TangentVector(
-                be.randn(rng, (self.r, self.r)), be.randn(rng, (self.m, self.r)), be.randn(rng, (self.n, self.r))
+                be.randn(rng, (self.r, self.r)),
+                be.randn(rng, (self.m, self.r)),
+                be.randn(rng, (self.n, self.r)),
             ),
         )
         return xi / self.norm(x, xi)
@@ -378,7 +387,9 @@ class FixedRankManifold:
         h = self._hessian_embedded(x, Z, hess_xi, xi)
         return self.metric.solve(self, x, h)
 
-    def _hessian_embedded(self, x: FixedRankPoint, Z: Any, hess_xi: Any, xi: TangentVector) -> TangentVector:
+    def _hessian_embedded(
+        self, x: FixedRankPoint, Z: Any, hess_xi: Any, xi: TangentVector
+    ) -> TangentVector:
         h = self._project(x, hess_xi)
         t1 = self._matmul(Z, xi.Vp)
         t1 = (t1 - x.U @ (x.U.T @ t1)) / x.s[None, :]
@@ -402,14 +413,54 @@ class FixedRankManifold:
     retr = retraction
 
     def _retract(self, x: FixedRankPoint, xi: TangentVector) -> FixedRankPoint:
-        be, r = self.backend, self.r
+        qu, uc, s, vch, qv = self._sum_svd(x, xi)
+        r = self.r
+        return FixedRankPoint(qu @ uc[:, :r], s[:r], qv @ vch[:r].T)
+
+    def _sum_svd(self, x: FixedRankPoint, xi: TangentVector):
+        """SVD of ``X + xi`` through QR of ``[U, Up]``, ``[V, Vp]`` and the 2r x 2r core."""
+        be, r = self.backend, int(x.s.shape[0])
         qu, ru = be.qr(be.concat([x.U, xi.Up], 1))
         qv, rv = be.qr(be.concat([x.V, xi.Vp], 1))
         eye, zero = be.eye(r), be.zeros((r, r))
-        top = be.concat([be.diag(x.s) + xi.M, eye], 1)
-        K = be.concat([top, be.concat([eye, zero], 1)], 0)
+        K = be.concat([be.concat([be.diag(x.s) + xi.M, eye], 1), be.concat([eye, zero], 1)], 0)
         uc, s, vch = be.svd(ru @ K @ rv.T)
-        return FixedRankPoint(qu @ uc[:, :r], s[:r], qv @ vch[:r].T)
+        return qu, uc, s, vch, qv
+
+    def retraction_adaptive(
+        self,
+        x: FixedRankPoint,
+        xi: TangentVector,
+        rank_tol: float,
+        max_rank: int | None = None,
+        min_rank: int = 1,
+    ) -> FixedRankPoint:
+        r"""Rank-adaptive retraction: ``X + xi`` truncated at a relative tolerance.
+
+        Same QR + 2r x 2r core SVD as :meth:`retraction`, but the new rank is the smallest ``j``
+        with ``||s_{j+1:}||_2 <= rank_tol ||s||_2`` (clipped to ``[min_rank, max_rank]``), so the
+        rank can grow up to 2r or shrink. This is the truncation step of the augmented BUG
+        integrator (Ceruti, Kusch, Lubich 2022; GeoLoRA) with the tangent projection of the
+        gradient. Returns a point whose rank may differ from ``self.r``: use
+        :meth:`with_rank` for a manifold that matches it. Cost O((m+n) r^2 + r^3).
+        """
+        self.check_point(x, orthonormal=False)
+        self.check_tangent(x, xi)
+        if not rank_tol >= 0:
+            raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
+        qu, uc, s, vch, qv = self._sum_svd(x, xi)
+        sv = self.backend.to_numpy(s).astype(np.float64)
+        tails = np.sqrt(np.maximum(np.cumsum((sv**2)[::-1])[::-1], 0.0))  # tails[j] = ||s_{j:}||
+        total = tails[0] if len(tails) else 0.0
+        j = next(
+            (k for k in range(1, len(sv) + 1) if k == len(sv) or tails[k] <= rank_tol * total),
+            len(sv),
+        )
+        hi = min(len(sv), max_rank if max_rank is not None else len(sv), self.m, self.n)
+        j = int(min(max(j, min_rank), hi))
+        while j > 1 and not sv[j - 1] > 0:  # never keep exact zeros: they are off the manifold
+            j -= 1
+        return FixedRankPoint(qu @ uc[:, :j], s[:j], qv @ vch[:j].T)
 
     def transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:
         """Vector transport by projection: ``P_y(embed_x(xi))``. O((m+n) r^2)."""

@@ -154,7 +154,9 @@ class KroneckerDiagonal(Metric):
         return f"{type(self).__name__}(exact={self.exact})"
 
 
-def pcg(apply_A, apply_P, b: TangentVector, manifold, tol: float | None, maxiter: int) -> TangentVector:
+def pcg(
+    apply_A, apply_P, b: TangentVector, manifold, tol: float | None, maxiter: int
+) -> TangentVector:
     r"""Preconditioned conjugate gradients for ``A x = b`` on a tangent space.
 
     ``A`` and ``P`` are SPD with respect to the Euclidean inner product of ``T_x``.
@@ -251,34 +253,44 @@ def tangent_row_col_sq(manifold, x, g: TangentVector) -> tuple[Any, Any]:
 
 @dataclass(frozen=True, repr=False)
 class AdaGrad(KroneckerDiagonal):
-    r"""Metric adapted from AdaGrad: ``D_L = (eps + sum_t rowsq(g_t))^{1/4}``,
-    ``D_R = (eps + sum_t colsq(g_t))^{1/4}``.
+    r"""Metric adapted from AdaGrad (Kronecker-diagonal, from row/column gradient statistics).
 
-    ``g_t`` are the tangent-projected Euclidean gradients seen so far; their row and column
-    squared norms are accumulated (O(m + n) memory). With ``D_L, D_R`` as above the
-    Riemannian gradient approximates ``D_L^{-1} G D_R^{-1}``, the diagonal Shampoo-like
-    ``L^{-1/4} G R^{-1/4}`` of the RAdaGrad authors' code (Bian et al., NeurIPS 2025).
+    With ``g_t`` the tangent-projected Euclidean gradients seen so far, the statistics are the
+    accumulated mean squares of their rows and columns,
+    ``v_L = sum_t rowsq(g_t) / n`` and ``v_R = sum_t colsq(g_t) / m`` (O(m + n) memory), and
+
+    ``D_L = (sqrt(v_L) + eps)^{1/2}``, ``D_R = (sqrt(v_R) + eps)^{1/2}``.
+
+    So the Riemannian gradient approximates ``D_L^{-1} G D_R^{-1}``, the diagonal Shampoo-like
+    ``L^{-1/4} G R^{-1/4}`` of the RAdaGrad authors' code (Bian et al., NeurIPS 2025), normalized
+    so that for a gradient with entries of equal magnitude it has entries of size ~1, as
+    AdaGrad/Adam steps do (the learning rate means the same as for Adam). ``eps`` plays the role
+    of Adam's ``eps`` (added to the square root of the second moment); it bounds the metric's
+    condition number. Before any statistics exist (``row_stats=None``) the metric is Euclidean.
 
     Parameters
     ----------
     eps : float
-        Added to the statistics before the 1/4 power (not silent: it bounds the metric's
-        condition number by ``((eps + max stat)/eps)^{1/2}``).
-    row_stats, col_stats : arrays (m,), (n,) or None (no data yet: the Euclidean metric)
+    row_stats, col_stats : arrays (m,), (n,) or None
+        Accumulated row / column mean squares.
+    steps : int
+        Number of updates so far.
     """
 
-    eps: float = 1e-8
+    eps: float = 1e-10
     row_stats: Any = None
     col_stats: Any = None
     steps: int = 0
-    power: float = 0.25
 
     def __post_init__(self):
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
+        if (self.row_stats is None) != (self.col_stats is None):
+            raise ValueError("give both row_stats and col_stats, or neither")
         if self.row_stats is not None:
-            object.__setattr__(self, "left", (self.row_stats / self._norm() + self.eps) ** self.power)
-            object.__setattr__(self, "right", (self.col_stats / self._norm() + self.eps) ** self.power)
+            c = self._norm()
+            object.__setattr__(self, "left", ((self.row_stats / c) ** 0.5 + self.eps) ** 0.5)
+            object.__setattr__(self, "right", ((self.col_stats / c) ** 0.5 + self.eps) ** 0.5)
 
     def _norm(self) -> float:
         return 1.0
@@ -289,6 +301,7 @@ class AdaGrad(KroneckerDiagonal):
     def update(self, manifold, x, g: TangentVector) -> AdaGrad:
         """A new metric with the statistics of the tangent gradient ``g`` added."""
         rows, cols = tangent_row_col_sq(manifold, x, g)
+        rows, cols = rows / manifold.n, cols / manifold.m
         return replace(
             self,
             row_stats=self._combine(self.row_stats, rows),
@@ -306,10 +319,12 @@ class AdaGrad(KroneckerDiagonal):
 class Adam(AdaGrad):
     r"""Metric adapted from Adam: exponential moving averages of the row/column statistics.
 
-    ``v_L <- beta2 v_L + (1 - beta2) rowsq(g)``, ``v_R`` likewise, bias-corrected by
-    ``1 - beta2^t``, then ``D_L = (eps + v_L / (1 - beta2^t))^{1/4}`` and the same for ``D_R``.
+    ``v_L <- beta2 v_L + (1 - beta2) rowsq(g) / n``, ``v_R`` likewise, bias-corrected by
+    ``1 - beta2^t``, then ``D_L = (sqrt(v_L / (1 - beta2^t)) + eps)^{1/2}`` and the same for
+    ``D_R`` (see :class:`AdaGrad`).
     """
 
+    eps: float = 1e-8
     beta2: float = 0.999
 
     def __post_init__(self):
@@ -324,4 +339,3 @@ class Adam(AdaGrad):
         if old is None:
             return (1.0 - self.beta2) * new
         return self.beta2 * old + (1.0 - self.beta2) * new
-
