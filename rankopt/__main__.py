@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--oversampling", type=float, default=3.0)
     d.add_argument("--tol", type=float, default=1e-12)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-time", type=float, default=60.0)
+    d.add_argument("--max-time", type=float, default=15.0, help="seconds per solver")
     d.add_argument("--methods", nargs="+", default=["auto", "rcg"], help="solvers to compare")
     d.add_argument("--plot", default="out/demo_convergence.png", help="PNG path ('' to skip)")
     args = parser.parse_args(argv)
