@@ -471,6 +471,6 @@ class FixedRankManifold:
     def _transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:
         return self._project(y, self.embed(x, xi))
 
-    def dist_upper(self, x: FixedRankPoint, y: FixedRankPoint) -> float:
-        """``||X - Y||_F`` (ambient distance, a bound on the geodesic one). O((m+n) r^2)."""
+    def ambient_distance(self, x: FixedRankPoint, y: FixedRankPoint) -> float:
+        """``||X - Y||_F``: the chord length, a lower bound on the geodesic distance. O((m+n) r^2)."""
         return (x.to_lowrank() - y.to_lowrank()).fro_norm()
