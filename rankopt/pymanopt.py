@@ -247,7 +247,7 @@ class FixedRank(Manifold):
     def dist(self, point_a: Any, point_b: Any) -> Any:
         raise NotImplementedError(
             "the geodesic distance on the fixed-rank manifold has no closed form; "
-            "FixedRank.manifold.dist_upper(a, b) gives the ambient distance ||X - Y||_F"
+            "FixedRank.manifold.ambient_distance(a, b) gives the chord ||X - Y||_F (a lower bound)"
         )
 
     def pair_mean(self, point_a: Any, point_b: Any) -> Any:
