@@ -1,0 +1,480 @@
+r"""Matrix completion benchmark: rankopt's solvers against pymanopt 2.2.1, over kappa, sampling and size.
+
+Problem (``rankopt.problems.random_completion``): an n x n truth ``X* = U diag(s) V^T`` of rank
+10 with Haar factors and singular values geometric from 1 to ``1/kappa``; ``|Omega| =
+oversampling * r (2n - r)`` entries observed uniformly; cost ``1/2 ||P_Omega(X) - b||^2``.
+Every method starts from the same spectral start (seed 0) and stops at the same rule:
+``||grad|| <= tol ||grad(x0)||`` (``tol = 1e-10``), or ``max_iter`` steps, or ``max_time``
+seconds ("timeout" in the table). Times are wall-clock, end to end (spectral start included).
+The error is ``||X - X*||_F / ||X*||_F`` (``problem.relative_error``).
+
+Design (default run, about 15 minutes on a 2-core machine):
+
+* n <= 3000 (default 1000): every kappa (1, 1e2, 1e4) x oversampling (2, 3, 5) x method
+  ("auto", RGN, RCG, RGD, RCG with ``Preconditioned(core_weight=0.5)``, RAdamW, pymanopt CG),
+  each run capped at ``--grid-max-time`` seconds; the oversampling-3 runs also record their
+  iterates for ``out/completion_convergence.png`` (error against iteration and time);
+* n <= 30000 (default 1e4): "auto", RCG and pymanopt CG at oversampling 3, capped at
+  ``--max-time`` (60 s);
+* larger n (default 1e5): "auto" alone, in a fresh process, reporting its peak memory
+  (``resource.getrusage(...).ru_maxrss``);
+* the kappa = 1, n = 1000 case is timed ``--repeats`` more times, rankopt.solve and
+  pymanopt interleaved, and the medians and their ratio are reported.
+
+Usage::
+
+    python benchmarks/completion.py              # full run, writes out/completion_*.{png,md}
+    python benchmarks/completion.py --quick      # 300 x 300 subset, < 20 s
+    python benchmarks/completion.py --sizes 1000 10000 --repeats 7 --out out/
+"""
+
+from __future__ import annotations
+
+import os
+
+# Pin every thread pool to one thread BEFORE NumPy (and OpenBLAS, numba) load. On a small
+# shared machine, OpenBLAS threads that compete with other processes for the cores make the
+# small QRs/SVDs of these solvers up to 100x slower, and timings become noise. One thread
+# also makes rankopt and pymanopt run under the same conditions. Override from the shell
+# (e.g. OPENBLAS_NUM_THREADS=2) to measure multi-threaded runs.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine_info  # noqa: E402
+from _pymanopt_completion import pymanopt_available, run_pymanopt_cg  # noqa: E402
+
+import rankopt as ro  # noqa: E402
+from rankopt.problems import random_completion  # noqa: E402
+
+RANK = 10
+TOL = 1e-10
+SEED = 0
+# RAdamW's learning rate, from a sweep at n = 1000 (docs/solvers.md): 1e-3 and up blow up at
+# kappa = 100, 1e-4 is slow at kappa = 1.
+RADAMW_LR = 3e-4
+PYMANOPT = "pymanopt CG"
+#: method label -> (rankopt.solve method, solver options)
+RANKOPT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "auto": ("auto", {}),
+    "RGN": ("rgn", {}),
+    "RCG": ("rcg", {}),
+    "RGD": ("rgd", {}),
+    "RCG+Precond(0.5)": ("rcg", {"metric": ro.metrics.Preconditioned(core_weight=0.5)}),
+    f"RAdamW(lr={RADAMW_LR:g})": ("radamw", {"lr": RADAMW_LR}),
+}
+SECOND_ORDER = ("auto", "rgn")
+
+
+@dataclass
+class Row:
+    """One run of one method on one problem."""
+
+    n: int
+    kappa: float
+    oversampling: float
+    method: str
+    iterations: int
+    time: float
+    rel_error: float
+    stop: str
+    rank: int = RANK
+    trace_iter: list[int] = field(default_factory=list)
+    trace_time: list[float] = field(default_factory=list)
+    trace_error: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return "timeout" if self.stop == "max-time" else self.stop
+
+
+# --------------------------------------------------------------------------- runs
+def _solver(method: str, opts: dict[str, Any], max_iter: int, max_time: float):
+    """The solver object ``rankopt.solve(method=...)`` builds (so a callback can be attached)."""
+    kw = dict(opts, tol=TOL, max_iter=max_iter, max_time=max_time)
+    if method == "auto":
+        return ro.solvers.RankAdaptive(ro.solvers.RGN(), max_rank=RANK, **kw)
+    return ro.solvers.METHODS[method](**kw)
+
+
+def _max_iter(method: str, first_order_iters: int) -> int:
+    return 200 if method in SECOND_ORDER else first_order_iters
+
+
+def run_rankopt(problem, n, kappa, os_, label, max_iter, max_time, record) -> Row:
+    """One rankopt run; with ``record`` the iterates are kept (errors computed afterwards)."""
+    method, opts = RANKOPT_METHODS[label]
+    max_iter = _max_iter(method, max_iter)
+    points: list[tuple[float, Any]] = []
+    t0 = time.perf_counter()
+    if record:
+
+        def cb(info):
+            points.append((time.perf_counter() - t0, info.point))
+
+        res = _solver(method, opts, max_iter, max_time).run(
+            problem, rank=RANK, seed=SEED, callback=cb
+        )
+    else:
+        res = ro.solve(
+            problem,
+            RANK,
+            method=method,
+            tol=TOL,
+            max_iter=max_iter,
+            seed=SEED,
+            max_time=max_time,
+            **opts,
+        )
+    elapsed = time.perf_counter() - t0
+    row = Row(
+        n,
+        kappa,
+        os_,
+        label,
+        res.iterations,
+        elapsed,
+        float(problem.relative_error(res.point)),
+        str(res.stop_reason),
+        res.rank,
+    )
+    if record:
+        k0 = points[0][1].rank if points else RANK  # "auto" starts at a truncated spectral start
+        t = time.perf_counter()
+        x0 = problem.spectral_init(RANK, seed=SEED)  # the start the solver computed itself
+        t_start = time.perf_counter() - t
+        x0 = ro.FixedRankPoint(x0.U[:, :k0], x0.s[:k0], x0.V[:, :k0])
+        row.trace_time = [t_start] + [t for t, _ in points]
+        row.trace_error = [float(problem.relative_error(x0))] + [
+            float(problem.relative_error(p)) for _, p in points
+        ]
+        row.trace_iter = list(range(len(row.trace_time)))
+    return row
+
+
+def run_baseline(problem, n, kappa, os_, max_iter, max_time, record) -> Row:
+    r = run_pymanopt_cg(
+        problem, RANK, tol=TOL, max_iter=max_iter, max_time=max_time, seed=SEED, record=record
+    )
+    row = Row(n, kappa, os_, PYMANOPT, r.iterations, r.time, r.rel_error, r.stop)
+    row.trace_time, row.trace_error = r.trace_time, r.trace_error
+    row.trace_iter = list(range(len(r.trace_time)))
+    return row
+
+
+def run_problem(n, kappa, os_, methods, max_iter, max_time, record, log) -> list[Row]:
+    t = time.perf_counter()
+    problem = random_completion(n, n, RANK, kappa=kappa, oversampling=os_, seed=SEED)
+    log(
+        f"  n={n} kappa={kappa:g} oversampling={os_:g}: |Omega|={problem.nnz}, generated in {time.perf_counter() - t:.2f} s"
+    )
+    rows = []
+    for label in methods:
+        if label == PYMANOPT:
+            row = run_baseline(problem, n, kappa, os_, max_iter, max_time, record)
+        else:
+            row = run_rankopt(problem, n, kappa, os_, label, max_iter, max_time, record)
+        log(
+            f"    {label:<18} {row.iterations:>5d} it {row.time:>8.3f} s  err {row.rel_error:.2e}  {row.label}"
+        )
+        rows.append(row)
+    return rows
+
+
+def warm_up() -> None:
+    """Load the numba kernels (compiled and cached on first use) outside every timed region."""
+    p = random_completion(60, 60, 2, oversampling=3, seed=1)
+    for label in RANKOPT_METHODS:
+        method, opts = RANKOPT_METHODS[label]
+        ro.solve(p, 2, method=method, max_iter=3, **opts)
+    if pymanopt_available():
+        run_pymanopt_cg(p, 2, max_iter=3)
+
+
+def repeat_kappa1(n, os_, repeats, log) -> dict[str, Any]:
+    """rankopt.solve("auto") and pymanopt CG on the same kappa = 1 problem, interleaved."""
+    problem = random_completion(n, n, RANK, kappa=1.0, oversampling=os_, seed=SEED)
+    ours, theirs, errs = [], [], []
+    for k in range(repeats):
+        t = time.perf_counter()
+        res = ro.solve(problem, RANK, method="auto", tol=TOL, seed=SEED)
+        ours.append(time.perf_counter() - t)
+        errs.append(float(problem.relative_error(res.point)))
+        if pymanopt_available():
+            b = run_pymanopt_cg(problem, RANK, tol=TOL, max_iter=1000, seed=SEED)
+            theirs.append(b.time)
+            errs.append(b.rel_error)
+            log(
+                f"  repeat {k + 1}: rankopt {ours[-1]:.3f} s ({res.iterations} it), pymanopt {b.time:.3f} s ({b.iterations} it), ratio {b.time / ours[-1]:.1f}"
+            )
+        else:
+            log(f"  repeat {k + 1}: rankopt {ours[-1]:.3f} s ({res.iterations} it)")
+    out = {
+        "n": n,
+        "oversampling": os_,
+        "repeats": repeats,
+        "rankopt": ours,
+        "pymanopt": theirs,
+        "rankopt_iterations": res.iterations,
+        "max_error": max(errs),
+    }
+    out["rankopt_median"] = statistics.median(ours)
+    if theirs:
+        out["pymanopt_median"] = statistics.median(theirs)
+        out["pymanopt_iterations"] = b.iterations
+        out["ratio_of_medians"] = out["pymanopt_median"] / out["rankopt_median"]
+        out["ratios"] = [p / o for p, o in zip(theirs, ours, strict=True)]
+    return out
+
+
+def run_large(n, kappa, os_, max_time) -> dict[str, Any]:
+    """The big "auto" case in a fresh process, so that its peak memory is its own."""
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_large",
+        str(n),
+        str(kappa),
+        str(os_),
+        str(max_time),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"n": n, "error": (proc.stderr or proc.stdout)[-2000:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _large_worker(n: int, kappa: float, os_: float, max_time: float) -> None:
+    t = time.perf_counter()
+    problem = random_completion(n, n, RANK, kappa=kappa, oversampling=os_, seed=SEED)
+    t_gen = time.perf_counter() - t
+    t = time.perf_counter()
+    res = ro.solve(problem, RANK, method="auto", tol=TOL, seed=SEED, max_time=max_time)
+    t_solve = time.perf_counter() - t
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = ru / 2**20 if sys.platform != "darwin" else ru / 2**30
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "kappa": kappa,
+                "oversampling": os_,
+                "nnz": problem.nnz,
+                "generate_s": t_gen,
+                "time": t_solve,
+                "iterations": res.iterations,
+                "rel_error": float(problem.relative_error(res.point)),
+                "stop": str(res.stop_reason),
+                "rank": res.rank,
+                "peak_rss_gib": peak,
+            }
+        )
+    )
+
+
+# --------------------------------------------------------------------------- output
+def table(rows: list[Row]) -> list[str]:
+    """Markdown table; the last column is pymanopt's time on the same problem over the method's."""
+    base = {(r.n, r.kappa, r.oversampling): r for r in rows if r.method == PYMANOPT}
+    out = [
+        "| n | kappa | oversampling | method | iterations | time [s] | rel. error | stop | pymanopt time / time |",
+        "|---:|---:|---:|:---|---:|---:|---:|:---|---:|",
+    ]
+    for r in rows:
+        b = base.get((r.n, r.kappa, r.oversampling))
+        ratio = f"{b.time / r.time:.1f}" if b is not None and r.method != PYMANOPT else ""
+        out.append(
+            f"| {r.n} | {r.kappa:g} | {r.oversampling:g} | {r.method} | {r.iterations} | {r.time:.3f} | "
+            f"{r.rel_error:.1e} | {r.label} | {ratio} |"
+        )
+    return out
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Error against iteration (top) and time (bottom), one column per kappa."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traced = [r for r in rows if r.trace_error]
+    kappas = sorted({r.kappa for r in traced})
+    fig, axes = plt.subplots(2, len(kappas), figsize=(4.6 * len(kappas), 7.5), squeeze=False)
+    methods = list(dict.fromkeys(r.method for r in traced))
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    for j, kappa in enumerate(kappas):
+        for r in (r for r in traced if r.kappa == kappa):
+            err = np.maximum(np.asarray(r.trace_error), 1e-16)
+            kw = {"color": colors[r.method], "label": r.method, "lw": 1.4}
+            axes[0, j].semilogy(r.trace_iter, err, **kw)
+            axes[1, j].semilogy(r.trace_time, err, **kw)
+        n, os_ = traced[0].n, traced[0].oversampling
+        axes[0, j].set_title(
+            f"kappa = {kappa:g}  ({n}x{n}, rank {RANK}, oversampling {os_:g})", fontsize=9
+        )
+        axes[0, j].set_xlabel("iteration")
+        axes[0, j].set_xscale("symlog", linthresh=10)
+        axes[1, j].set_xlabel("time [s] (end to end)")
+        axes[1, j].set_xscale("log")
+        for ax in axes[:, j]:
+            ax.set_ylabel("||X - X*||_F / ||X*||_F")
+            ax.grid(True, which="major", alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="300 x 300 subset (< 20 s)")
+    ap.add_argument(
+        "--sizes", type=int, nargs="+", default=[1000, 10000, 100000], help="square sizes n"
+    )
+    ap.add_argument("--repeats", type=int, default=7, help="repeats of the kappa=1 ratio case")
+    ap.add_argument("--out", type=Path, default=Path("out"), help="output folder")
+    ap.add_argument("--max-time", type=float, default=60.0, help="cap per run for n > 3000 [s]")
+    ap.add_argument(
+        "--grid-max-time", type=float, default=10.0, help="cap per run in the full grid [s]"
+    )
+    ap.add_argument(
+        "--max-iter", type=int, default=1000, help="iteration cap of first-order methods"
+    )
+    ap.add_argument("--_large", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if any(s < 2 * RANK for s in args.sizes):
+        ap.error(f"--sizes must be at least {2 * RANK}")
+    if args.repeats < 0:
+        ap.error("--repeats must be >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._large:
+        n, kappa, os_, mt = args._large
+        _large_worker(int(n), float(kappa), float(os_), float(mt))
+        return 0
+    lines: list[str] = []
+
+    def log(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    cmd = "python benchmarks/completion.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log(f"# completion benchmark: `{cmd.strip()}`")
+    for s in machine_info(("numpy", "scipy", "numba", "pymanopt", "rankopt")).splitlines():
+        log(s)
+    log(f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')}")
+    log(
+        f"rank {RANK}, tol {TOL:g} (relative gradient norm), seed {SEED}, spectral start for every method"
+    )
+    t_all = time.perf_counter()
+    warm_up()
+    all_methods = list(RANKOPT_METHODS) + ([PYMANOPT] if pymanopt_available() else [])
+    rows: list[Row] = []
+    kappas, oversamplings = (1.0, 1e2, 1e4), (2.0, 3.0, 5.0)
+    large: list[dict] = []
+    if args.quick:
+        sizes, repeats = [300], min(args.repeats, 2)
+        quick_methods = ["auto", "RCG"] + ([PYMANOPT] if pymanopt_available() else [])
+        log("\n## quick: n = 300, oversampling 3")
+        for kappa in (1.0, 1e2):
+            rows += run_problem(300, kappa, 3.0, quick_methods, 150, 2.0, True, log)
+    else:
+        sizes, repeats = args.sizes, args.repeats
+        for n in sizes:
+            if n <= 3000:
+                log(
+                    f"\n## n = {n}: kappa x oversampling x method grid (cap {args.grid_max_time:g} s)"
+                )
+                for kappa in kappas:
+                    for os_ in oversamplings:
+                        rows += run_problem(
+                            n,
+                            kappa,
+                            os_,
+                            all_methods,
+                            args.max_iter,
+                            args.grid_max_time,
+                            os_ == 3.0,
+                            log,
+                        )
+            elif n <= 30000:
+                log(
+                    f"\n## n = {n}: auto, RCG, pymanopt CG at oversampling 3 (cap {args.max_time:g} s)"
+                )
+                meths = ["auto", "RCG"] + ([PYMANOPT] if pymanopt_available() else [])
+                for kappa in kappas:
+                    rows += run_problem(
+                        n, kappa, 3.0, meths, args.max_iter, args.max_time, False, log
+                    )
+            else:
+                log(f"\n## n = {n}: auto alone, kappa 1, oversampling 3 (fresh process)")
+                info = run_large(n, 1.0, 3.0, max(args.max_time, 1200.0))
+                large.append(info)
+                log("  " + json.dumps(info))
+    log("\n## table")
+    for s in table(rows):
+        log(s)
+    rep_n = 300 if args.quick else (1000 if 1000 in sizes else min(sizes))
+    summary = {}
+    if repeats > 0:
+        log(f"\n## kappa = 1, n = {rep_n}, oversampling 3: {repeats} interleaved repeats")
+        summary = repeat_kappa1(rep_n, 3.0, repeats, log)
+        msg = f"rankopt.solve median {summary['rankopt_median']:.3f} s ({summary['rankopt_iterations']} iterations)"
+        if "pymanopt_median" in summary:
+            msg += (
+                f", pymanopt CG median {summary['pymanopt_median']:.3f} s ({summary['pymanopt_iterations']} iterations); "
+                f"ratio of medians {summary['ratio_of_medians']:.1f}x (per repeat {min(summary['ratios']):.1f}-{max(summary['ratios']):.1f}x)"
+            )
+        log(msg)
+    for info in large:
+        if "error" not in info:
+            log(
+                f"\nn = {info['n']}: |Omega| = {info['nnz']}, generated in {info['generate_s']:.1f} s; rankopt.solve "
+                f"{info['time']:.1f} s, {info['iterations']} iterations, rel. error {info['rel_error']:.1e} "
+                f"({info['stop']}), peak memory {info['peak_rss_gib']:.2f} GiB"
+            )
+    log("\nload average at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    log(f"total wall time {time.perf_counter() - t_all:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "completion_convergence.png"
+    if any(r.trace_error for r in rows):
+        plot(rows, png)
+        log(f"wrote {png}")
+    (args.out / "completion_table.md").write_text("\n".join(lines) + "\n")
+    (args.out / "completion_results.json").write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {k: v for k, v in r.__dict__.items() if not k.startswith("trace")} for r in rows
+                ],
+                "kappa1": summary,
+                "large": large,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {args.out / 'completion_table.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+r"""Low-rank matrix sensing from linear measurements.
+
+With a linear operator ``A: R^{m x n} -> R^k`` and data ``b``,
+
+    f(X) = 1/2 ||A(X) - b||^2 + lam/2 ||X||_F^2,
+
+gradient ``A^*(A(X) - b) + lam X``, Hessian (= Gauss-Newton) ``A^* A (D) + lam D``, exact line
+search ``t* = -(<A(X) - b, A(D)> + lam <X, D>) / (||A(D)||^2 + lam ||D||^2)``.
+
+Dense measurements ``A(X)_i = <A_i, X>`` are held as a ``(k, m, n)`` array. Evaluating
+``A`` on a factored ``X = P Q^T`` (rank ``k_X``) costs ``O(m n k_X)`` to form X plus
+``O(k m n)`` for one matrix-vector product with the ``k x mn`` matrix; contracting the
+factors with every ``A_i`` instead (``einsum('imn,nr,mr->i')``) costs ``O(k m n k_X)``, never
+less, so the dense route is used. The adjoint ``A^*(y) = sum_i y_i A_i`` is a dense m x n
+matrix, O(k m n).
+
+Matrix-free operators come in through :meth:`MatrixSensing.from_operator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._backend import backend_like, backend_name_of
+from ..containers import FixedRankPoint, LowRankMatrix
+from .base import Problem, lowrank_inner, lowrank_sq_norm
+
+__all__ = ["MatrixSensing"]
+
+
+def _dense_forward(Aflat: Any, shape: tuple[int, int]) -> Callable[[Any], Any]:
+    def forward(D: Any) -> Any:
+        X = D.A @ D.B.T if isinstance(D, LowRankMatrix) else D
+        return Aflat @ X.reshape(-1)
+
+    return forward
+
+
+def _dense_adjoint(Aflat: Any, shape: tuple[int, int]) -> Callable[[Any], Any]:
+    def adjoint(y: Any) -> Any:
+        return (y @ Aflat).reshape(shape)
+
+    return adjoint
+
+
+class MatrixSensing(Problem):
+    r"""Matrix sensing ``min 1/2 ||A(X) - b||^2 (+ lam/2 ||X||_F^2)`` over rank-r X.
+
+    Parameters
+    ----------
+    A : array (k, m, n)
+        Measurement matrices, ``A(X)_i = <A_i, X>`` (NumPy or torch; fixes the backend).
+    b : array (k,)
+        Measurements.
+    weight_decay : float
+        Ridge weight ``lam >= 0``.
+    truth : FixedRankPoint, optional
+        Enables :meth:`relative_error`.
+
+    Raises
+    ------
+    ValueError
+        If ``A`` is not 3-D, ``b`` does not have ``k`` entries, or either is not finite.
+    """
+
+    least_squares = True
+
+    def __init__(
+        self,
+        A: Any,
+        b: Any,
+        weight_decay: float = 0.0,
+        *,
+        truth: FixedRankPoint | None = None,
+    ) -> None:
+        if backend_name_of(A) is None:
+            A = np.asarray(A, dtype=np.float64)
+        if len(A.shape) != 3:
+            raise ValueError(
+                f"A must be a (k, m, n) array of measurement matrices, got shape {tuple(A.shape)}"
+            )
+        be = backend_like(A)
+        k, m, n = (int(d) for d in A.shape)
+        if k == 0:
+            raise ValueError("A holds no measurement matrices (k = 0)")
+        A = be.asarray(A)
+        if not be.all_finite(A):
+            raise ValueError("A contains non-finite values")
+        Aflat = A.reshape(k, m * n)
+        self._setup(
+            _dense_forward(Aflat, (m, n)),
+            _dense_adjoint(Aflat, (m, n)),
+            b,
+            (m, n),
+            weight_decay,
+            truth,
+            be.name,
+            be.dtype,
+            be.device,
+        )
+        self.A = A
+
+    @classmethod
+    def from_operator(
+        cls,
+        forward: Callable[[LowRankMatrix], Any],
+        adjoint: Callable[[Any], Any],
+        b: Any,
+        shape: tuple[int, int],
+        weight_decay: float = 0.0,
+        *,
+        truth: FixedRankPoint | None = None,
+        dtype: Any = None,
+    ) -> MatrixSensing:
+        r"""Matrix sensing with a matrix-free linear operator.
+
+        Parameters
+        ----------
+        forward : callable(LowRankMatrix) -> array (k,)
+            ``A(D)`` for an ambient matrix given in factored form ``D = D.A @ D.B.T``
+            (points are passed as ``x.to_lowrank()``; Hessian and line-search directions as
+            the rank <= 2r ``LowRankMatrix`` of ``manifold.embed``). Must be linear in ``D``.
+        adjoint : callable(array (k,)) -> ambient matrix
+            ``A^*(y)``: a dense m x n array, a sparse matrix, or a ``LowRankMatrix``.
+        b : array (k,)
+            Measurements; their backend (NumPy or torch) is the problem's.
+        shape : (int, int)
+
+        Returns
+        -------
+        MatrixSensing
+        """
+        if not callable(forward) or not callable(adjoint):
+            raise ValueError("forward and adjoint must be callables")
+        self = cls.__new__(cls)
+        name = backend_name_of(b) or "numpy"
+        be = backend_like(b) if name != "numpy" else None
+        self._setup(
+            forward,
+            adjoint,
+            b,
+            shape,
+            weight_decay,
+            truth,
+            name,
+            dtype if dtype is not None else (be.dtype if be is not None else None),
+            be.device if be is not None else None,
+        )
+        self.A = None
+        return self
+
+    def _setup(
+        self, forward, adjoint, b, shape, weight_decay, truth, backend, dtype, device
+    ) -> None:
+        self._init_common(shape, backend, dtype, device, truth)
+        be = self._be
+        b = be.asarray(b)
+        if len(b.shape) != 1:
+            raise ValueError(f"b must be a 1-D vector of measurements, got shape {tuple(b.shape)}")
+        if not be.all_finite(b):
+            raise ValueError("b contains non-finite values")
+        wd = float(weight_decay)
+        if not (wd >= 0.0 and np.isfinite(wd)):
+            raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
+        self.b = b
+        self.k = int(b.shape[0])
+        self.weight_decay = wd
+        self._forward, self._adjoint = forward, adjoint
+        self._ehess_fn = None
+        self._last: tuple[FixedRankPoint, Any] | None = None
+
+    @property
+    def has_hessian(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        kind = "dense" if self.A is not None else "operator"
+        return f"MatrixSensing(shape=({m}, {n}), k={self.k}, {kind}, backend={self.backend!r})"
+
+    # ------------------------------------------------------------------ operator
+    def forward(self, D: Any) -> Any:
+        """``A(D)`` for a LowRankMatrix, FixedRankPoint or (dense operator only) dense D."""
+        if isinstance(D, FixedRankPoint):
+            D = D.to_lowrank()
+        if not isinstance(D, LowRankMatrix) and self.A is None:
+            raise ValueError(
+                f"from_operator problems evaluate A on LowRankMatrix inputs, got {type(D).__name__}"
+            )
+        if tuple(D.shape) != self.shape:
+            raise ValueError(f"matrix has shape {tuple(D.shape)}, expected {self.shape}")
+        y = self._forward(D)
+        if tuple(y.shape) != (self.k,):
+            raise ValueError(
+                f"forward operator returned shape {tuple(y.shape)}, expected ({self.k},)"
+            )
+        return y
+
+    def adjoint(self, y: Any) -> Any:
+        """``A^*(y)``: ambient m x n matrix (dense, sparse or LowRankMatrix)."""
+        return self._adjoint(y)
+
+    def _res(self, x: FixedRankPoint) -> Any:
+        x = self._as_point(x)
+        if self._last is not None and self._last[0] is x:
+            return self._last[1]
+        r = self.forward(x) - self.b
+        self._last = (x, r)
+        return r
+
+    # ------------------------------------------------------------------ protocol
+    def _ridge_cost(self, x: FixedRankPoint) -> float:
+        if self.weight_decay == 0.0:
+            return 0.0
+        return 0.5 * self.weight_decay * self._be.to_float(self._be.sum_sq(x.s))
+
+    def cost(self, x: FixedRankPoint) -> float:
+        """``f(X)``: one forward evaluation (O(k m n) dense)."""
+        r = self._res(x)
+        return 0.5 * self._be.to_float(self._be.sum_sq(r)) + self._ridge_cost(x)
+
+    def cost_and_egrad(self, x: FixedRankPoint) -> tuple[float, Any]:
+        """``(f(X), A^*(A(X) - b) (+ lam X))``; with ridge the gradient is a tuple (sum)."""
+        r = self._res(x)
+        f = 0.5 * self._be.to_float(self._be.sum_sq(r)) + self._ridge_cost(x)
+        G = self._adjoint(r)
+        if self.weight_decay > 0.0:
+            G = (G, LowRankMatrix(x.U * (self.weight_decay * x.s)[None, :], x.V))
+        return f, G
+
+    def egrad(self, x: FixedRankPoint) -> Any:
+        return self.cost_and_egrad(x)[1]
+
+    def _direction(self, x: FixedRankPoint, D: Any) -> Any:
+        D = self._tangent_or_ambient(x, D)
+        if not isinstance(D, LowRankMatrix) and (self.A is None or backend_name_of(D) is None):
+            raise ValueError(
+                f"direction must be a LowRankMatrix (or dense array), got {type(D).__name__}"
+            )
+        return D
+
+    def ehess(self, x: FixedRankPoint, D: Any) -> Any:
+        """``A^*(A(D)) (+ lam D)``: exact Hessian, independent of X."""
+        D = self._direction(x, D)
+        H = self._adjoint(self.forward(D))
+        if self.weight_decay == 0.0:
+            return H
+        return (H, D * self.weight_decay)
+
+    def exact_step(self, x: FixedRankPoint, D: Any) -> float:
+        r"""``t* = -(<r, A(D)> + lam <X, D>) / (||A(D)||^2 + lam ||D||^2)``, ``r = A(X) - b``.
+
+        One forward evaluation of D (the residual at X is reused from the last evaluation at
+        the same point). Returns 0.0 when the cost is constant along D.
+        """
+        x = self._as_point(x)
+        D = self._direction(x, D)
+        be = self._be
+        r = self._res(x)
+        ad = self.forward(D)
+        num = be.to_float(be.vdot(r, ad))
+        den = be.to_float(be.sum_sq(ad))
+        if self.weight_decay > 0.0:
+            Dl = D if isinstance(D, LowRankMatrix) else None
+            X = x.to_lowrank()
+            if Dl is not None:
+                num += self.weight_decay * be.to_float(lowrank_inner(be, X, Dl))
+                den += self.weight_decay * be.to_float(lowrank_sq_norm(be, Dl))
+            else:
+                num += self.weight_decay * be.to_float(be.vdot(X.to_dense(), D))
+                den += self.weight_decay * be.to_float(be.sum_sq(D))
+        if den == 0.0:
+            return 0.0
+        return -num / den
+
+    def spectral_init(self, rank: int, seed: Any = None) -> FixedRankPoint:
+        r"""``c H_r(A^*(b))``: best rank-``rank`` approximation of ``A^*(b)``, scaled optimally.
+
+        For Gaussian measurements with ``E[A^* A] = s I`` the right scale is ``1/s``; instead of
+        assuming it, the scale is the exact line search along the ray,
+        ``c = <A(Y), b> / ||A(Y)||^2`` with ``Y = H_r(A^*(b))`` (positive, since
+        ``<A(Y), b> = <Y, A^*(b)> = ||Y||_F^2``). Dense ``A^*(b)``: full SVD, O(m n min(m, n));
+        sparse: ``svds``; LowRankMatrix: QR + small SVD. ``seed`` is unused (deterministic).
+
+        Raises
+        ------
+        ValueError
+            If ``A^*(b)`` has rank < ``rank``, or the scale is not positive (forward and
+            adjoint are then not adjoint to each other).
+        """
+        m, n = self.shape
+        if not isinstance(rank, (int, np.integer)) or not 1 <= rank <= min(m, n):
+            raise ValueError(f"rank must be an integer in [1, {min(m, n)}], got {rank!r}")
+        M = self.manifold(int(rank))
+        Y = self._adjoint(self.b)
+        if isinstance(Y, (tuple, list)):
+            raise ValueError("spectral_init needs adjoint(b) as one matrix, not a sum")
+        if self._be.is_sparse(Y):
+            import scipy.sparse.linalg as sla
+
+            if self.backend != "numpy":
+                raise ValueError("spectral_init supports sparse adjoints on the numpy backend only")
+            if rank >= min(m, n):
+                Y = np.asarray(Y.toarray())
+                y0 = M.from_matrix(Y)
+            else:
+                u, s, vt = sla.svds(Y, k=int(rank), solver="propack", random_state=0)
+                order = np.argsort(s)[::-1]
+                if not s[order][-1] > 0:
+                    raise ValueError(f"A^*(b) has rank < {rank}")
+                y0 = FixedRankPoint(u[:, order], s[order], vt[order].T.copy())
+        else:
+            y0 = M.from_matrix(Y)
+        be = self._be
+        ay = self.forward(y0)
+        c = be.to_float(be.vdot(ay, self.b)) / be.to_float(be.sum_sq(ay))
+        if not c > 0:
+            raise ValueError(
+                f"spectral_init found a non-positive scale {c:.3e}: the forward and adjoint "
+                "operators do not look adjoint to each other"
+            )
+        return FixedRankPoint(y0.U, y0.s * c, y0.V)

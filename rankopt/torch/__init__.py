@@ -1,0 +1,59 @@
+"""The ``torch.nn`` bridge: low-rank layers, model conversion and ``torch.optim`` optimizers.
+
+>>> import rankopt.torch as rt
+>>> model = rt.apply_low_rank(model, rank=8, target_modules=["query", "value"])   # doctest: +SKIP
+>>> opt = rt.RAdamW(rt.trainable_parameters(model), lr=1e-3)                    # doctest: +SKIP
+
+See ``docs/torch.md`` for the design (what the backward stores, the adapter start, DDP/FSDP,
+mixed precision) and measured results.
+"""
+
+from __future__ import annotations
+
+from .convert import (
+    apply_low_rank,
+    energy_rank,
+    manifold_parameters,
+    merge,
+    ordinary_parameters,
+    parameter_counts,
+    trainable_parameters,
+)
+from .layers import (
+    LowRankConv2d,
+    LowRankLinear,
+    ManifoldLink,
+    ManifoldParameter,
+    is_manifold_parameter,
+)
+from .optim import (
+    RSGD,
+    DLRAAdam,
+    DLRAHeavyBall,
+    RAdaGrad,
+    RAdamW,
+    RiemannianOptimizer,
+    allow_plain_optimizers,
+)
+
+__all__ = [
+    "LowRankLinear",
+    "LowRankConv2d",
+    "ManifoldParameter",
+    "ManifoldLink",
+    "is_manifold_parameter",
+    "apply_low_rank",
+    "merge",
+    "trainable_parameters",
+    "manifold_parameters",
+    "ordinary_parameters",
+    "parameter_counts",
+    "energy_rank",
+    "RiemannianOptimizer",
+    "RAdamW",
+    "RAdaGrad",
+    "RSGD",
+    "DLRAHeavyBall",
+    "DLRAAdam",
+    "allow_plain_optimizers",
+]

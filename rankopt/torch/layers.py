@@ -1,0 +1,443 @@
+r"""Low-rank ``torch.nn`` layers whose weight is a point of the fixed-rank manifold.
+
+A layer stores its weight ``W = U S V^T`` (``U``: out x r and ``V``: in x r with orthonormal
+columns, ``S``: r x r, kept diagonal ``diag(s)`` by the rankopt optimizers), optionally on top of
+a frozen dense ``base`` (adapter mode: ``W = W0 + U S V^T``). The forward never forms ``W``:
+``x -> ((x V) S^T) U^T`` costs O(b r (m + n)) for b rows instead of O(b m n).
+
+What the backward leaves in ``.grad``
+-------------------------------------
+With ``G = dL/dW = sum_batch g^T x`` (m x n, never formed), the backward stores the tangent
+projection ``P_X(G)`` of the Euclidean gradient (Vandereycken 2013):
+
+* ``S.grad  = M  = U^T G V``           (r x r, this is the true gradient of ``S``),
+* ``U.grad  = Up = G V - U M``          (m x r),
+* ``V.grad  = Vp = G^T U - V M^T``      (n x r),
+
+computed from activations as ``G V = g^T (x V)``, ``G^T U = x^T (g U)``,
+``M = (g U)^T (x V)``: O(b r (m + n) + (m + n) r^2). These are *not* the Euclidean gradients of
+the factors. Stored this way, everything torch does with gradients keeps its meaning:
+
+* gradient accumulation and DDP's all-reduce sum/average them, and the projection is linear
+  (``U``, ``V`` do not change between steps), so the result is the projection of the summed
+  gradient;
+* ``clip_grad_norm_`` sees ``||M||^2 + ||Up||^2 + ||Vp||^2 = ||P_X(G)||_F^2``, the norm of the
+  Riemannian gradient, and scaling all of them scales the tangent vector;
+* GradScaler's unscale and inf check act on them like on any gradient.
+
+The three factors are :class:`ManifoldParameter` objects (a ``torch.nn.Parameter`` subclass)
+sharing one :class:`ManifoldLink`, which is how the rankopt optimizers group them into one
+manifold point, and how a manifold parameter handed to a plain ``torch.optim`` optimizer is
+detected (see :func:`rankopt.torch.optim.allow_plain_optimizers`).
+
+Adapter start
+-------------
+``X = 0`` is not a rank-r matrix. A new adapter has ``S = 0`` (so the layer computes exactly
+``x W0^T + b``) and random orthonormal ``U``, ``V``; until the optimizer's first step the
+backward stores the raw sketches ``G V``, ``G^T U``, ``U^T G V`` instead of the projection (still
+linear in ``G``: accumulation and DDP stay exact). The optimizer then forms the generalized
+Nystrom approximation ``G_hat = (G V) (U^T G V)^+ (U^T G)`` (Nakatsukasa 2020; exact when
+``rank G <= r``), takes the top-r singular subspaces ``U0``, ``V0`` of ``G_hat`` and applies its
+own update rule once at the degenerate point ``X0 = U0 0 V0^T`` with the tangent vector
+``U0^T G_hat V0`` (see :mod:`rankopt.torch.optim`). For RSGD this gives
+``X1 = H_r(-lr G_hat) = H_r(-lr G)`` whenever ``rank G <= r``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._backend import as_rng
+from ._autograd import _LowRankConv2dFn, _LowRankLinearFn
+
+__all__ = [
+    "ManifoldLink",
+    "ManifoldParameter",
+    "is_manifold_parameter",
+    "LowRankLinear",
+    "LowRankConv2d",
+]
+
+
+class ManifoldLink:
+    """Shared by the ``U``, ``S``, ``V`` parameters of one low-rank layer.
+
+    Attributes
+    ----------
+    started : bool
+        False for an adapter that has not taken its first step (its ``.grad`` then holds sketches).
+    kind : str
+        ``"linear"`` or ``"conv2d"``.
+    """
+
+    def __init__(self, kind: str, started: bool = True) -> None:
+        self.kind = kind
+        self.started = bool(started)
+
+    def __repr__(self) -> str:
+        return f"ManifoldLink(kind={self.kind!r}, started={self.started})"
+
+
+class ManifoldParameter(nn.Parameter):
+    """A factor (``role`` "U", "S" or "V") of a low-rank layer's fixed-rank weight.
+
+    Behaves like ``nn.Parameter``; the extra attributes survive ``copy.deepcopy`` (the three
+    factors of a copied layer share a new link) and pickling of whole modules.
+    """
+
+    role: str
+    link: ManifoldLink
+
+    def __new__(cls, data: torch.Tensor, role: str, link: ManifoldLink, requires_grad: bool = True):
+        if role not in ("U", "S", "V"):
+            raise ValueError(f"role must be 'U', 'S' or 'V', got {role!r}")
+        p = super().__new__(cls, data, requires_grad)
+        p.role = role
+        p.link = link
+        return p
+
+    def __deepcopy__(self, memo: dict) -> ManifoldParameter:
+        if id(self) in memo:
+            return memo[id(self)]
+        data = self.data.clone(memory_format=torch.preserve_format)
+        res = type(self)(data, self.role, copy.deepcopy(self.link, memo), self.requires_grad)
+        memo[id(self)] = res
+        return res
+
+    def __reduce_ex__(self, proto: int):
+        return (_rebuild_manifold_parameter, (self.data, self.role, self.link, self.requires_grad))
+
+    def __repr__(self) -> str:
+        return f"ManifoldParameter(role={self.role!r}, shape={tuple(self.shape)}, {self.link!r})"
+
+
+def _rebuild_manifold_parameter(data, role, link, requires_grad):
+    return ManifoldParameter(data, role, link, requires_grad)
+
+
+def is_manifold_parameter(p: Any) -> bool:
+    """True for the ``U``, ``S``, ``V`` factors of a rankopt low-rank layer."""
+    return isinstance(p, ManifoldParameter)
+
+
+# ---------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------
+
+
+def resize_parameter_(p: torch.Tensor, new: torch.Tensor) -> None:
+    """Give the parameter ``p`` the data ``new`` of another shape (same object, ``grad`` reset).
+
+    ``p.data = new`` alone keeps autograd's cached gradient accumulator of ``p`` when a graph
+    still references it (e.g. the previous ``loss`` is alive), and that accumulator checks
+    gradients against the old shape. torch drops the cached accumulator when the dtype
+    changes, so the data is set once in another dtype and then in its own.
+    """
+    other = torch.float32 if new.dtype == torch.float64 else torch.float64
+    p.data = new.to(other)
+    p.data = new
+    p.grad = None
+
+
+def _seed_rng(seed: Any) -> np.random.Generator:
+    """A NumPy Generator: from ``seed``, or (``None``) from torch's default generator.
+
+    ``seed=None`` follows ``torch.nn`` conventions (``torch.manual_seed`` makes model
+    construction reproducible) without touching NumPy's global state.
+    """
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return as_rng(seed)
+
+
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    q, rr = np.linalg.qr(rng.standard_normal((rows, cols)))
+    return q * np.sign(np.diag(rr))[None, :]
+
+
+class _LowRankBase(nn.Module):
+    """Shared machinery: factors ``U`` (m x r), ``S`` (r x r), ``V`` (n x r), optional base."""
+
+    _kind = "base"
+
+    def _init_factors(
+        self, m: int, n: int, rank: int, base: torch.Tensor | None, dtype, device, seed: Any
+    ) -> None:
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+            raise ValueError(f"rank must be an integer, got {rank!r}")
+        if not 1 <= rank <= min(m, n):
+            raise ValueError(
+                f"rank={rank} must satisfy 1 <= rank <= min(out, in) = min({m}, {n}) = {min(m, n)}"
+            )
+        if dtype is None:
+            dtype = base.dtype if base is not None and base.is_floating_point() else None
+        dtype = dtype or torch.get_default_dtype()
+        if base is not None and device is None:
+            device = base.device
+        rng = _seed_rng(seed)
+        U = torch.as_tensor(_orthonormal(rng, m, rank), dtype=dtype, device=device)
+        V = torch.as_tensor(_orthonormal(rng, n, rank), dtype=dtype, device=device)
+        started = base is None
+        # Standalone layer: same expected ||W||_F^2 = m/3 as nn.Linear's default init, spread evenly
+        # over the r singular values. Adapter: S = 0, the layer computes exactly x W0^T + b.
+        sval = math.sqrt(m / (3.0 * rank)) if started else 0.0
+        S = torch.eye(rank, dtype=dtype, device=device) * sval
+        link = ManifoldLink(self._kind, started=started)
+        self.U = ManifoldParameter(U, "U", link)
+        self.S = ManifoldParameter(S, "S", link)
+        self.V = ManifoldParameter(V, "V", link)
+        self._rng_for_bias = rng
+
+    def _init_bias(self, m: int, fan_in: int, bias: bool, dtype, device) -> None:
+        if bias:
+            bound = 1.0 / math.sqrt(fan_in)
+            b = self._rng_for_bias.uniform(-bound, bound, m)
+            self.bias = nn.Parameter(torch.as_tensor(b, dtype=self.U.dtype, device=self.U.device))
+        else:
+            self.register_parameter("bias", None)
+        del self._rng_for_bias
+
+    # -- public API ------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        """Current rank r (rank-adaptive optimizers change it by resizing ``U``, ``S``, ``V``)."""
+        return int(self.S.shape[0])
+
+    @property
+    def started(self) -> bool:
+        """False for an adapter before its first optimizer step (it still contributes 0)."""
+        return self.U.link.started
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(U, s, V)`` (detached) with ``W - W0 = U diag(s) V^T``; ``s = 0`` before an adapter starts."""
+        return self.U.detach(), self.S.detach().diagonal().clone(), self.V.detach()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense low-rank part ``U S V^T`` (m x n), e.g. to merge; O(m n r)."""
+        return (self.U.detach() @ self.S.detach()) @ self.V.detach().T
+
+    def set_factors(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> None:
+        """Overwrite the point (any rank; shapes checked). Marks an adapter as started."""
+        m, n = self.U.shape[0], self.V.shape[0]
+        r = int(s.shape[0])
+        if tuple(U.shape) != (m, r) or tuple(V.shape) != (n, r) or s.dim() != 1:
+            raise ValueError(
+                f"factors must have shapes ({m}, r), (r,), ({n}, r); got U{tuple(U.shape)}, "
+                f"s{tuple(s.shape)}, V{tuple(V.shape)}"
+            )
+        with torch.no_grad():
+            for p, new in ((self.U, U), (self.S, torch.diag(s)), (self.V, V)):
+                new = new.to(dtype=p.dtype, device=p.device)
+                if p.shape == new.shape:
+                    p.copy_(new)
+                else:
+                    resize_parameter_(p, new.clone())
+        self.U.link.started = True
+
+    def get_extra_state(self) -> dict:
+        return {"started": self.U.link.started}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.U.link.started = bool(state["started"])
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+    ):
+        # a rank-adaptive optimizer may have changed the rank: take the saved factor shapes
+        keys = [prefix + k for k in ("U", "S", "V")]
+        if all(k in state_dict for k in keys):
+            r = state_dict[keys[1]].shape[0]
+            if r != self.rank and tuple(state_dict[keys[0]].shape) == (self.U.shape[0], r):
+                for p, k in zip((self.U, self.S, self.V), keys, strict=True):
+                    resize_parameter_(
+                        p, torch.empty(state_dict[k].shape, dtype=p.dtype, device=p.device)
+                    )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+        )
+
+
+def _check_base(base: Any, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
+    if base is None:
+        return None
+    if not isinstance(base, torch.Tensor):
+        raise ValueError(
+            f"base must be a torch.Tensor (the frozen dense weight), got {type(base).__name__}"
+        )
+    if tuple(base.shape) != shape:
+        raise ValueError(f"base has shape {tuple(base.shape)}, but this {what} needs {shape}")
+    if not base.is_floating_point():
+        raise ValueError(f"base must be a floating-point tensor, got dtype {base.dtype}")
+    return base
+
+
+class LowRankLinear(_LowRankBase):
+    r"""Linear layer with weight ``U S V^T`` (or ``W0 + U S V^T`` with a frozen ``base`` W0).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    rank : int
+        ``1 <= rank <= min(in_features, out_features)``.
+    bias : bool
+        Add a trainable bias (initialized like ``nn.Linear``'s).
+    base : torch.Tensor, optional
+        Frozen dense weight (out_features x in_features): adapter mode. The tensor is kept
+        by reference (no copy) as a non-trainable parameter ``base_weight``.
+    dtype, device : optional
+        Of the factors (default: those of ``base``, else torch's default dtype, CPU).
+    seed : int or numpy.random.Generator, optional
+        Random orthonormal ``U``, ``V``. ``None`` draws a seed from torch's default generator.
+
+    Notes
+    -----
+    Standalone layers start at a random point with ``s_i = sqrt(out / (3 r))`` (the expected
+    Frobenius norm of ``nn.Linear``'s default init). Adapters start with ``S = 0`` (see the
+    module docstring). Forward O(b r (m + n)); backward O(b r (m + n) + (m + n) r^2).
+    """
+
+    _kind = "linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        base: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        seed: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        base = _check_base(base, (self.out_features, self.in_features), "LowRankLinear")
+        self._init_factors(self.out_features, self.in_features, rank, base, dtype, device, seed)
+        self._init_bias(self.out_features, self.in_features, bias, dtype, device)
+        if base is not None:
+            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
+        else:
+            self.register_parameter("base_weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _LowRankLinearFn.apply(x, self.U, self.S, self.V, self.U.link.started)
+        if self.base_weight is not None:  # base first: a new adapter adds exact zeros
+            return F.linear(x, self.base_weight, self.bias) + out
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """``W0 + U S V^T`` (or ``U S V^T``) as a dense tensor."""
+        d = self.delta_weight()
+        return (
+            d
+            if self.base_weight is None
+            else self.base_weight.detach() + d.to(self.base_weight.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, adapter={self.base_weight is not None}"
+        )
+
+
+def _pair(v: Any, name: str) -> tuple[int, int]:
+    t = (v, v) if isinstance(v, int) else tuple(v)
+    if len(t) != 2 or not all(isinstance(a, int) and a >= 0 for a in t):
+        raise ValueError(f"{name} must be an int or a pair of ints >= 0, got {v!r}")
+    return t  # type: ignore[return-value]
+
+
+class LowRankConv2d(_LowRankBase):
+    r"""2-D convolution whose kernel, reshaped ``out x (in kh kw)``, is ``U S V^T`` (+ base).
+
+    Forward: a kh x kw convolution with the r filters ``V^T`` (stride, padding, dilation), then
+    a 1 x 1 convolution with ``U S``: O(B H W r (in kh kw + out)) instead of O(B H W out in kh kw).
+    The backward returns the same manifold pieces as :class:`LowRankLinear`, with
+    ``G^T U`` obtained as the weight gradient of the first convolution (``conv2d_weight``),
+    never unfolding the input. ``groups`` must be 1 and padding numeric (or "valid").
+
+    Parameters are those of ``nn.Conv2d`` plus ``rank``, ``base`` (frozen kernel of shape
+    ``(out, in, kh, kw)``), ``seed``.
+    """
+
+    _kind = "conv2d"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        rank: int,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        bias: bool = True,
+        base: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        seed: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        if padding == "valid":
+            padding = 0
+        if isinstance(padding, str):
+            raise ValueError(
+                f"padding={padding!r} is not supported by LowRankConv2d; give it as numbers"
+            )
+        self.padding = _pair(padding, "padding")
+        kh, kw = self.kernel_size
+        n = self.in_channels * kh * kw
+        base = _check_base(base, (self.out_channels, self.in_channels, kh, kw), "LowRankConv2d")
+        self._init_factors(self.out_channels, n, rank, base, dtype, device, seed)
+        self._init_bias(self.out_channels, n, bias, dtype, device)
+        if base is not None:
+            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
+        else:
+            self.register_parameter("base_weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _LowRankConv2dFn.apply(
+            x, self.U, self.S, self.V, self.U.link.started,
+            self.kernel_size, self.stride, self.padding, self.dilation,
+        )  # fmt: skip
+        if self.base_weight is not None:  # base first: a new adapter adds exact zeros
+            base = F.conv2d(
+                x, self.base_weight, self.bias, self.stride, self.padding, self.dilation
+            )
+            return base + out
+        return out if self.bias is None else out + self.bias.to(out.dtype)[None, :, None, None]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The kernel ``W0 + reshape(U S V^T)`` of shape (out, in, kh, kw)."""
+        d = self.delta_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return (
+            d
+            if self.base_weight is None
+            else self.base_weight.detach() + d.to(self.base_weight.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"rank={self.rank}, stride={self.stride}, padding={self.padding}, "
+            f"dilation={self.dilation}, bias={self.bias is not None}, "
+            f"adapter={self.base_weight is not None}"
+        )

@@ -1,0 +1,222 @@
+"""Shared fixtures for the rankopt test suite.
+
+* ``backend``: "numpy", "torch" (skipped when PyTorch is absent) and "cupy" (skipped with the
+  reason ``"CuPy not installed / no CUDA GPU"``).
+* ``dtype``: "float32" (looser tolerances, see ``rtol``) and "float64".
+* ``seed``: a few seeds; every random draw goes through ``numpy.random.default_rng(seed)``.
+* ``h``: small helpers (conversion to NumPy float64, sparse matrices of every backend, dense
+  reference formulas) shared by the test modules. They are exposed as a fixture rather than
+  imported so the test modules need no package ``__init__``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+import rankopt as ro
+
+# With OpenMP's default (active, spinning) wait policy, torch.linalg.qr on a tiny CPU matrix
+# takes ~20 ms instead of ~10 us when the 2 cores are shared with other processes (measured on
+# the 2-core dev machine under load). Passive waiting changes no numbers, only the time; it
+# must be set before torch is first imported, which happens after this conftest is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+CUPY_REASON = "CuPy not installed / no CUDA GPU"
+TORCH_REASON = "PyTorch not installed (pip install 'rankopt[torch]')"
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def cupy_available() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no driver, no device: the backend cannot run here
+        return False
+
+
+def torch_cuda_available() -> bool:
+    if not torch_available():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+BACKEND_PARAMS = [
+    pytest.param("numpy", id="numpy"),
+    pytest.param(
+        "torch", id="torch", marks=pytest.mark.skipif(not torch_available(), reason=TORCH_REASON)
+    ),
+    pytest.param(
+        "cupy", id="cupy", marks=pytest.mark.skipif(not cupy_available(), reason=CUPY_REASON)
+    ),
+]
+DTYPES = ["float32", "float64"]
+SEEDS = [0, 1, 2]
+SPARSE_FORMATS = ["csr", "coo"]
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=BACKEND_PARAMS[1:])
+def other_backend(request) -> str:
+    """A non-NumPy backend (compared against NumPy in the agreement tests)."""
+    return request.param
+
+
+@pytest.fixture(params=DTYPES)
+def dtype(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=SEEDS)
+def seed(request) -> int:
+    return request.param
+
+
+@pytest.fixture
+def rtol(dtype) -> float:
+    """Relative tolerance of an identity checked in ``dtype`` on small (<= 12 x 12) problems."""
+    return 2e-4 if dtype == "float32" else 1e-10
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Any array (numpy, torch, cupy, dense or sparse, LowRankMatrix) as dense float64 NumPy."""
+    if isinstance(a, ro.LowRankMatrix):
+        return to_numpy(a.A) @ to_numpy(a.B).T
+    if isinstance(a, ro.FixedRankPoint):
+        return (to_numpy(a.U) * to_numpy(a.s)[None, :]) @ to_numpy(a.V).T
+    if hasattr(a, "toarray"):  # scipy.sparse / cupyx.scipy.sparse
+        a = a.toarray()
+    mod = type(a).__module__
+    if mod.startswith("torch"):
+        if a.layout != __import__("torch").strided:
+            a = a.to_dense()
+        return a.detach().cpu().double().numpy()
+    if mod.startswith("cupy"):
+        a = a.get()
+    return np.asarray(a, dtype=np.float64)
+
+
+def sparse(manifold: ro.FixedRankManifold, dense: np.ndarray, fmt: str) -> Any:
+    """The nonzeros of a NumPy array as a sparse matrix of the manifold's backend.
+
+    ``fmt`` is "csr" or "coo": scipy.sparse for numpy, torch sparse COO/CSR for torch,
+    cupyx.scipy.sparse for cupy.
+    """
+    be = manifold.backend
+    if be.name == "numpy":
+        import scipy.sparse as sps
+
+        d = dense.astype(be.dtype)
+        # both scipy APIs: the legacy matrix class for CSR, the array class for COO
+        return sps.csr_matrix(d) if fmt == "csr" else sps.coo_array(d)
+    if be.name == "torch":
+        t = be.asarray(dense)
+        if fmt == "coo":
+            return t.to_sparse_coo()
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return t.to_sparse_csr()
+    import cupyx.scipy.sparse as cps
+
+    d = be.asarray(dense)
+    return cps.csr_matrix(d) if fmt == "csr" else cps.coo_matrix(d)
+
+
+def random_sparse_dense(
+    rng: np.random.Generator, m: int, n: int, density: float = 0.4
+) -> np.ndarray:
+    """A dense NumPy array with about ``density * m * n`` standard-normal nonzeros (at least one)."""
+    mask = rng.random((m, n)) < density
+    mask[rng.integers(m), rng.integers(n)] = True
+    return np.where(mask, rng.standard_normal((m, n)), 0.0)
+
+
+def dense_projection(x: ro.FixedRankPoint, Z: np.ndarray) -> np.ndarray:
+    """Reference formula ``U U^T Z + Z V V^T - U U^T Z V V^T`` in float64."""
+    U, V = to_numpy(x.U), to_numpy(x.V)
+    PU, PV = U @ U.T, V @ V.T
+    return PU @ Z + Z @ PV - PU @ Z @ PV
+
+
+def tangent_dense(
+    manifold: ro.FixedRankManifold, x: ro.FixedRankPoint, xi: ro.TangentVector
+) -> np.ndarray:
+    """``U M V^T + Up V^T + U Vp^T`` in float64."""
+    U, V = to_numpy(x.U), to_numpy(x.V)
+    return U @ to_numpy(xi.M) @ V.T + to_numpy(xi.Up) @ V.T + U @ to_numpy(xi.Vp).T
+
+
+def tangency_error(x: ro.FixedRankPoint, xi: ro.TangentVector) -> float:
+    """``max(|U^T Up|, |V^T Vp|)`` relative to the size of ``Up``, ``Vp``."""
+    U, V, Up, Vp = (to_numpy(a) for a in (x.U, x.V, xi.Up, xi.Vp))
+    scale = max(1.0, np.abs(Up).max(initial=0.0), np.abs(Vp).max(initial=0.0))
+    return max(np.abs(U.T @ Up).max(), np.abs(V.T @ Vp).max()) / scale
+
+
+def rel(a: Any, b: Any) -> float:
+    """``||a - b||_F / max(||b||_F, 1)`` after conversion to float64 NumPy."""
+    a, b = to_numpy(a), to_numpy(b)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1.0))
+
+
+def metric_zoo(manifold: ro.FixedRankManifold, seed: int = 0) -> dict[str, Any]:
+    """Every metric of ``rankopt.metrics`` with positive weights/statistics of the manifold's backend."""
+    from rankopt import metrics
+
+    rng = np.random.default_rng(1000 + seed)
+    be, m, n = manifold.backend, manifold.m, manifold.n
+    wl, wr = be.asarray(rng.uniform(0.5, 2.0, m)), be.asarray(rng.uniform(0.5, 2.0, n))
+    rows, cols = be.asarray(rng.uniform(0.1, 3.0, m)), be.asarray(rng.uniform(0.1, 3.0, n))
+    return {
+        "euclidean": metrics.Euclidean(),
+        "core-weight": metrics.Preconditioned(core_weight=0.5),
+        "row-col-weights": metrics.Preconditioned(left=wl, right=wr),
+        "adagrad": metrics.AdaGrad(row_stats=rows, col_stats=cols),
+        "adam": metrics.Adam(row_stats=rows, col_stats=cols, steps=3),
+    }
+
+
+METRIC_NAMES = ["euclidean", "core-weight", "row-col-weights", "adagrad", "adam"]
+
+
+@pytest.fixture(params=METRIC_NAMES)
+def metric_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def h() -> SimpleNamespace:
+    """Helper functions (see the module docstring)."""
+    return SimpleNamespace(
+        to_numpy=to_numpy,
+        sparse=sparse,
+        random_sparse_dense=random_sparse_dense,
+        dense_projection=dense_projection,
+        tangent_dense=tangent_dense,
+        tangency_error=tangency_error,
+        rel=rel,
+        metric_zoo=metric_zoo,
+        METRIC_NAMES=METRIC_NAMES,
+        SPARSE_FORMATS=SPARSE_FORMATS,
+    )

@@ -1,0 +1,92 @@
+"""rankopt.torch under DistributedDataParallel (gloo backend, 2 processes on localhost)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+import torch.distributed as dist  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+from torch import nn  # noqa: E402
+
+import rankopt.torch as rt  # noqa: E402
+
+D = torch.float64
+STEPS = 4
+
+
+def _model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
+    ).double()
+    return rt.apply_low_rank(
+        model, rank=3, target_modules=["0", "2"], modules_to_save=["4"], seed=1
+    )
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(32, 12, dtype=D, generator=g), torch.randn(32, 5, dtype=D, generator=g)
+
+
+def _train(model, rank: int = 0, world: int = 1):
+    opt = rt.RAdamW(rt.trainable_parameters(model), lr=0.05)
+    for step in range(STEPS):
+        x, t = _batch(step)
+        half = x.shape[0] // world
+        x, t = x[rank * half : (rank + 1) * half], t[rank * half : (rank + 1) * half]
+        opt.zero_grad()
+        (0.5 * ((model(x) - t) ** 2).sum(1).mean()).backward()
+        opt.step()
+    return opt
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        model = _model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        _train(ddp, rank, world)
+        torch.save(
+            {k: v for k, v in model.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt")
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_replicas_identical_and_equal_single_process(tmp_path):
+    """Two gloo replicas, each on half of every batch: the all-reduced tangent pieces (and the
+    adapter's first-step sketches) give identical replicas, equal to one process on the full
+    batch (to rounding of the averaged gradients)."""
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    torch.set_num_threads(1)
+    single = _model()
+    _train(single)
+    ref = single.state_dict()
+    assert set(r0) == set(r1) == set(ref)
+    moved = 0
+    for k, v in ref.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        assert torch.equal(r0[k], r1[k]), k
+        assert torch.allclose(r0[k], v, rtol=1e-10, atol=1e-10), k
+        moved += int(k.endswith(".U") and not torch.equal(v, _model().state_dict()[k]))
+    assert moved == 2  # both adapters started and moved
