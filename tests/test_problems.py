@@ -252,6 +252,14 @@ def test_sample_lowrank_matches_dense(path, idx_dtype, dtype):
     assert ss == pytest.approx(float(np.sum((want - b) ** 2)), rel=10 * tol)
 
 
+def test_warmup_compiles_the_serial_kernels():
+    if not K.HAVE_NUMBA:
+        pytest.skip("numba is not installed (nothing to warm up)")
+    assert ro.problems.warmup_kernels(parallel=False) >= 0.0
+    sample, residual = K._compiled(False)
+    assert len(sample.signatures) >= 2 and len(residual.signatures) >= 2  # int32 and int64
+
+
 def test_sample_lowrank_bad_shapes():
     A, B = np.ones((3, 2)), np.ones((4, 3))
     with pytest.raises(ValueError, match="A \\(m, k\\) and B \\(n, k\\)"):
@@ -327,6 +335,15 @@ def test_completion_spectral_init_is_top_svd():
     np.testing.assert_allclose(x.s, s[:3], rtol=1e-3)
     with pytest.raises(ValueError, match="unknown method"):
         p.spectral_init(3, method="qr")
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_completion_spectral_init_small_rank_large_matrix(rank):
+    # scipy's default PROPACK basis (10 r vectors) does not converge here for r = 1, 2
+    p = random_completion(3000, 3000, 2, seed=0)
+    x = p.spectral_init(rank, seed=0)
+    y = p.spectral_init(rank, seed=0, method="arpack")
+    np.testing.assert_allclose(x.s, y.s, rtol=1e-8)
 
 
 def test_sensing_spectral_init_is_scaled_top_svd():
@@ -451,6 +468,23 @@ def test_torch_completion_matches_numpy():
         x0 = pt.spectral_init(3, seed=0)
         assert isinstance(x0.U, torch.Tensor)
         assert check_gradient(Mt, pt.cost, pt.egrad, x=xt, seed=1).ok
+
+
+def test_torch_sensing_matches_numpy():
+    torch = pytest.importorskip("torch", reason="torch backend test needs PyTorch")
+    pn = random_sensing(8, 9, 2, kappa=10.0, seed=2)
+    pt = random_sensing(8, 9, 2, kappa=10.0, seed=2, backend="torch")
+    assert isinstance(pt.A, torch.Tensor) and pt.backend == "torch"
+    Mn, Mt = pn.manifold(2), pt.manifold(2)
+    xn, xt = Mn.random_point(seed=1), Mt.random_point(seed=1)
+    assert pt.cost(xt) == pytest.approx(pn.cost(xn), rel=1e-12)
+    np.testing.assert_allclose(pt.egrad(xt).numpy(), pn.egrad(xn), atol=1e-12)
+    Dn = Mn.embed(xn, Mn.random_tangent_vector(xn, seed=3))
+    Dt = Mt.embed(xt, Mt.random_tangent_vector(xt, seed=3))
+    assert pt.exact_step(xt, Dt) == pytest.approx(pn.exact_step(xn, Dn), rel=1e-10)
+    assert pt.relative_error(pt.spectral_init(2)) == pytest.approx(
+        pn.relative_error(pn.spectral_init(2)), rel=1e-10
+    )
 
 
 # --------------------------------------------------------------------------- data

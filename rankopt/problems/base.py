@@ -60,7 +60,9 @@ def relative_error_lowrank(x: FixedRankPoint, truth: FixedRankPoint) -> float:
     cancellation, so errors down to ~1e-15 are resolved). O((m+n) (r + r_t)^2). Never dense.
     """
     diff = x.to_lowrank() - truth.to_lowrank()
-    return diff.fro_norm() / truth.to_lowrank().fro_norm()
+    be = backend_like(truth.s)
+    # ||X_true||_F = ||s_true|| for a point (orthonormal factors)
+    return diff.fro_norm() / be.to_float(be.xp.sqrt(be.sum_sq(truth.s)))
 
 
 class Problem:

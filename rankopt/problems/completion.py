@@ -105,10 +105,10 @@ class MatrixCompletion(Problem):
     -----
     Setting up costs one sort, O(|Omega| log |Omega|). Evaluations are O(|Omega| r) with a
     compiled kernel (numba) for NumPy. Gradient values are written into a fresh array each
-    call (so a gradient returned earlier stays valid); :meth:`cost` alone reuses a scratch
-    buffer. The residual of the last :meth:`cost_and_egrad` call is kept (with a reference to
-    its point) so that :meth:`exact_step` at the same point needs no second sampling. Not
-    thread-safe.
+    call (so a gradient returned earlier stays valid; do not modify its values in place). The
+    residual at the last point evaluated is kept (with a reference to the point), so that
+    ``cost`` then ``cost_and_egrad`` then ``exact_step`` at the same point sample X once.
+    Not thread-safe.
     """
 
     least_squares = True
@@ -186,9 +186,8 @@ class MatrixCompletion(Problem):
             self.cols = torch.as_tensor(c_s, device=dev)
             self.indptr = torch.as_tensor(indptr, device=dev)
         self.vals = be.asarray(v_h[order])
-        self._scratch = be.zeros((self.nnz,))
-        self._scratch2 = be.zeros((self.nnz,))
-        self._last: tuple[FixedRankPoint, Any] | None = None
+        self._scratch = be.zeros((self.nnz,))  # P_Omega(D) in exact_step (never returned)
+        self._last: tuple[FixedRankPoint, Any, float] | None = None
 
     @property
     def has_hessian(self) -> bool:
@@ -263,9 +262,10 @@ class MatrixCompletion(Problem):
 
     # ------------------------------------------------------------------ protocol
     def cost(self, x: FixedRankPoint) -> float:
-        """``f(X)``: O(|Omega| r) (uses a scratch buffer, allocates nothing of size |Omega|)."""
+        """``f(X)``: O(|Omega| r). Its residual is kept for a following :meth:`cost_and_egrad`
+        or :meth:`exact_step` at the same point (line searches evaluate the cost first)."""
         x = self._as_point(x)
-        ss = self._residual(x, self._scratch)
+        _, ss = self._fresh_residual(x)
         return 0.5 * ss + self._ridge_cost(x)
 
     def _ridge_cost(self, x: FixedRankPoint) -> float:
@@ -287,9 +287,7 @@ class MatrixCompletion(Problem):
         ``weight_decay > 0``. O(|Omega| r).
         """
         x = self._as_point(x)
-        res = self._empty()
-        ss = self._residual(x, res)
-        self._last = (x, res)
+        res, ss = self._fresh_residual(x)
         return 0.5 * ss + self._ridge_cost(x), self._gradient(x, res)
 
     def egrad(self, x: FixedRankPoint) -> Any:
@@ -297,16 +295,21 @@ class MatrixCompletion(Problem):
 
     def residual(self, x: FixedRankPoint) -> Any:
         """``P_Omega(X) - b`` in CSR order (a copy). O(|Omega| r)."""
-        return self._fresh_residual(x) * 1.0
+        return self._fresh_residual(x)[0] * 1.0
 
-    def _fresh_residual(self, x: FixedRankPoint) -> Any:
+    def _fresh_residual(self, x: FixedRankPoint) -> tuple[Any, float]:
+        """``(R, ||R||^2)`` with ``R = P_Omega(X) - b``, from the cache when ``x`` is the last point.
+
+        The cache holds a reference to the point, so identity means the same arrays; a new
+        array is allocated per new point because returned gradients share it.
+        """
         x = self._as_point(x)
         if self._last is not None and self._last[0] is x:
-            return self._last[1]
+            return self._last[1], self._last[2]
         res = self._empty()
-        self._residual(x, res)
-        self._last = (x, res)
-        return res
+        ss = self._residual(x, res)
+        self._last = (x, res, ss)
+        return res, ss
 
     def ehess(self, x: FixedRankPoint, D: Any) -> Any:
         """Gauss-Newton = exact Hessian: ``P_Omega(D)`` as CSR (``+ lam D``). O(|Omega| k)."""
@@ -327,8 +330,8 @@ class MatrixCompletion(Problem):
         x = self._as_point(x)
         D = self._check_direction(self._tangent_or_ambient(x, D))
         be = self._be
-        res = self._fresh_residual(x)
-        pd = self.sample(D, self._scratch2)
+        res, _ = self._fresh_residual(x)
+        pd = self.sample(D, self._scratch)
         num = be.to_float(be.vdot(res, pd))
         den = be.to_float(be.sum_sq(pd))
         if self.weight_decay > 0.0:
@@ -355,7 +358,8 @@ class MatrixCompletion(Problem):
         seed : int, Generator or None
             Seeds the start vector of the iterative SVD (deterministic for a fixed seed).
         method : {"propack", "arpack", "randomized"}
-            ``scipy.sparse.linalg.svds`` with PROPACK (default: exact to working precision and
+            ``scipy.sparse.linalg.svds`` with PROPACK (default, ARPACK as its fallback if the
+            Lanczos process does not converge; exact to working precision and
             the fastest measured at 1000 x 1000, |Omega| = 60k, r = 10: about 15 ms against
             50 ms for ARPACK and 11-30 ms for a randomized SVD with 2 power iterations, which
             is only accurate to about 1e-2 there), ARPACK, or the randomized range finder of
@@ -376,18 +380,24 @@ class MatrixCompletion(Problem):
             raise ValueError(
                 f"rank must be an integer in [1, min(m, n) - 1 = {min(m, n) - 1}], got {rank!r}"
             )
+        if method not in ("propack", "arpack", "randomized"):
+            raise ValueError(f"unknown method {method!r}; use 'propack', 'arpack' or 'randomized'")
         be = self._be
         vals = be.to_numpy(self.vals).astype(np.float64) * (m * n / self.nnz)
         Y = sp.csr_matrix((vals, be.to_numpy(self.cols), be.to_numpy(self.indptr)), shape=(m, n))
         rng = as_rng(seed)
         if method == "propack":
-            u, s, vt = sla.svds(Y, k=rank, solver="propack", random_state=rng)
-        elif method == "arpack":
+            # Lanczos basis of max(10 r, r + 60) vectors: scipy's default (10 r) fails to
+            # converge for r = 1, 2 on large matrices; ARPACK is the fallback if it still does
+            kmax = min(m, n, max(10 * rank, rank + 60))
+            try:
+                u, s, vt = sla.svds(Y, k=rank, solver="propack", random_state=rng, maxiter=kmax)
+            except np.linalg.LinAlgError:
+                method = "arpack"
+        if method == "arpack":
             u, s, vt = sla.svds(Y, k=rank, solver="arpack", v0=rng.standard_normal(min(m, n)))
         elif method == "randomized":
             u, s, vt = _randomized_svd(Y, rank, rng)
-        else:
-            raise ValueError(f"unknown method {method!r}; use 'propack', 'arpack' or 'randomized'")
         order = np.argsort(s)[::-1]
         u, s, vt = u[:, order], s[order], vt[order]
         if not s[-1] > 0:
