@@ -45,14 +45,23 @@ def test_sensing_recovers(kappa):
 
 
 @pytest.mark.parametrize(
-    "solver", [RGD(), RCG(), RCG(beta="HS+"), RGN(), RGD(step="bb"), RGD(step="armijo")]
+    "solver,tol",
+    [
+        (RGD(), 1e-11),
+        (RCG(), 1e-11),
+        (RCG(beta="HS+"), 1e-11),
+        (RGN(), 1e-11),
+        (RGD(step="bb"), 1e-11),
+        (RGD(step="armijo"), 1e-6),  # plain backtracking: linear rate, slow
+    ],
+    ids=["rgd-exact", "rcg-pr", "rcg-hs", "rgn", "rgd-bb", "rgd-armijo"],
 )
-def test_line_search_solvers_converge(easy, solver):
+def test_line_search_solvers_converge(easy, solver, tol):
     x0 = easy.spectral_init(4, seed=0)
-    solver.tol, solver.max_iter = 1e-11, 3000
+    solver.tol, solver.max_iter = tol, 3000
     res = solver.run(easy, x0)
     assert res.converged, res
-    assert easy.relative_error(res.point) < 1e-8
+    assert easy.relative_error(res.point) < 1e3 * tol
     # cost decreases monotonically for line-search methods
     c = np.array(res.history.cost)
     assert np.all(np.diff(c) <= 1e-12 * c[0])
@@ -85,11 +94,11 @@ def test_rule_solvers_decrease_cost(easy, solver):
     assert c[-1] < 0.05 * c[0], (solver.name, c[0], c[-1])
 
 
-def test_dlra_changes_rank():
+def test_dlra_grows_rank_up_to_cap():
     p = random_completion(120, 100, 3, kappa=1.0, oversampling=5.0, seed=2)
-    x0 = p.spectral_init(6, seed=0)  # too large a rank: truncation should shrink it
-    res = DLRAHeavyBall(lr=0.5, momentum=0.3, rank_tol=1e-2, max_iter=200).run(p, x0)
-    assert res.rank < 6
+    x0 = p.spectral_init(1, seed=0)
+    res = DLRAHeavyBall(lr=0.5, momentum=0.3, rank_tol=1e-3, max_rank=3, max_iter=200).run(p, x0)
+    assert res.history.rank[0] == 1 and res.rank == 3
     assert res.history.cost[-1] < 1e-3 * res.history.cost[0]
 
 
@@ -104,9 +113,15 @@ def test_rank_adaptive_grows_from_rank_one():
 
 def test_rank_adaptive_truncates():
     p = random_completion(120, 100, 3, kappa=1.0, oversampling=5.0, seed=2)
-    x0 = p.spectral_init(5, seed=0)
+    x3 = p.spectral_init(3, seed=0)
+    # a rank-5 start whose two extra singular values are negligible
+    M5 = p.manifold(5)
+    rng = np.random.default_rng(0)
+    extra = ro.LowRankMatrix(1e-9 * rng.standard_normal((120, 2)), rng.standard_normal((100, 2)))
+    x0 = M5.from_matrix(x3.to_lowrank() + extra)
     res = RankAdaptive(RGN(), max_rank=5, rank_tol=1e-6, tol=1e-12).run(p, x0)
-    assert res.rank == 3 and p.relative_error(res.point) < 1e-8
+    assert x0.rank == 5 and res.rank == 3
+    assert p.relative_error(res.point) < 1e-8
 
 
 # ---------------------------------------------------------------- stopping reasons
@@ -213,8 +228,8 @@ def test_bad_arguments(easy):
 
 
 def test_completion_only_touches_observed_entries():
-    # 20000 x 20000 would need 3.2 GB dense; the solver must never form it
-    p = random_completion(20000, 20000, 2, kappa=1.0, oversampling=3.0, seed=0)
-    res = ro.solve(p, rank=2, tol=1e-10, max_iter=30)
-    assert p.relative_error(res.point) < 1e-6
+    # 10000 x 10000 would need 800 MB dense; the solver never forms it (O(|Omega| r) per step)
+    p = random_completion(10000, 10000, 5, kappa=1.0, oversampling=3.0, seed=0)
+    res = ro.solve(p, rank=5, tol=1e-10, max_iter=60)
+    assert res.converged and p.relative_error(res.point) < 1e-6
     assert isinstance(p, MatrixCompletion)

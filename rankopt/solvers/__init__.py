@@ -14,7 +14,7 @@ from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
 from .base import History, IterationInfo, Solver, SolverResult, StopReason
 from .gradient import RCG, RGD
 from .newton import RGN
-from .rank_adaptive import RankAdaptive
+from .rank_adaptive import Auto, RankAdaptive
 
 __all__ = [
     "solve",
@@ -33,6 +33,7 @@ __all__ = [
     "DLRAHeavyBall",
     "DLRAAdam",
     "RankAdaptive",
+    "Auto",
     "METHODS",
 ]
 
@@ -52,7 +53,7 @@ METHODS = {
 def _make(method: str, kw: dict) -> Solver:
     key = method.lower()
     if key == "auto":
-        return RankAdaptive(RGN(), **kw)
+        return Auto(**kw)
     if key.startswith("adaptive-"):  # e.g. "adaptive-rcg": rank-adaptive around another solver
         return RankAdaptive(_make(key[len("adaptive-") :], {}), **kw)
     if key not in METHODS:
@@ -71,6 +72,7 @@ def solve(
     seed: Any = 0,
     verbose: bool = False,
     x0: Any = None,
+    callback: Any = None,
     **options: Any,
 ) -> SolverResult:
     """Minimize a problem over matrices of rank (at most) ``rank``.
@@ -82,9 +84,10 @@ def solve(
     rank : int
         Target rank (the largest rank for rank-adaptive methods).
     method : str
-        ``"auto"`` (default): spectral start, rank-adaptive (adds rank where the normal part of
-        the gradient is largest), Riemannian Gauss-Newton/Newton-CG inside. Robust to the
-        condition number of the target. Others: ``"rgd"``, ``"rcg"``, ``"rgn"``, ``"newton"``,
+        ``"auto"`` (default, :class:`Auto`): Riemannian Gauss-Newton/Newton-CG from the spectral
+        start at full rank; if that does not converge within a small budget, rank-adaptive
+        Gauss-Newton from rank 1 (adding the top singular pair of the normal part of the
+        gradient at each stage). Robust to the condition number of the target. Others: ``"rgd"``, ``"rcg"``, ``"rgn"``, ``"newton"``,
         ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``, ``"dlra-adam"``,
         or ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them.
     tol : float
@@ -97,6 +100,8 @@ def solve(
         Progress bar.
     x0 : FixedRankPoint, optional
         Starting point (default: the problem's spectral start, else random).
+    callback : callable(IterationInfo) -> bool, optional
+        Called after every iteration; returning True stops the run.
     **options
         Passed to the solver (e.g. ``metric=``, ``lr=``, ``max_time=``, ``track_error=True``).
 
@@ -114,5 +119,4 @@ def solve(
     solver = _make(method, kw)
     if isinstance(solver, RankAdaptive):
         solver.max_rank = rank
-        return solver.run(problem, x0, rank=rank, seed=seed)
-    return solver.run(problem, x0, rank=rank, seed=seed)
+    return solver.run(problem, x0, rank=rank, seed=seed, callback=callback)

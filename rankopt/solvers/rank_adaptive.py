@@ -32,7 +32,7 @@ from ..containers import FixedRankPoint, LowRankMatrix
 from .base import History, Solver, SolverResult, StopReason
 from .newton import RGN
 
-__all__ = ["RankAdaptive", "normal_top_singular"]
+__all__ = ["RankAdaptive", "Auto", "normal_top_singular"]
 
 
 def normal_top_singular(
@@ -81,11 +81,13 @@ class RankAdaptive(Solver):
         Solver run at each fixed rank (default :class:`RGN`).
     max_rank : int
         Largest rank allowed (the ``rank`` argument of ``solve``).
-    add : "auto" or int
-        Pairs added per update: an int, or ``"auto"``: every normal singular value at least
-        ``add_ratio`` times the largest (so well-conditioned targets get all their rank at once,
-        ill-conditioned ones one scale at a time). The starting rank follows the same rule on the
-        spectral start.
+    add : int or "auto"
+        Pairs added per update (default 1, the robust choice), or ``"auto"``: every normal
+        singular value at least ``add_ratio`` times the largest. ``"auto"`` is faster on
+        well-conditioned targets but can pick up sampling noise when the data are scarce
+        (measured: oversampling 3 at 300 x 300 picked noise directions at kappa = 1e4), so
+        :class:`Auto` uses ``add=1``. Without ``x0`` the starting rank follows the same rule on
+        the spectral start.
     add_ratio : float
     rank_tol : float or None
         Truncate after each stage to the smallest rank with ``||s_{j:}|| <= rank_tol ||s||``.
@@ -102,11 +104,11 @@ class RankAdaptive(Solver):
         inner: Solver | None = None,
         *,
         max_rank: int | None = None,
-        add: Any = "auto",
+        add: Any = 1,
         add_ratio: float = 0.5,
         rank_tol: float | None = None,
         stage_tol: float = 1e-4,
-        stage_max_iter: int = 30,
+        stage_max_iter: int = 6,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -149,6 +151,8 @@ class RankAdaptive(Solver):
         try:
             inner.track_error = self.track_error
             while True:
+                if self.rank_tol is not None and x.rank > 1:
+                    x = self._truncate(problem, x)  # drop negligible directions before fitting
                 final = x.rank >= max_rank
                 M = problem.manifold(x.rank)
                 if g_ref is None:
@@ -176,7 +180,11 @@ class RankAdaptive(Solver):
                     reason = res.stop_reason
                     break
                 if self.rank_tol is not None and x.rank > 1:
-                    x = self._truncate(problem, x)
+                    x_cut = self._truncate(problem, x)
+                    if x_cut.rank < x.rank:  # shrink, then polish (or grow again) at the new rank
+                        x, max_rank = x_cut, min(max_rank, x_cut.rank) if final else max_rank
+                        if it < self.max_iter:
+                            continue
                 if it >= self.max_iter:
                     reason = StopReason.MAX_ITER
                     break
@@ -240,3 +248,100 @@ class RankAdaptive(Solver):
         tails = np.sqrt(np.cumsum((sv**2)[::-1])[::-1])
         j = next((k for k in range(1, len(sv)) if tails[k] <= self.rank_tol * tails[0]), len(sv))
         return FixedRankPoint(x.U[:, :j], x.s[:j], x.V[:, :j]) if j < len(sv) else x
+
+
+class Auto(Solver):
+    """The default of :func:`rankopt.solve`: fast when it can be, robust when it must be.
+
+    1. Riemannian Gauss-Newton/Newton-CG at the full rank from the spectral start, with a
+       budget of ``first_budget`` iterations, abandoned as soon as two iterations in a row fail
+       to halve the gradient (measured: in the basin every iteration divides it by 3 or more;
+       outside, e.g. kappa >= 10 at oversampling 3, the ratio stalls near 0.7). Quadratic
+       convergence makes this the fastest route when the start is in the basin.
+    2. If that has not converged, :class:`RankAdaptive` from the rank-1 spectral start,
+       adding one pair at a time (robust to condition numbers of 1e4 in our tests).
+
+    ``info["phase"]`` says which phase produced the result; the history holds both phases.
+    """
+
+    name = "auto"
+
+    def __init__(self, *, first_budget: int = 20, stage_max_iter: int = 6, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.first_budget, self.stage_max_iter = first_budget, stage_max_iter
+
+    def run(self, problem, x0=None, *, rank=None, seed=None, callback=None) -> SolverResult:
+        t0 = time.perf_counter()
+        rank = rank if rank is not None else (x0.rank if x0 is not None else None)
+        if rank is None:
+            raise ValueError("Auto needs rank=... or a starting point")
+        common = dict(
+            metric=self.metric,
+            verbose=self.verbose,
+            track_error=self.track_error,
+            ftol=self.ftol,
+            patience=self.patience,
+            target_cost=self.target_cost,
+        )
+        start = x0 if x0 is not None else problem.spectral_init(rank, seed=seed)
+        if start is None:
+            start = problem.manifold(rank).random_point(seed)
+        first = RGN(
+            tol=self.tol,
+            gtol=self.gtol,
+            max_iter=min(self.first_budget, self.max_iter),
+            max_time=self.max_time,
+            **common,
+        )
+        watch = {"last": None, "slow": 0, "user": False}
+
+        def watch_progress(info):
+            # Gauss-Newton in its basin converges quadratically; two iterations in a row that do
+            # not halve the gradient mean the start is outside it: switch to phase 2 early.
+            last, watch["last"] = watch["last"], info.grad_norm
+            if callback is not None and callback(info):
+                watch["user"] = True
+                return True
+            if last is not None and info.iteration >= 3:
+                watch["slow"] = watch["slow"] + 1 if info.grad_norm > 0.5 * last else 0
+                return watch["slow"] >= 2
+            return False
+
+        resA = first.run(problem, start, callback=watch_progress)
+        if resA.stop_reason == StopReason.CALLBACK and not watch["user"]:
+            resA.stop_reason, resA.converged = StopReason.MAX_ITER, False
+        if (
+            resA.converged
+            or resA.stop_reason in (StopReason.CALLBACK, StopReason.MAX_TIME)
+            or (resA.iterations >= self.max_iter)
+        ):
+            resA.solver, resA.info["phase"] = "auto (Gauss-Newton)", 1
+            resA.time = time.perf_counter() - t0
+            return resA
+        gtol = max(self.gtol, self.tol * resA.history.grad_norm[0])
+        x1 = problem.spectral_init(1, seed=seed)
+        if x1 is None:
+            x1 = FixedRankPoint(start.U[:, :1], start.s[:1], start.V[:, :1])
+        second = RankAdaptive(
+            RGN(),
+            max_rank=rank,
+            add=1,
+            stage_max_iter=self.stage_max_iter,
+            tol=self.tol,
+            gtol=gtol,
+            max_iter=self.max_iter - resA.iterations,
+            max_time=self.max_time - (time.perf_counter() - t0),
+            **common,
+        )
+        resB = second.run(problem, x1, seed=seed, callback=callback)
+        hist = History()
+        h = resA.history
+        hist.append(
+            h.iteration[0], h.cost[0], h.grad_norm[0], h.time[0], 0.0, h.rank[0], h.rel_error[0]
+        )
+        hist.extend(h)
+        hist.extend(resB.history, resA.iterations, resA.time)
+        resB.history, resB.iterations = hist, resA.iterations + resB.iterations
+        resB.time, resB.solver = time.perf_counter() - t0, "auto (rank-adaptive Gauss-Newton)"
+        resB.info.update(phase=2, first_phase=resA)
+        return resB
