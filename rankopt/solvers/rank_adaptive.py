@@ -95,6 +95,9 @@ class RankAdaptive(Solver):
         Relative gradient decrease at which a stage (below ``max_rank``) ends.
     stage_max_iter : int
         Most inner iterations per stage below ``max_rank``.
+    grow_ratio : float
+        Add rank only once the top singular value of the normal part of the gradient exceeds
+        ``grow_ratio`` times the norm of the tangent part (the fit at the current rank is done).
     """
 
     name = "RankAdaptive"
@@ -109,9 +112,11 @@ class RankAdaptive(Solver):
         rank_tol: float | None = None,
         stage_tol: float = 1e-4,
         stage_max_iter: int = 6,
+        grow_ratio: float = 10.0,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
+        self.grow_ratio = grow_ratio
         self.inner = inner if inner is not None else RGN()
         self.max_rank, self.add, self.add_ratio, self.rank_tol = max_rank, add, add_ratio, rank_tol
         self.stage_tol, self.stage_max_iter = stage_tol, stage_max_iter
@@ -191,11 +196,12 @@ class RankAdaptive(Solver):
                 if final:
                     reason = res.stop_reason
                     break
-                x_new = self._grow(problem, x, max_rank, gtol, seed)
-                if x_new is None:  # nothing left outside the manifold: polish at this rank
+                action, x_new = self._grow(problem, x, max_rank, gtol, res.grad_norm, seed)
+                if action == "done":  # nothing left outside the manifold: polish at this rank
                     max_rank = x.rank
-                    continue
-                x = x_new
+                elif action == "grow":
+                    x = x_new
+                # "wait": the tangent part still dominates; another stage at this rank
         finally:
             inner.tol, inner.gtol, inner.max_iter, inner.max_time, inner.track_error, inner.ftol = (
                 saved
@@ -217,7 +223,13 @@ class RankAdaptive(Solver):
             {"g_ref": g_ref},
         )
 
-    def _grow(self, problem, x, max_rank, gtol, seed):
+    def _grow(self, problem, x, max_rank, gtol, gtan, seed):
+        """Decide whether to add rank: ``("grow", x_new)``, ``("wait", None)`` or ``("done", None)``.
+
+        Grows only when the top normal singular value exceeds ``grow_ratio`` times the tangent
+        gradient norm ``gtan``: while the fit at the current rank is unfinished, the normal part
+        is polluted by it and growing would add a spurious direction.
+        """
         M = problem.manifold(x.rank)
         _, Z = problem.cost_and_egrad(x)
         room = max_rank - x.rank
@@ -230,18 +242,20 @@ class RankAdaptive(Solver):
             seed=seed,
         )
         if top is None:
-            return None
+            return "done", None
         u, s, v = top
         sv = M.backend.to_numpy(s)
         if not sv[0] > gtol:
-            return None
+            return "done", None
+        if sv[0] < self.grow_ratio * gtan:
+            return "wait", None
         k = self._count(sv, room)
         u, s, v = u[:, :k], s[:k], v[:, :k]
         D = LowRankMatrix(u * s[None, :], v)
         t = problem.exact_step(x, D)
         t = float(t) if t is not None and math.isfinite(t) and t > 0 else 1.0
         grown = x.to_lowrank() + D * t
-        return problem.manifold(x.rank + k).from_matrix(grown)
+        return "grow", problem.manifold(x.rank + k).from_matrix(grown)
 
     def _truncate(self, problem, x):
         sv = problem.manifold(x.rank).backend.to_numpy(x.s).astype(np.float64)
