@@ -13,7 +13,8 @@ For m = n in {1e3, 1e4, 1e5} and r in {10, 50}:
   tangent vector; the ambient projection is ``projection``).
 
 Each time is the median over up to ``--repeats`` calls, fewer when one call is slow (the
-number of calls is printed with the time; a fast first call is discarded as warm-up). The two
+number of calls is printed with the time; a fast first call is discarded as warm-up). The
+implementations are called round-robin, so they see the same machine load. The two
 libraries' results are compared (projection: max abs difference; retraction: singular values)
 to make sure the same operation is timed. A log-scale bar chart goes to
 ``out/manifold_ops.png`` (out/ is git-ignored).
@@ -30,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,15 @@ IMPLS = ("rankopt-numpy", "rankopt-torch", "pymanopt")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="only m = n = 1000")
-    p.add_argument("--repeats", type=int, default=5, help="most timed calls per cell")
+    p.add_argument("--repeats", type=int, default=9, help="most timed calls per cell")
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timed calls per cell")
-    p.add_argument("--threads", type=int, default=None, help="BLAS/OpenMP threads (default: library default)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="BLAS/OpenMP threads (default: library default)"
+    )
     p.add_argument("--no-torch", action="store_true", help="skip rankopt's torch backend")
+    p.add_argument(
+        "--torch-max-m", type=int, default=10_000, help="largest m for the torch backend"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE.parent / "out" / "manifold_ops.png"))
     return p.parse_args(argv)
@@ -86,27 +93,47 @@ def sparse_matrix(m: int, n: int, nnz: int, rng) -> Any:
 # --------------------------------------------------------------------------- timing
 
 
-def bench(fn: Callable[[], Any], repeats: int, budget: float) -> tuple[float, int]:
-    """Median seconds of ``fn()`` and the number of timed calls.
+def bench(fns: dict[str, Callable[[], Any]], repeats: int, budget: float) -> dict[str, tuple]:
+    """Time several implementations of one operation, interleaved.
 
-    The first call is discarded as warm-up when it is fast (< budget / 20); timing stops after
-    ``repeats`` calls or once ``budget`` seconds have been spent (at least one call).
+    Calls go round-robin (a, b, c, a, b, c, ...) so that every implementation sees the same
+    machine load. Returns ``{name: (median seconds, min seconds, number of timed calls, last
+    result)}``.
+    A first call that is fast (< budget / 20) is discarded as warm-up; timing stops after
+    ``repeats`` rounds or once an implementation has spent ``budget`` seconds (at least one
+    timed call each).
     """
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = [] if first < budget / 20 else [first]
-    spent = first
-    while len(times) < repeats and (not times or spent + statistics.median(times) <= budget):
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    spent = dict.fromkeys(fns, 0.0)
+    out: dict[str, Any] = {}
+    for name, fn in fns.items():  # first round: warm-up or first sample
         t0 = time.perf_counter()
-        fn()
+        out[name] = fn()
         dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-    return statistics.median(times), len(times)
+        spent[name] += dt
+        if dt >= budget / 20:
+            times[name].append(dt)
+    while True:
+        todo = [
+            k
+            for k in fns
+            if len(times[k]) < repeats
+            and (not times[k] or spent[k] + statistics.median(times[k]) <= budget)
+        ]
+        if not todo:
+            break
+        for name in todo:
+            t0 = time.perf_counter()
+            out[name] = fns[name]()
+            dt = time.perf_counter() - t0
+            times[name].append(dt)
+            spent[name] += dt
+    return {k: (statistics.median(times[k]), min(times[k]), len(times[k]), out[k]) for k in fns}
 
 
-def run_case(m: int, r: int, args: argparse.Namespace, have_torch: bool, have_pymanopt: bool) -> dict:
+def run_case(
+    m: int, r: int, args: argparse.Namespace, have_torch: bool, have_pymanopt: bool
+) -> dict:
     import numpy as np
 
     import rankopt as ro
@@ -120,71 +147,80 @@ def run_case(m: int, r: int, args: argparse.Namespace, have_torch: bool, have_py
 
     M = ro.FixedRankManifold(m, m, r)
     x = M.random_point(rng)
-    xi = M.projection(x, Z)
-    row["times"]["rankopt-numpy"] = {
-        "projection": bench(lambda: M.projection(x, Z), args.repeats, args.budget),
-        "retraction": bench(lambda: M.retraction(x, xi), args.repeats, args.budget),
-    }
-    y = M.retraction(x, xi)
+    project = {"rankopt-numpy": lambda: M.projection(x, Z)}
+    retract = {"rankopt-numpy": lambda v: M.retraction(x, v)}
 
     if have_torch and not args.no_torch:
-        import torch
+        if m > args.torch_max_m:
+            row["notes"].append(
+                f"rankopt-torch: n/a (skipped, m > --torch-max-m={args.torch_max_m}: torch's CPU "
+                "product Z^T @ U for a sparse CSR Z is ~25x slower than Z @ V)"
+            )
+        else:
+            import torch
 
-        T = ro.FixedRankManifold(m, m, r, backend="torch")
-        xt = ro.FixedRankPoint(*(torch.from_numpy(a) for a in (x.U, x.s, x.V)))
-        Zt = torch.sparse_csr_tensor(
-            torch.from_numpy(Z.indptr.astype(np.int64)),
-            torch.from_numpy(Z.indices.astype(np.int64)),
-            torch.from_numpy(Z.data),
-            size=Z.shape,
-        )
-        xit = T.projection(xt, Zt)
-        row["times"]["rankopt-torch"] = {
-            "projection": bench(lambda: T.projection(xt, Zt), args.repeats, args.budget),
-            "retraction": bench(lambda: T.retraction(xt, xit), args.repeats, args.budget),
-        }
-        del Zt
+            T = ro.FixedRankManifold(m, m, r, backend="torch")
+            xt = ro.FixedRankPoint(*(torch.from_numpy(a) for a in (x.U, x.s, x.V)))
+            with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                Zt = torch.sparse_csr_tensor(
+                    torch.from_numpy(Z.indptr.astype(np.int64)),
+                    torch.from_numpy(Z.indices.astype(np.int64)),
+                    torch.from_numpy(Z.data),
+                    size=Z.shape,
+                )
+            project["rankopt-torch"] = lambda: T.projection(xt, Zt)
+            retract["rankopt-torch"] = lambda v: T.retraction(xt, v)
 
     if have_pymanopt:
         from pymanopt.manifolds import FixedRankEmbedded
 
         P = FixedRankEmbedded(m, m, r)
-        pt = (x.U, x.s, np.ascontiguousarray(x.V.T))
-        try:
-            v = P.projection(pt, Z)
-            row["times"]["pymanopt"] = {
-                "projection": bench(lambda: P.projection(pt, Z), args.repeats, args.budget),
-                "retraction": bench(lambda: P.retraction(pt, v), args.repeats, args.budget),
-            }
-            # same operation? (pymanopt's tangent vector is (Up, M, Vp))
-            dproj = max(
-                float(np.abs(v.Up - xi.Up).max()),
-                float(np.abs(v.M - xi.M).max()),
-                float(np.abs(v.Vp - xi.Vp).max()),
-            )
-            scale = float(np.abs(xi.Up).max())
-            sp_ = P.retraction(pt, v)[1]
-            dretr = float(np.abs(np.asarray(sp_) - y.s).max() / y.s[0])
-            row["notes"].append(f"pymanopt vs rankopt: projection {dproj / scale:.1e}, retraction s {dretr:.1e} (rel.)")
-        except MemoryError:
-            row["times"]["pymanopt"] = None
-            row["notes"].append("pymanopt: n/a (out of memory)")
+        pt = (x.U, x.s, np.ascontiguousarray(x.V.T))  # pymanopt's (u, s, vt) layout
+        project["pymanopt"] = lambda: P.projection(pt, Z)
+        retract["pymanopt"] = lambda w: P.retraction(pt, w)
+
+    try:
+        proj = bench(project, args.repeats, args.budget)
+        retr = bench(
+            {k: (lambda f=f, v=proj[k][3]: f(v)) for k, f in retract.items()},
+            args.repeats,
+            args.budget,
+        )
+    except MemoryError:  # pragma: no cover - not reached at the default sizes
+        row["notes"].append("n/a: out of memory")
+        return row
+    for k in project:
+        row["times"][k] = {"projection": proj[k][:3], "retraction": retr[k][:3]}
+    if "pymanopt" in proj:
+        # the same operation is timed: pymanopt's tangent vector is (Up, M, Vp)
+        xi, v = proj["rankopt-numpy"][3], proj["pymanopt"][3]
+        y, yp = retr["rankopt-numpy"][3], retr["pymanopt"][3]
+        scale = float(np.abs(xi.Up).max())
+        dproj = max(
+            float(np.abs(a - b).max()) for a, b in ((v.Up, xi.Up), (v.M, xi.M), (v.Vp, xi.Vp))
+        )
+        dretr = float(np.abs(np.asarray(yp[1]) - y.s).max() / y.s[0])
+        row["notes"].append(
+            f"pymanopt vs rankopt-numpy: projection differs by {dproj / scale:.1e}, "
+            f"retracted s by {dretr:.1e} (relative)"
+        )
     return row
 
 
 # --------------------------------------------------------------------------- output
 
 
-def _fmt(cell: tuple[float, int] | None) -> str:
+def _fmt(cell: tuple[float, float, int] | None) -> str:
     if cell is None:
         return "n/a"
-    t, k = cell
+    t, _, k = cell
     s = f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
     return f"{s} ({k})"
 
 
 def print_table(rows: list[dict], impls: list[str]) -> None:
-    head = ["m = n", "r", "nnz", "operation", *impls, "pymanopt / rankopt-numpy"]
+    head = ["m = n", "r", "nnz", "operation", *impls, "pymanopt / rankopt-numpy", "(of minima)"]
     lines = [head]
     for row in rows:
         for op in ("projection", "retraction"):
@@ -192,16 +228,30 @@ def print_table(rows: list[dict], impls: list[str]) -> None:
             for impl in impls:
                 times = row["times"].get(impl)
                 cells.append(_fmt(times[op] if times else None))
-            ro_t = row["times"]["rankopt-numpy"][op][0]
+            ro_t = row["times"]["rankopt-numpy"][op]
             pm = row["times"].get("pymanopt")
-            ratio = f"{pm[op][0] / ro_t:.2f}" if pm else "n/a"
-            lines.append([f"{row['m']:.0e}", str(row["r"]), f"{row['nnz']:.2e}", op, *cells, ratio])
+            ratio = f"{pm[op][0] / ro_t[0]:.2f}" if pm else "n/a"
+            ratio_min = f"{pm[op][1] / ro_t[1]:.2f}" if pm else "n/a"
+            lines.append(
+                [
+                    f"{row['m']:.0e}",
+                    str(row["r"]),
+                    f"{row['nnz']:.2e}",
+                    op,
+                    *cells,
+                    ratio,
+                    ratio_min,
+                ]
+            )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for i, line in enumerate(lines):
         print("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    print("time: median (number of timed calls)")
+    print(
+        "time: median (number of timed calls); ratios of medians and of minima (the minimum is the "
+        "least disturbed by other processes when the machine is shared)"
+    )
     for row in rows:
         for note in row["notes"]:
             print(f"m={row['m']:.0e}, r={row['r']}: {note}")
@@ -214,15 +264,15 @@ def plot(rows: list[dict], impls: list[str], path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
-    labels = [f"m={row['m']:.0e}\nr={row['r']}" for row in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
+    labels = [f"m=1e{len(str(row['m'])) - 1}\nr={row['r']}" for row in rows]
     width = 0.8 / len(impls)
     for ax, op in zip(axes, ("projection", "retraction"), strict=True):
         for k, impl in enumerate(impls):
-            vals = [
-                row["times"][impl][op][0] if row["times"].get(impl) else np.nan for row in rows
-            ]
-            ax.bar(np.arange(len(rows)) + (k - (len(impls) - 1) / 2) * width, vals, width, label=impl)
+            vals = [row["times"][impl][op][0] if row["times"].get(impl) else np.nan for row in rows]
+            ax.bar(
+                np.arange(len(rows)) + (k - (len(impls) - 1) / 2) * width, vals, width, label=impl
+            )
         ax.set_yscale("log")
         ax.set_xticks(np.arange(len(rows)), labels)
         ax.set_ylabel("seconds (median)")

@@ -276,6 +276,8 @@ def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> 
         except ImportError as e:  # pragma: no cover - exercised only without torch
             raise ImportError("backend='torch' needs PyTorch: pip install 'rankopt[torch]'") from e
         dev = torch.device(device if device is not None else "cpu")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU on this machine")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         return Backend("torch", getattr(torch, key), dev)

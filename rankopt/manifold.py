@@ -203,6 +203,11 @@ class FixedRankManifold:
             self._check_array(Z, "sparse ambient matrix")
             self._check_finite((be.sparse_values(Z),), "ambient matrix")
             return be.sparse_to_dtype(Z)
+        if backend_name_of(Z) is None:
+            raise ValueError(
+                "expected an ambient matrix (dense array, sparse matrix, LowRankMatrix, or a tuple "
+                f"of those meaning their sum), got {type(Z).__name__}"
+            )
         self._check_array(Z, "ambient matrix", shape)
         self._check_finite((Z,), "ambient matrix")
         if Z.dtype != be.dtype:
@@ -277,9 +282,12 @@ class FixedRankManifold:
             A = self._check_ambient(A)
             u, s, vh = be.svd(A)
             U, s, V = u[:, : self.r], s[: self.r], vh[: self.r].T
-        if s.shape[0] < self.r or not be.to_float(s[self.r - 1]) > 0:
+        s_r = be.to_float(s[self.r - 1]) if s.shape[0] >= self.r else 0.0
+        s_1 = be.to_float(s[0]) if s.shape[0] else 0.0
+        if not s_r > be.eps * max(self.m, self.n) * s_1:
             raise ValueError(
-                f"matrix has rank < {self.r} (its r-th singular value is zero): not a point of rank {self.r}"
+                f"matrix has numerical rank < {self.r} (its r-th singular value {s_r:.2e} is at "
+                f"round-off level of the largest, {s_1:.2e}): not a point of rank {self.r}"
             )
         return FixedRankPoint(U, s, V)
 
@@ -302,7 +310,7 @@ class FixedRankManifold:
         ``P(Z) = U U^T Z + Z V V^T - U U^T Z V V^T``. Only ``Z V`` and ``Z^T U`` are formed:
         O(mnr) dense, O(nnz r + (m+n) r^2) sparse, O((m+n) k r) for a rank-k ``LowRankMatrix``.
         """
-        self.check_point(x, orthonormal=False)
+        self.check_point(x)
         Z = self._check_ambient(Z)
         return self._project(x, Z)
 
@@ -380,7 +388,7 @@ class FixedRankManifold:
         ``f o R_x`` at 0 (it equals the Levi-Civita Hessian at critical points and is what
         second-order methods with this retraction need).
         """
-        self.check_point(x, orthonormal=False)
+        self.check_point(x)
         Z = self._check_ambient(Z)
         hess_xi = self._check_ambient(hess_xi)
         self.check_tangent(x, xi)
@@ -406,7 +414,7 @@ class FixedRankManifold:
         SVD of the 2r x 2r core ``R_u K R_v^T``, keep the top r. Second order. Cost
         O((m+n) r^2 + r^3); never forms X.
         """
-        self.check_point(x, orthonormal=False)
+        self.check_point(x)
         self.check_tangent(x, xi)
         return self._retract(x, xi)
 
@@ -444,7 +452,7 @@ class FixedRankManifold:
         gradient. Returns a point whose rank may differ from ``self.r``: use
         :meth:`with_rank` for a manifold that matches it. Cost O((m+n) r^2 + r^3).
         """
-        self.check_point(x, orthonormal=False)
+        self.check_point(x)
         self.check_tangent(x, xi)
         if not rank_tol >= 0:
             raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
@@ -464,7 +472,7 @@ class FixedRankManifold:
 
     def transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:
         """Vector transport by projection: ``P_y(embed_x(xi))``. O((m+n) r^2)."""
-        self.check_point(y, orthonormal=False)
+        self.check_point(y)
         self.check_tangent(x, xi)
         return self._transport(x, y, xi)
 

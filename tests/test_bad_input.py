@@ -101,11 +101,6 @@ def test_numpy_has_no_device(device):
         ro.FixedRankManifold(M_, N_, R_, device=device)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torch backend with device='cuda' on a machine without CUDA raises torch's "
-    "AssertionError ('Torch not compiled with CUDA enabled'), not a ValueError",
-)
 def test_torch_cuda_without_gpu():
     torch = pytest.importorskip("torch", reason="PyTorch not installed")
     if torch.cuda.is_available():
@@ -243,11 +238,6 @@ def test_non_orthonormal_point_check_point(M, x):
         lax.check_point(bad, orthonormal=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with validate=True (the default) retraction/projection/gradient call "
-    "check_point(x, orthonormal=False), so a non-orthonormal point is accepted silently",
-)
 @pytest.mark.parametrize("op", ["retraction", "projection", "gradient"])
 def test_non_orthonormal_point_rejected_under_validate(M, x, xi, op):
     bad = ro.FixedRankPoint(x.U * 2.0, x.s, x.V)
@@ -340,7 +330,7 @@ def test_device_mismatch_torch():
 
 @pytest.mark.parametrize("Z, name", [(None, "NoneType"), ("abc", "str"), (3.0, "float")])
 def test_not_an_array(M, x, Z, name):
-    with pytest.raises(ValueError, match=f"ambient matrix is a {name} "):
+    with pytest.raises(ValueError, match=f"expected an ambient matrix .*got {name}"):
         M.projection(x, Z)
 
 
