@@ -238,7 +238,7 @@ def test_bad_input_messages():
         rt.LowRankConv2d(3, 4, 3, 2, base=torch.zeros(4, 3, 2, 2))
     with pytest.raises(ValueError, match="exceeds min"):
         rt.apply_low_rank(_mlp(), rank=4)  # the last layer is 16 -> 3
-    with pytest.raises(ValueError, match="no nn.Linear or nn.Conv2d module matches"):
+    with pytest.raises(ValueError, match="no nn.Linear, nn.Conv2d or nn.Embedding module matches"):
         rt.apply_low_rank(_mlp(), rank=2, target_modules=["nope"])
     with pytest.raises(ValueError, match="mode must be"):
         rt.apply_low_rank(_mlp(), rank=2, mode="lora")
@@ -312,3 +312,39 @@ def test_autocast_bf16_keeps_float32_manifold():
     opt.step()
     U, _, V = layer.factors()
     assert torch.dist(U.T @ U, torch.eye(4)) < 1e-5 and torch.dist(V.T @ V, torch.eye(4)) < 1e-5
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_embedding_backward_and_conversion(adapter):
+    """LowRankEmbedding: tangent pieces of G = dL/dE (repeated indices summed, padding row
+    excluded) against dense autograd; adapter conversion is exact and merge gives nn.Embedding."""
+    rng = np.random.default_rng(3)
+    base = torch.tensor(rng.standard_normal((11, 6)), dtype=D) if adapter else None
+    layer = rt.LowRankEmbedding(11, 6, 3, padding_idx=2, base=base, dtype=D, seed=0)
+    if adapter:
+        x = ro.FixedRankManifold(11, 6, 3, backend="torch").random_point(seed=1)
+        layer.set_factors(x.U, x.s, x.V)
+    idx = torch.tensor([[1, 2, 5, 1], [7, 2, 10, 1]])
+    _loss(layer(idx)).backward()
+    E = layer.dense_weight().clone().requires_grad_(True)
+    _loss(nn.functional.embedding(idx, E, padding_idx=2)).backward()
+    G = E.grad
+    assert torch.count_nonzero(G[2]) == 0 and torch.count_nonzero(G[1]) > 0
+    U, _, V = layer.factors()
+    M = U.T @ G @ V
+    assert torch.allclose(layer.S.grad, M, rtol=0, atol=1e-12 * G.abs().max())
+    assert torch.allclose(layer.U.grad, G @ V - U @ M, rtol=0, atol=1e-12 * G.abs().max())
+    assert torch.allclose(layer.V.grad, G.T @ U - V @ M.T, rtol=0, atol=1e-12 * G.abs().max())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(11, 6, padding_idx=0), nn.Linear(6, 4)).double()
+    y0 = model(idx)
+    rt.apply_low_rank(model, rank=2, target_modules=["0"], modules_to_save=["1"], seed=0)
+    assert isinstance(model[0], rt.LowRankEmbedding) and torch.equal(model(idx), y0)
+    opt = rt.RAdamW(rt.trainable_parameters(model), lr=0.05)
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model(idx)).backward()
+        opt.step()
+    y = model(idx)
+    rt.merge(model)
+    assert type(model[0]) is nn.Embedding and torch.allclose(model(idx), y, rtol=1e-12, atol=1e-12)

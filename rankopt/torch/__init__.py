@@ -19,6 +19,7 @@ from .convert import (
     parameter_counts,
     trainable_parameters,
 )
+from .embedding import LowRankEmbedding
 from .layers import (
     LowRankConv2d,
     LowRankLinear,
@@ -39,6 +40,7 @@ from .optim import (
 __all__ = [
     "LowRankLinear",
     "LowRankConv2d",
+    "LowRankEmbedding",
     "ManifoldParameter",
     "ManifoldLink",
     "is_manifold_parameter",

@@ -98,3 +98,38 @@ class _LowRankConv2dFn(torch.autograd.Function):
         M = torch.einsum("brhw,bshw->rs", gU, z)
         gu, gs, gv = _manifold_grads(U, V, GV, GtU, M, ctx.started, needs)
         return (grad_x, gu, gs, gv) + (None,) * 5
+
+
+class _LowRankEmbeddingFn(torch.autograd.Function):
+    """Rows ``idx`` of ``U S V^T``: ``(U[idx] S) V^T``.
+
+    ``G = dL/dW`` has the output gradients ``g_t`` in rows ``idx_t`` (rows ``padding_idx`` get
+    none), so ``G V = index_add(g V)``, ``G^T U = g^T U[idx]``, ``M = U[idx]^T (g V)``:
+    O(b r (dim + r) + num r).
+    """
+
+    @staticmethod
+    def forward(ctx, idx, U, S, V, started: bool, padding_idx):
+        out = (U[idx] @ S) @ V.T
+        ctx.save_for_backward(idx, U, S, V)
+        ctx.started = started
+        ctx.padding_idx = padding_idx
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        idx, U, S, V = ctx.saved_tensors
+        cd = g.dtype
+        dim, r = V.shape
+        g2 = g.reshape(-1, dim)
+        i = idx.reshape(-1)
+        if ctx.padding_idx is not None:
+            g2 = g2 * (i != ctx.padding_idx).to(cd)[:, None]
+        needs = ctx.needs_input_grad[1:4]
+        if not any(needs):
+            return (None,) * 6
+        gV = g2 @ V.to(cd)
+        Ui = U[i].to(cd)
+        GV = torch.zeros(U.shape[0], r, dtype=cd, device=g.device).index_add_(0, i, gV)
+        gu, gs, gv = _manifold_grads(U, V, GV, g2.T @ Ui, Ui.T @ gV, ctx.started, needs)
+        return None, gu, gs, gv, None, None

@@ -1,7 +1,8 @@
 r"""Model conversion in the PEFT spirit: low-rank adapters, compression, merging back.
 
-* :func:`apply_low_rank` replaces selected ``nn.Linear`` / ``nn.Conv2d`` modules by
-  :class:`~rankopt.torch.LowRankLinear` / :class:`~rankopt.torch.LowRankConv2d`:
+* :func:`apply_low_rank` replaces selected ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``
+  modules by :class:`~rankopt.torch.LowRankLinear` / :class:`~rankopt.torch.LowRankConv2d` /
+  :class:`~rankopt.torch.LowRankEmbedding`:
 
   - ``mode="adapter"``: ``W = W0 + U S V^T`` with the pretrained ``W0`` frozen (kept by
     reference, no copy) and ``S = 0``, so the converted model computes exactly the original
@@ -12,7 +13,8 @@ r"""Model conversion in the PEFT spirit: low-rank adapters, compression, merging
     (conv kernels reshaped ``out x (in kh kw)``), optionally with a rank per layer chosen from
     an energy threshold. Cost O(m n min(m, n)) per layer, once.
 
-* :func:`merge` folds every low-rank layer back into a plain ``nn.Linear`` / ``nn.Conv2d``.
+* :func:`merge` folds every low-rank layer back into a plain ``nn.Linear`` / ``nn.Conv2d`` /
+  ``nn.Embedding``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .embedding import LowRankEmbedding
 from .layers import LowRankConv2d, LowRankLinear, _LowRankBase, is_manifold_parameter
 
 __all__ = [
@@ -94,6 +97,16 @@ def _conv_kwargs(mod: nn.Conv2d, name: str) -> dict:
 
 def _make_layer(mod: nn.Module, name: str, rank: int, base, seed) -> _LowRankBase:
     dtype, device = mod.weight.dtype, mod.weight.device
+    if isinstance(mod, nn.Embedding):
+        if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
+            raise ValueError(
+                f"module {name!r}: nn.Embedding with max_norm, scale_grad_by_freq or sparse "
+                "is not supported"
+            )
+        return LowRankEmbedding(
+            mod.num_embeddings, mod.embedding_dim, rank, padding_idx=mod.padding_idx, base=base,
+            dtype=dtype, device=device, seed=seed,
+        )  # fmt: skip
     if isinstance(mod, nn.Linear):
         layer = LowRankLinear(
             mod.in_features, mod.out_features, rank, bias=False, base=base, dtype=dtype,
@@ -129,7 +142,8 @@ def apply_low_rank(
     target_modules : list of str, str, compiled regex or None
         A list matches module names by suffix (``"query"`` matches ``"encoder.layer.0.attention.self.query"``);
         a string or pattern is a regular expression matched against the full name; None selects
-        every ``nn.Linear`` and ``nn.Conv2d``.
+        every ``nn.Linear`` and ``nn.Conv2d``. ``nn.Embedding`` modules are converted only when
+        named by ``target_modules``.
     mode : {"adapter", "compress"}
     energy : float in (0, 1], optional
         "compress" only: per layer, the smallest rank keeping this fraction of ``||W||_F^2``.
@@ -158,14 +172,17 @@ def apply_low_rank(
         raise ValueError("give a rank, an energy threshold, or both")
     if mode == "adapter" and modules_to_save is None:
         modules_to_save = ()
+    kinds = (
+        (nn.Linear, nn.Conv2d) if target_modules is None else (nn.Linear, nn.Conv2d, nn.Embedding)
+    )
     targets = [
         (name, mod)
         for name, mod in model.named_modules()
-        if type(mod) in (nn.Linear, nn.Conv2d) and _matches(name, target_modules)
+        if type(mod) in kinds and _matches(name, target_modules)
     ]
     if not targets:
         raise ValueError(
-            f"no nn.Linear or nn.Conv2d module matches target_modules={target_modules!r}"
+            f"no nn.Linear, nn.Conv2d or nn.Embedding module matches target_modules={target_modules!r}"
         )
     new_layers = []
     for i, (name, mod) in enumerate(targets):
@@ -214,7 +231,7 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every low-rank layer back into a plain ``nn.Linear`` / ``nn.Conv2d`` (in place).
+    """Fold every low-rank layer back into a plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``.
 
     The new weight is ``W0 + U S V^T`` (adapters) or ``U S V^T``; the bias is kept (same
     tensor); ``requires_grad`` of the new weight follows the factors'. Returns ``model``.
@@ -226,7 +243,10 @@ def merge(model: nn.Module) -> nn.Module:
         )
     for name, layer in found:
         W = layer.dense_weight()
-        if isinstance(layer, LowRankLinear):
+        if isinstance(layer, LowRankEmbedding):
+            new = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                               dtype=W.dtype, device=W.device)  # fmt: skip
+        elif isinstance(layer, LowRankLinear):
             new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                             dtype=W.dtype, device=W.device)  # fmt: skip
         else:
@@ -238,7 +258,7 @@ def merge(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             new.weight.copy_(W)
         new.weight.requires_grad_(layer.U.requires_grad)
-        if layer.bias is not None:
+        if getattr(layer, "bias", None) is not None:
             new.bias = layer.bias
         _set_module(model, name, new)
     return model

@@ -168,7 +168,15 @@ class _LowRankBase(nn.Module):
     _kind = "base"
 
     def _init_factors(
-        self, m: int, n: int, rank: int, base: torch.Tensor | None, dtype, device, seed: Any
+        self,
+        m: int,
+        n: int,
+        rank: int,
+        base: torch.Tensor | None,
+        dtype,
+        device,
+        seed: Any,
+        frob2: float | None = None,
     ) -> None:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
             raise ValueError(f"rank must be an integer, got {rank!r}")
@@ -185,9 +193,11 @@ class _LowRankBase(nn.Module):
         U = torch.as_tensor(_orthonormal(rng, m, rank), dtype=dtype, device=device)
         V = torch.as_tensor(_orthonormal(rng, n, rank), dtype=dtype, device=device)
         started = base is None
-        # Standalone layer: same expected ||W||_F^2 = m/3 as nn.Linear's default init, spread evenly
-        # over the r singular values. Adapter: S = 0, the layer computes exactly x W0^T + b.
-        sval = math.sqrt(m / (3.0 * rank)) if started else 0.0
+        # Standalone layer: the expected ||W||_F^2 of torch's default init (m/3 for nn.Linear and
+        # nn.Conv2d, m n for nn.Embedding), spread evenly over the r singular values.
+        # Adapter: S = 0, the layer computes exactly its base.
+        frob2 = m / 3.0 if frob2 is None else frob2
+        sval = math.sqrt(frob2 / rank) if started else 0.0
         S = torch.eye(rank, dtype=dtype, device=device) * sval
         link = ManifoldLink(self._kind, started=started)
         self.U = ManifoldParameter(U, "U", link)

@@ -1,0 +1,98 @@
+"""Low-rank embedding table: ``E = U S V^T`` (num_embeddings x embedding_dim), optionally
+``E0 + U S V^T`` with a frozen pretrained table (adapter mode).
+
+Looking up ``b`` tokens costs O(b r (dim + r)) and never forms the table; the backward stores
+the same tangent pieces as :class:`~rankopt.torch.LowRankLinear` (see
+:mod:`rankopt.torch.layers`), with ``G V`` built by ``index_add`` (O(b r + num r)).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._autograd import _LowRankEmbeddingFn
+from .layers import _check_base, _LowRankBase
+
+__all__ = ["LowRankEmbedding"]
+
+
+class LowRankEmbedding(_LowRankBase):
+    r"""Embedding whose table is a fixed-rank matrix ``U S V^T`` (+ frozen ``base``).
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    rank : int
+        ``1 <= rank <= min(num_embeddings, embedding_dim)``.
+    padding_idx : int, optional
+        As in ``nn.Embedding``: that row receives no gradient.
+    base : torch.Tensor, optional
+        Frozen table (num_embeddings x embedding_dim): adapter mode.
+    dtype, device, seed
+        As for :class:`~rankopt.torch.LowRankLinear`. A standalone table starts at a random
+        point with the expected Frobenius norm of ``nn.Embedding``'s N(0, 1) init.
+    """
+
+    _kind = "embedding"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: int | None = None,
+        base: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: Any = None,
+        seed: Any = None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        if padding_idx is not None:
+            if not -self.num_embeddings <= padding_idx < self.num_embeddings:
+                raise ValueError(
+                    f"padding_idx={padding_idx} is out of range for {num_embeddings} rows"
+                )
+            padding_idx = padding_idx % self.num_embeddings
+        self.padding_idx = padding_idx
+        shape = (self.num_embeddings, self.embedding_dim)
+        base = _check_base(base, shape, "LowRankEmbedding")
+        m, n = shape
+        self._init_factors(m, n, rank, base, dtype, device, seed, frob2=float(m * n))
+        del self._rng_for_bias
+        self.register_parameter("bias", None)
+        if base is not None:
+            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
+        else:
+            self.register_parameter("base_weight", None)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = _LowRankEmbeddingFn.apply(
+            idx, self.U, self.S, self.V, self.U.link.started, self.padding_idx
+        )
+        if self.base_weight is not None:  # base first: a new adapter adds exact zeros
+            return F.embedding(idx, self.base_weight, self.padding_idx) + out
+        return out
+
+    def dense_weight(self) -> torch.Tensor:
+        """The table ``E0 + U S V^T`` (or ``U S V^T``)."""
+        d = self.delta_weight()
+        return (
+            d
+            if self.base_weight is None
+            else self.base_weight.detach() + d.to(self.base_weight.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, "
+            f"padding_idx={self.padding_idx}, adapter={self.base_weight is not None}"
+        )
