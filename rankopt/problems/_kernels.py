@@ -11,8 +11,9 @@ temporaries plus an ``einsum`` (about 1-2.5 ms for 60k entries at r = 10 on a 2-
 the numba loop below reads each row once and writes one number per entry (about 0.4 ms
 serial, 0.2 ms on two threads; see ``benchmarks/sampling_kernels.py``).
 
-NumPy inputs use numba when it is importable (``@njit(cache=True, fastmath=False)``, so the
-result is the same dot product in the same order as the reference loop) and a chunked NumPy
+NumPy inputs use numba when it is importable (``@njit(cache=True)`` with only the
+``reassoc`` fast-math flag, so that the length-k dot products are vectorized: 1.5x faster at
+k = 20, measured; results differ from the in-order loop by round-off only) and a chunked NumPy
 fallback otherwise. Torch / CuPy inputs use the same gather-multiply-sum, chunked, in their
 own namespace (they are array-API arrays: indexing, ``*`` and ``sum`` behave alike).
 
@@ -113,17 +114,17 @@ def _residual_parallel(A, B, rows, cols, b, out):  # pragma: no cover - compiled
 def _compiled(parallel: bool):
     """``(sample, residual)`` numba dispatchers; ``cache=True`` keeps the machine code on disk.
 
-    ``fastmath=False``: the dot products are not reassociated, so serial results match the
-    Python loops bit for bit (the threaded residual's sum of squares is reduced per thread).
+    ``fastmath={"reassoc"}``: the dot products may be reassociated (SIMD), nothing else (no
+    flush-to-zero, no nan/inf assumptions); results match the Python loops to round-off.
     """
     global prange
     import numba
 
     prange = numba.prange
     if parallel:
-        opts = {"cache": True, "fastmath": False, "parallel": True}
+        opts = {"cache": True, "fastmath": {"reassoc"}, "parallel": True}
         return numba.njit(**opts)(_sample_parallel), numba.njit(**opts)(_residual_parallel)
-    opts = {"cache": True, "fastmath": False, "nogil": True}
+    opts = {"cache": True, "fastmath": {"reassoc"}, "nogil": True}
     return numba.njit(**opts)(_sample_serial), numba.njit(**opts)(_residual_serial)
 
 
