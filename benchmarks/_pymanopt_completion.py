@@ -167,10 +167,7 @@ def run_pymanopt_cg(
         return du, ds, dvt
 
     prob = pymanopt.Problem(manifold, cost, euclidean_gradient=euclidean_gradient)
-    start = (x0.U, x0.s, x0.V.T)
-    from pymanopt.manifolds.fixed_rank import _FixedRankPoint
-
-    start = _FixedRankPoint(*start)
+    start = (x0.U, x0.s, x0.V.T)  # pymanopt's (u, s, vt) layout; it only unpacks points
     g0 = manifold.norm(start, prob.riemannian_gradient(start))
     opt = ConjugateGradient(
         max_iterations=max_iter + 1,  # pymanopt counts the start as iteration 1
