@@ -233,3 +233,19 @@ def test_completion_only_touches_observed_entries():
     res = ro.solve(p, rank=5, tol=1e-10, max_iter=60)
     assert res.converged and p.relative_error(res.point) < 1e-6
     assert isinstance(p, MatrixCompletion)
+
+
+def test_callback_counts_the_whole_run_across_stages():
+    p = random_completion(300, 300, 5, kappa=1e3, oversampling=3.0, seed=0)
+    its, ts = [], []
+
+    def cb(info):
+        its.append(info.iteration)
+        ts.append(info.time)
+        return False
+
+    res = ro.solve(p, rank=5, callback=cb)
+    assert res.info["phase"] == 2  # this case needs the rank-adaptive phase
+    assert its == list(range(1, res.iterations + 1))
+    assert np.all(np.diff(ts) >= 0)
+    assert len(res.history) == res.iterations + 1

@@ -29,7 +29,7 @@ import numpy as np
 
 from .._backend import as_rng
 from ..containers import FixedRankPoint, LowRankMatrix
-from .base import History, Solver, SolverResult, StopReason
+from .base import History, IterationInfo, Solver, SolverResult, StopReason
 from .newton import RGN
 
 __all__ = ["RankAdaptive", "Auto", "normal_top_singular"]
@@ -151,10 +151,24 @@ class RankAdaptive(Solver):
             inner.max_time,
             inner.track_error,
             inner.ftol,
+            inner.verbose,
         )
         g_ref, reason, res = None, StopReason.MAX_ITER, None
+
+        def stage_callback(info):
+            # report iterations and times of the whole run, not of the current stage
+            shifted = IterationInfo(
+                info.iteration + it,
+                info.point,
+                info.cost,
+                info.grad_norm,
+                info.step_size,
+                info.time + (hist.time[-1] if hist.time else 0.0),
+            )
+            return callback(shifted)
+
         try:
-            inner.track_error = self.track_error
+            inner.track_error, inner.verbose = self.track_error, self.verbose
             while True:
                 if self.rank_tol is not None and x.rank > 1:
                     x = self._truncate(problem, x)  # drop negligible directions before fitting
@@ -173,7 +187,9 @@ class RankAdaptive(Solver):
                     (self.max_iter - it) if final else min(self.stage_max_iter, self.max_iter - it)
                 )
                 inner.max_time = self.max_time - (time.perf_counter() - t0)
-                res = inner.run(problem, x, callback=callback)
+                res = inner.run(
+                    problem, x, callback=stage_callback if callback is not None else None
+                )
                 hist.extend(res.history, it, hist.time[-1] if hist.time else 0.0)
                 it += res.iterations
                 x = res.point
@@ -203,9 +219,15 @@ class RankAdaptive(Solver):
                     x = x_new
                 # "wait": the tangent part still dominates; another stage at this rank
         finally:
-            inner.tol, inner.gtol, inner.max_iter, inner.max_time, inner.track_error, inner.ftol = (
-                saved
-            )
+            (
+                inner.tol,
+                inner.gtol,
+                inner.max_iter,
+                inner.max_time,
+                inner.track_error,
+                inner.ftol,
+                inner.verbose,
+            ) = saved
         f, Z = problem.cost_and_egrad(x)
         M = problem.manifold(x.rank)
         g = M._project(x, Z)
@@ -347,7 +369,20 @@ class Auto(Solver):
             max_time=self.max_time - (time.perf_counter() - t0),
             **common,
         )
-        resB = second.run(problem, x1, seed=seed, callback=callback)
+
+        def phase2_callback(info):
+            return callback(
+                IterationInfo(
+                    info.iteration + resA.iterations,
+                    info.point,
+                    info.cost,
+                    info.grad_norm,
+                    info.step_size,
+                    info.time + resA.time,
+                )
+            )
+
+        resB = second.run(problem, x1, seed=seed, callback=phase2_callback if callback else None)
         hist = History()
         h = resA.history
         hist.append(
