@@ -152,6 +152,8 @@ class Backend:
 
     def vdot(self, a: Any, b: Any) -> Any:
         """Sum of elementwise products (Frobenius inner product), as a 0-d array."""
+        if self.name == "numpy":
+            return np.vdot(a, b)  # no temporary; 3x faster than sum(a * b) at 1000 x 10
         return self.xp.sum(a * b)
 
     def to_float(self, a: Any) -> float:
@@ -277,7 +279,9 @@ def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> 
             raise ImportError("backend='torch' needs PyTorch: pip install 'rankopt[torch]'") from e
         dev = torch.device(device if device is not None else "cpu")
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but torch sees no CUDA GPU on this machine")
+            raise ValueError(
+                f"device {device!r} requested but torch sees no CUDA GPU on this machine"
+            )
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         return Backend("torch", getattr(torch, key), dev)

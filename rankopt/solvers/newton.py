@@ -20,7 +20,11 @@ on the true cost always). ``H`` is
 Cost per CG iteration: one Euclidean Hessian-vector product on a rank-2r ambient direction
 (completion: sampling at Omega, O(|Omega| r)) and one projection (O(|Omega| r + (m+n) r^2)).
 Forcing term ``eta_k = min(eta_max, sqrt(||grad_k|| / ||grad_0||))`` gives superlinear
-convergence (Dembo, Eisenstat, Steihaug 1982). The Euclidean metric is used inside CG.
+convergence (Dembo, Eisenstat, Steihaug 1982), floored at ``gstop / (2 ||grad_k||)`` so that the
+last inner solve is no more accurate than the stopping test needs. The Euclidean metric is used
+inside CG; a problem may offer ``gn_preconditioner(manifold, x)``, an SPD approximation of the
+inverse Gauss-Newton operator used to precondition CG (``MatrixCompletion`` scales by the
+number of observations per row and column).
 """
 
 from __future__ import annotations
@@ -36,30 +40,35 @@ from .gradient import _inner, armijo
 __all__ = ["RGN", "truncated_cg"]
 
 
-def truncated_cg(apply_H, g: TangentVector, manifold, rtol: float, maxiter: int):
-    """Solve ``H xi = -g`` by CG from 0; stop at ``||r|| <= rtol ||g||`` or negative curvature.
+def truncated_cg(apply_H, g: TangentVector, manifold, rtol: float, maxiter: int, apply_P=None):
+    """Solve ``H xi = -g`` by (preconditioned) CG from 0.
 
-    Returns ``(xi, iterations, stop)`` with ``stop`` in {"tol", "maxiter", "negative-curvature"}.
-    On negative curvature at the first iteration the steepest-descent direction ``-g`` is returned.
+    Stops at ``||r|| <= rtol ||g||`` (Euclidean residual norm) or on negative curvature.
+    ``apply_P`` is an optional SPD preconditioner on the tangent space (approximating
+    ``H^{-1}``). Returns ``(xi, iterations, stop)`` with ``stop`` in {"tol", "maxiter",
+    "negative-curvature"}; on negative curvature at the first iteration the (preconditioned)
+    steepest-descent direction is returned.
     """
     xi = g * 0.0
     r = g * -1.0  # residual of H xi = -g at xi = 0
-    p = r
-    rr = _inner(manifold, r, r)
-    stop_at = rtol * rtol * rr
+    z = r if apply_P is None else apply_P(r)
+    p = z
+    rz = _inner(manifold, r, z)
+    stop_at = rtol * rtol * _inner(manifold, r, r)
     for k in range(maxiter):
         Hp = apply_H(p)
         pHp = _inner(manifold, p, Hp)
         if not pHp > 0:
-            return (r if k == 0 else xi), k, "negative-curvature"
-        alpha = rr / pHp
+            return (z if k == 0 else xi), k, "negative-curvature"
+        alpha = rz / pHp
         xi = xi.axpy(alpha, p)
         r = r.axpy(-alpha, Hp)
-        rr_new = _inner(manifold, r, r)
-        if rr_new <= stop_at:
+        if _inner(manifold, r, r) <= stop_at:
             return xi, k + 1, "tol"
-        p = r.axpy(rr_new / rr, p)
-        rr = rr_new
+        z = r if apply_P is None else apply_P(r)
+        rz_new = _inner(manifold, r, z)
+        p = z.axpy(rz_new / rz, p)
+        rz = rz_new
     return xi, maxiter, "maxiter"
 
 
@@ -87,7 +96,7 @@ class RGN(Solver):
     name = "RGN"
 
     def __init__(
-        self, *, hessian: str = "auto", cg_maxiter: int = 100, eta_max: float = 0.1, **kw: Any
+        self, *, hessian: str = "auto", cg_maxiter: int = 100, eta_max: float = 0.3, **kw: Any
     ):
         super().__init__(**kw)
         if hessian not in ("auto", "gauss-newton", "exact"):
@@ -97,11 +106,13 @@ class RGN(Solver):
     def init(self, problem, manifold, x):
         return _NewtonState()
 
-    def _operator(self, problem, manifold, x, Z):
-        gn = self.hessian == "gauss-newton" or (
+    def _is_gn(self, problem) -> bool:
+        return self.hessian == "gauss-newton" or (
             self.hessian == "auto" and getattr(problem, "least_squares", False)
         )
-        if gn:
+
+    def _operator(self, problem, manifold, x, Z):
+        if self._is_gn(problem):
             return lambda v: manifold._project(x, problem.ehess(x, manifold.embed(x, v)))
         return lambda v: manifold._hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
 
@@ -110,8 +121,19 @@ class RGN(Solver):
         if st.g0 is None:
             st.g0 = gn
         eta = min(self.eta_max, math.sqrt(gn / st.g0)) if st.g0 > 0 else self.eta_max
+        # never solve more accurately than the stopping test needs (no over-solving): with
+        # ||grad_next|| ~ eta ||grad||, eta = gstop / (2 ||grad||) already reaches gstop
+        gstop = max(self.gtol, self.tol * st.g0)
+        if gn > 0:
+            eta = min(self.eta_max, max(eta, 0.5 * gstop / gn))
+        make_P = getattr(problem, "gn_preconditioner", None) if self._is_gn(problem) else None
         xi, k, _ = truncated_cg(
-            self._operator(problem, manifold, x, Z), g, manifold, eta, self.cg_maxiter
+            self._operator(problem, manifold, x, Z),
+            g,
+            manifold,
+            eta,
+            self.cg_maxiter,
+            make_P(manifold, x) if make_P is not None else None,
         )
         st.cg_iters, st.cg_total = k, st.cg_total + k
         slope = _inner(manifold, g, xi)
