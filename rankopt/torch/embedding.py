@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ._autograd import _LowRankEmbeddingFn
 from .layers import _check_base, _LowRankBase
@@ -69,10 +68,7 @@ class LowRankEmbedding(_LowRankBase):
         self._init_factors(m, n, rank, base, dtype, device, seed, frob2=float(m * n))
         del self._rng_for_bias
         self.register_parameter("bias", None)
-        if base is not None:
-            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
-        else:
-            self.register_parameter("base_weight", None)
+        self._register_base(base)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         out = _LowRankEmbeddingFn.apply(
@@ -81,15 +77,6 @@ class LowRankEmbedding(_LowRankBase):
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros
             return F.embedding(idx, self.base_weight, self.padding_idx) + out
         return out
-
-    def dense_weight(self) -> torch.Tensor:
-        """The table ``E0 + U S V^T`` (or ``U S V^T``)."""
-        d = self.delta_weight()
-        return (
-            d
-            if self.base_weight is None
-            else self.base_weight.detach() + d.to(self.base_weight.dtype)
-        )
 
     def extra_repr(self) -> str:
         return (

@@ -233,6 +233,27 @@ class _LowRankBase(nn.Module):
         """The dense low-rank part ``U S V^T`` (m x n), e.g. to merge; O(m n r)."""
         return (self.U.detach() @ self.S.detach()) @ self.V.detach().T
 
+    #: shape of the dense weight when it is not the m x n matrix itself (conv kernels)
+    _kernel_shape: tuple[int, ...] | None = None
+
+    def _register_base(self, base: torch.Tensor | None) -> None:
+        """Keep the frozen base weight (adapter mode) as a non-trainable parameter, or None."""
+        if base is not None:
+            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
+        else:
+            self.register_parameter("base_weight", None)
+
+    def dense_weight(self) -> torch.Tensor:
+        """``W0 + U S V^T`` (or ``U S V^T``) as a dense tensor of the layer's weight shape."""
+        d = self.delta_weight()
+        if self._kernel_shape is not None:
+            d = d.reshape(self._kernel_shape)
+        return (
+            d
+            if self.base_weight is None
+            else self.base_weight.detach() + d.to(self.base_weight.dtype)
+        )
+
     def set_factors(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> None:
         """Overwrite the point (any rank; shapes checked). Marks an adapter as started."""
         m, n = self.U.shape[0], self.V.shape[0]
@@ -334,25 +355,13 @@ class LowRankLinear(_LowRankBase):
         base = _check_base(base, (self.out_features, self.in_features), "LowRankLinear")
         self._init_factors(self.out_features, self.in_features, rank, base, dtype, device, seed)
         self._init_bias(self.out_features, self.in_features, bias, dtype, device)
-        if base is not None:
-            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
-        else:
-            self.register_parameter("base_weight", None)
+        self._register_base(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _LowRankLinearFn.apply(x, self.U, self.S, self.V, self.U.link.started)
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros
             return F.linear(x, self.base_weight, self.bias) + out
         return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def dense_weight(self) -> torch.Tensor:
-        """``W0 + U S V^T`` (or ``U S V^T``) as a dense tensor."""
-        d = self.delta_weight()
-        return (
-            d
-            if self.base_weight is None
-            else self.base_weight.detach() + d.to(self.base_weight.dtype)
-        )
 
     def extra_repr(self) -> str:
         return (
@@ -418,10 +427,7 @@ class LowRankConv2d(_LowRankBase):
         base = _check_base(base, (self.out_channels, self.in_channels, kh, kw), "LowRankConv2d")
         self._init_factors(self.out_channels, n, rank, base, dtype, device, seed)
         self._init_bias(self.out_channels, n, bias, dtype, device)
-        if base is not None:
-            self.base_weight = nn.Parameter(base.detach(), requires_grad=False)
-        else:
-            self.register_parameter("base_weight", None)
+        self._register_base(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = _LowRankConv2dFn.apply(
@@ -435,14 +441,9 @@ class LowRankConv2d(_LowRankBase):
             return base + out
         return out if self.bias is None else out + self.bias.to(out.dtype)[None, :, None, None]
 
-    def dense_weight(self) -> torch.Tensor:
-        """The kernel ``W0 + reshape(U S V^T)`` of shape (out, in, kh, kw)."""
-        d = self.delta_weight().reshape(self.out_channels, self.in_channels, *self.kernel_size)
-        return (
-            d
-            if self.base_weight is None
-            else self.base_weight.detach() + d.to(self.base_weight.dtype)
-        )
+    @property
+    def _kernel_shape(self) -> tuple[int, ...]:  # dense_weight: (out, in, kh, kw)
+        return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def extra_repr(self) -> str:
         return (
