@@ -11,7 +11,8 @@ The error is ``||X - X*||_F / ||X*||_F`` (``problem.relative_error``).
 Design (default run: 12-15 minutes on a 2-core machine):
 
 * n <= 3000 (default 1000): every kappa (1, 1e2, 1e4) x oversampling (2, 3, 5) x method
-  ("auto", RGN, RCG, RGD, RCG with ``Preconditioned(core_weight=0.5)``, RAdamW, pymanopt CG),
+  ("auto", RGN, RCG, RGD, RCG with ``Preconditioned(core_weight=0.5)``, RAdamW, RHeavyBall,
+  RAdaGrad, DLRAHeavyBall, DLRAAdam, pymanopt CG),
   each run capped at ``--grid-max-time`` seconds; the oversampling-3 runs also record their
   iterates for ``out/completion_convergence.png`` (error against iteration and time);
 * n <= 30000 (default 1e4): "auto", RCG and pymanopt CG at oversampling 3, capped at
@@ -76,6 +77,15 @@ RANKOPT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "RGD": ("rgd", {}),
     "RCG+Precond(0.5)": ("rcg", {"metric": ro.metrics.Preconditioned(core_weight=0.5)}),
     f"RAdamW(lr={RADAMW_LR:g})": ("radamw", {"lr": RADAMW_LR}),
+    # fixed-learning-rate rules, learning rates from a 3-point sweep at kappa = 1, n = 1000,
+    # oversampling 3, 150 steps (docs/solvers.md): heavy ball 30 diverges, 3 is slow
+    "RHeavyBall(lr=10, mom=0.5)": ("rheavyball", {"lr": 10.0, "momentum": 0.5}),
+    "RAdaGrad(lr=0.01)": ("radagrad", {"lr": 0.01}),
+    "DLRAHeavyBall(lr=10, tol=1e-3)": (
+        "dlra-heavyball",
+        {"lr": 10.0, "momentum": 0.5, "rank_tol": 1e-3, "max_rank": RANK},
+    ),
+    "DLRAAdam(lr=1e-3, tol=1e-3)": ("dlra-adam", {"lr": 1e-3, "rank_tol": 1e-3, "max_rank": RANK}),
 }
 SECOND_ORDER = ("auto", "rgn")
 
