@@ -23,6 +23,15 @@ from ._backend import Backend, as_rng, backend_name_of, make_backend
 from .containers import FixedRankPoint, LowRankMatrix, TangentVector
 
 
+def truncation_rank(s: np.ndarray, rank_tol: float) -> int:
+    """Smallest ``j >= 1`` with ``||s_{j:}||_2 <= rank_tol ||s||_2`` (``len(s)`` if none smaller).
+
+    ``s`` are singular values in descending order (a NumPy array). O(len(s)).
+    """
+    tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1])  # tails[k] = ||s_{k:}||
+    return next((k for k in range(1, len(s)) if tails[k] <= rank_tol * tails[0]), len(s))
+
+
 class FixedRankManifold:
     r"""Manifold of m x n real matrices of rank r, embedded in R^{m x n}.
 
@@ -458,12 +467,7 @@ class FixedRankManifold:
             raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
         qu, uc, s, vch, qv = self._sum_svd(x, xi)
         sv = self.backend.to_numpy(s).astype(np.float64)
-        tails = np.sqrt(np.maximum(np.cumsum((sv**2)[::-1])[::-1], 0.0))  # tails[j] = ||s_{j:}||
-        total = tails[0] if len(tails) else 0.0
-        j = next(
-            (k for k in range(1, len(sv) + 1) if k == len(sv) or tails[k] <= rank_tol * total),
-            len(sv),
-        )
+        j = truncation_rank(sv, rank_tol)
         hi = min(len(sv), max_rank if max_rank is not None else len(sv), self.m, self.n)
         j = int(min(max(j, min_rank), hi))
         while j > 1 and not sv[j - 1] > 0:  # never keep exact zeros: they are off the manifold

@@ -29,6 +29,7 @@ import numpy as np
 
 from .._backend import as_rng
 from ..containers import FixedRankPoint, LowRankMatrix
+from ..manifold import truncation_rank
 from .base import History, IterationInfo, Solver, SolverResult, StopReason
 from .newton import RGN
 
@@ -281,8 +282,7 @@ class RankAdaptive(Solver):
 
     def _truncate(self, problem, x):
         sv = problem.manifold(x.rank).backend.to_numpy(x.s).astype(np.float64)
-        tails = np.sqrt(np.cumsum((sv**2)[::-1])[::-1])
-        j = next((k for k in range(1, len(sv)) if tails[k] <= self.rank_tol * tails[0]), len(sv))
+        j = truncation_rank(sv, self.rank_tol)
         return FixedRankPoint(x.U[:, :j], x.s[:j], x.V[:, :j]) if j < len(sv) else x
 
 
