@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._autograd import _LowRankEmbeddingFn
-from .layers import _check_base, _LowRankBase
+from .layers import _check_base, _LowRankBase, _positive_ints
 
 __all__ = ["LowRankEmbedding"]
 
@@ -51,10 +50,9 @@ class LowRankEmbedding(_LowRankBase):
         seed: Any = None,
     ) -> None:
         super().__init__()
-        for name, v in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.num_embeddings, self.embedding_dim = int(num_embeddings), int(embedding_dim)
+        self.num_embeddings, self.embedding_dim = _positive_ints(
+            num_embeddings=num_embeddings, embedding_dim=embedding_dim
+        )
         if padding_idx is not None:
             if not -self.num_embeddings <= padding_idx < self.num_embeddings:
                 raise ValueError(

@@ -295,6 +295,14 @@ class _LowRankBase(nn.Module):
         )
 
 
+def _positive_ints(**sizes: Any) -> tuple[int, ...]:
+    """The given sizes as ints; ``ValueError`` naming the first that is not a positive integer."""
+    for name, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return tuple(int(v) for v in sizes.values())
+
+
 def _check_base(base: Any, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
     if base is None:
         return None
@@ -348,10 +356,9 @@ class LowRankLinear(_LowRankBase):
         seed: Any = None,
     ) -> None:
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features, self.out_features = _positive_ints(
+            in_features=in_features, out_features=out_features
+        )
         base = _check_base(base, (self.out_features, self.in_features), "LowRankLinear")
         self._init_factors(self.out_features, self.in_features, rank, base, dtype, device, seed)
         self._init_bias(self.out_features, self.in_features, bias, dtype, device)
@@ -408,10 +415,9 @@ class LowRankConv2d(_LowRankBase):
         seed: Any = None,
     ) -> None:
         super().__init__()
-        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.in_channels, self.out_channels = _positive_ints(
+            in_channels=in_channels, out_channels=out_channels
+        )
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
         self.dilation = _pair(dilation, "dilation")
