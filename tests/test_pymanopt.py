@@ -194,18 +194,6 @@ def make_metric(h, name, backend, m, n):
     return h.metric_zoo(ro.FixedRankManifold(m, n, 1, backend=backend))[name]
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny torch ops run single-threaded: OpenMP threads spinning on a loaded 2-core machine
-    made these tests 30x slower (measured: CG on 40 x 30 took 11.7 s with 2 threads, 0.33 s
-    with 1). The previous setting is restored afterwards."""
-    torch = pytest.importorskip("torch", reason="torch backend not installed")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield torch
-    torch.set_num_threads(n)
-
-
 def quiet(cls, **kw):
     return cls(verbosity=0, **kw)
 

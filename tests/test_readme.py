@@ -18,6 +18,8 @@ def test_readme_example_runs():
 def test_readme_commands_match_ci():
     src = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    test_cmd = re.search(r"Install and run the tests.*?```bash\n(.*?)\n```", src, re.S).group(1).strip()
+    test_cmd = (
+        re.search(r"Install and run the tests.*?```bash\n(.*?)\n```", src, re.S).group(1).strip()
+    )
     assert test_cmd in ci.splitlines(), "'.ci/run' must run exactly the README's test command"
     assert "python -m rankopt demo" in src

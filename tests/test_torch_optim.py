@@ -18,13 +18,8 @@ from rankopt.solvers import rules  # noqa: E402
 D = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors: intra-op threads only add contention (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _data(seed: int, b: int = 24, n: int = 10, m: int = 7):
