@@ -1,15 +1,14 @@
 """Riemannian solvers on the fixed-rank manifold, and :func:`solve`, the entry point.
 
 Every solver shares the loop of :class:`~rankopt.solvers.base.Solver` (stopping criteria,
-history, callbacks, progress bar); the stochastic-style ones call the pure update rules of
-:mod:`rankopt.solvers.rules`, the same functions the torch optimizers call.
+history, callbacks, progress bar); the stochastic-style ones call the update rules of
+:mod:`rankopt.rules`, the same specs the torch optimizers call.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import rules
 from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
 from .base import History, IterationInfo, Solver, SolverResult, StopReason
 from .gradient import RCG, RGD
@@ -23,7 +22,6 @@ __all__ = [
     "StopReason",
     "History",
     "IterationInfo",
-    "rules",
     "RGD",
     "RCG",
     "RGN",
