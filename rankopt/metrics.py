@@ -280,10 +280,10 @@ def pcg(apply_A, apply_P, b: TangentVector, geometry, tol: float | None, maxiter
     r"""Preconditioned conjugate gradients for ``A x = b`` on tangent spaces (one or a stack).
 
     ``A`` and ``P`` are SPD with respect to the Euclidean inner product of ``T_x``. Each item of
-    a stack has its own step sizes; the run stops when every item has ``||r|| <= tol ||b||``
-    (one convergence test per stack and iteration), or after exactly ``maxiter`` iterations
-    with ``tol=None`` (then no value is read back to the host). Items whose residual is exactly
-    zero take zero steps. Cost per iteration: one ``A`` and one ``P`` application plus
+    a stack has its own step sizes and stops (takes zero steps) once ``||r|| <= tol ||b||``, so
+    a stack gives what each item would alone; the loop ends when every item has stopped (one
+    convergence test per stack and iteration, one host read), or after exactly ``maxiter``
+    iterations with ``tol=None`` (then nothing is read back to the host). Cost per iteration: one ``A`` and one ``P`` application plus
     O((m+n) r).
     """
     be = geometry.backend
@@ -293,23 +293,27 @@ def pcg(apply_A, apply_P, b: TangentVector, geometry, tol: float | None, maxiter
     z = apply_P(r)
     p = z
     rz = inner(r, z)
+    active = True  # items still iterating (an item stops at its own tolerance, as alone)
     if tol is not None:
         bb = inner(b, b)
-        if be.to_float(xp.max(bb)) == 0:
-            return x
         bound = tol * tol * bb
+        active = inner(r, r) > bound
+        if not bool(xp.any(active)):
+            return x
     for _ in range(maxiter):
         Ap = apply_A(p)
         pAp = inner(p, Ap)
-        ok = pAp > 0
+        ok = (pAp > 0) & active
         alpha = xp.where(ok, rz / xp.where(ok, pAp, 1.0), 0.0)
         x = x.axpy(alpha, p)
         r = r.axpy(-alpha, Ap)
-        if tol is not None and not be.to_float(xp.max(inner(r, r) - bound)) > 0:
-            break
+        if tol is not None:
+            active = active & (inner(r, r) > bound)
+            if not bool(xp.any(active)):
+                break
         z = apply_P(r)
         rz_new = inner(r, z)
-        ok = rz != 0
+        ok = (rz != 0) & active
         beta = xp.where(ok, rz_new / xp.where(ok, rz, 1.0), 0.0)
         rz = rz_new
         p = z.axpy(beta, p)
