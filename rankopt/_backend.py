@@ -167,6 +167,71 @@ class Backend:
             return np.einsum("...ij,...ij->...", a, b)
         return self.xp.sum(a * b, axis=(-2, -1))
 
+    def addmm(self, C: Any, A: Any, B: Any, alpha: float = 1.0) -> Any:
+        """``C + alpha * (A @ B)`` for (stacks of) matrices.
+
+        torch: fused ``baddbmm`` / ``addmm`` (one pass over ``C`` instead of two) for arrays of
+        at least 2^16 entries, where memory traffic dominates; below that a separate product
+        and ``add`` are faster on CPUs (measured: 24 vs 52 us at 12 x 384 x 8, 558 vs 447 us
+        at 48 x 768 x 16, one thread).
+        """
+        if self.name == "torch":
+            torch = _torch()
+            if (
+                C.ndim == A.ndim == B.ndim
+                and C.ndim in (2, 3)
+                and C.numel() >= 65536
+                and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
+            ):
+                return (torch.addmm if C.ndim == 2 else torch.baddbmm)(C, A, B, alpha=alpha)
+            return torch.add(C, A @ B, alpha=alpha)
+        AB = A @ B
+        return C + AB if alpha == 1.0 else C + alpha * AB
+
+    def addmm_(self, C: Any, A: Any, B: Any, alpha: float = 1.0) -> Any:
+        """In place ``C += alpha * (A @ B)`` for a ``C`` the caller owns (a temporary); returns C.
+
+        torch: ``baddbmm_`` / ``addmm_`` (GEMM with beta = 1 on C: one pass, no allocation) for
+        arrays of at least 2^16 entries, ``add_`` of the product below (faster there, as in
+        :meth:`addmm`)."""
+        if self.name == "torch":
+            if (
+                C.ndim == A.ndim == B.ndim
+                and C.ndim in (2, 3)
+                and C.numel() >= 65536
+                and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
+            ):
+                return (C.addmm_ if C.ndim == 2 else C.baddbmm_)(A, B, alpha=alpha)
+            return C.add_(A @ B, alpha=alpha)
+        if alpha == 1.0:
+            C += A @ B
+        else:
+            C += alpha * (A @ B)
+        return C
+
+    def axpy(self, a: Any, X: Any, Y: Any) -> Any:
+        """``Y + a X`` with ``a`` a number or per-item values ``(...)`` for ``(..., p, q)`` arrays."""
+        if getattr(a, "ndim", 0) > 0:
+            a = a[..., None, None]
+        if self.name == "torch":
+            torch = _torch()
+            return torch.addcmul(Y, a, X) if isinstance(a, torch.Tensor) else torch.add(Y, X, alpha=a)
+        return Y + a * X
+
+    def lerp(self, a: Any, b: Any, w: Any) -> Any:
+        """``a + w (b - a)`` (one fused pass with torch); ``w`` a number or broadcastable array."""
+        if self.name == "torch":
+            return _torch().lerp(a, b, w)
+        return a + w * (b - a)
+
+    def rowdot(self, a: Any, b: Any) -> Any:
+        """``sum(a * b, axis=-1)`` without the temporary where the library can (einsum)."""
+        if self.name == "torch":
+            return _torch().einsum("...ij,...ij->...i", a, b)
+        if self.name == "numpy":
+            return np.einsum("...ij,...ij->...i", a, b)
+        return self.xp.sum(a * b, axis=-1)
+
     def to_float(self, a: Any) -> float:
         """A 0-d array (or number) as a Python float (synchronizes GPU backends)."""
         return float(a)

@@ -91,15 +91,18 @@ class Geometry:
         r"""Orthogonal projection ``P_x(Z)``: ``M = U^T Z V``, ``Up = Z V - U M``,
         ``Vp = Z^T U - V M^T``. Only ``Z V`` and ``Z^T U`` are formed; O(mnr) dense,
         O(nnz r + (m+n) r^2) sparse, O((m+n) k r) factored."""
-        ZV = self.matmul(Z, x.V)
+        addmm = self.backend.addmm if isinstance(Z, LowRankMatrix) else self.backend.addmm_
+        ZV = self.matmul(Z, x.V)  # new arrays (a sparse or dense product): updated in place
         ZtU = self.rmatmul(Z, x.U)
         M = _t(x.U) @ ZV
-        return TangentVector(M, ZV - x.U @ M, ZtU - x.V @ _t(M))
+        return TangentVector(M, addmm(ZV, x.U, M, -1.0), addmm(ZtU, x.V, _t(M), -1.0))
 
     def project_tangent(self, x: FixedRankPoint, xi: TangentVector) -> TangentVector:
         """Re-impose ``U^T Up = 0``, ``V^T Vp = 0`` on a nearly tangent vector. O((m+n) r^2)."""
-        U, V = x.U, x.V
-        return TangentVector(xi.M, xi.Up - U @ (_t(U) @ xi.Up), xi.Vp - V @ (_t(V) @ xi.Vp))
+        U, V, addmm = x.U, x.V, self.backend.addmm
+        return TangentVector(
+            xi.M, addmm(xi.Up, U, _t(U) @ xi.Up, -1.0), addmm(xi.Vp, V, _t(V) @ xi.Vp, -1.0)
+        )
 
     def embed(self, x: FixedRankPoint, xi: TangentVector) -> LowRankMatrix:
         """The ambient matrix of ``xi`` as ``[U M + Up, U] [V, Vp]^T`` (rank <= 2r). O(m r^2)."""
@@ -135,80 +138,149 @@ class Geometry:
         ``||xi_{:,j}||^2 = ||(V M^T + Vp)_j||^2 + V_j (Up^T Up) V_j^T`` (the cross terms vanish
         because ``V^T Vp = 0``, ``U^T Up = 0``). O((m+n) r^2); no m x n matrix is formed.
         """
-        xp = self.backend.xp
-        U, V = x.U, x.V
-        A = U @ xi.M + xi.Up
-        B = V @ _t(xi.M) + xi.Vp
-        rows = xp.sum(A * A, axis=-1) + xp.sum((U @ (_t(xi.Vp) @ xi.Vp)) * U, axis=-1)
-        cols = xp.sum(B * B, axis=-1) + xp.sum((V @ (_t(xi.Up) @ xi.Up)) * V, axis=-1)
+        be = self.backend
+        U, V, dot = x.U, x.V, be.rowdot
+        A = be.addmm(xi.Up, U, xi.M)
+        B = be.addmm(xi.Vp, V, _t(xi.M))
+        rows = dot(A, A) + dot(U @ (_t(xi.Vp) @ xi.Vp), U)
+        cols = dot(B, B) + dot(V @ (_t(xi.Up) @ xi.Up), V)
         # exact arithmetic gives >= 0; clip rounding below zero
-        return xp.clip(rows, 0.0, None), xp.clip(cols, 0.0, None)
+        return be.xp.clip(rows, 0.0, None), be.xp.clip(cols, 0.0, None)
 
     # ------------------------------------------------------------- transport
-    def transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:
+    def transport(
+        self,
+        x: FixedRankPoint,
+        y: FixedRankPoint,
+        xi: TangentVector,
+        UtUy: Any = None,
+        VtVy: Any = None,
+    ) -> TangentVector:
         r"""Vector transport by projection, ``P_y(xi)`` for ``xi`` tangent at ``x``.
 
         With ``a = V^T V_y``, ``b = Vp^T V_y``, ``c = U^T U_y``, ``d = Up^T U_y`` (r x r):
         ``xi V_y = U (M a + b) + Up a``, ``xi^T U_y = V (M^T c + d) + Vp c``,
         ``M_y = c^T (M a + b) + d^T a``. Ten products of size (m or n) x r x r, i.e.
         O((m+n) r^2); works between points of different ranks (rank-adaptive rules).
+        ``UtUy = U^T U_y`` and ``VtVy = V^T V_y``, when the caller knows them (a retraction
+        does, see :meth:`retract_transport`), save two of the products.
         """
-        U, V = x.U, x.V
-        a, b = _t(V) @ y.V, _t(xi.Vp) @ y.V
-        c, d = _t(U) @ y.U, _t(xi.Up) @ y.U
+        U, V, addmm_ = x.U, x.V, self.backend.addmm_
+        a = _t(V) @ y.V if VtVy is None else VtVy
+        c = _t(U) @ y.U if UtUy is None else UtUy
+        b, d = _t(xi.Vp) @ y.V, _t(xi.Up) @ y.U
         Ma_b = xi.M @ a + b
-        ZV = U @ Ma_b + xi.Up @ a
-        ZtU = V @ (_t(xi.M) @ c + d) + xi.Vp @ c
+        ZV = addmm_(xi.Up @ a, U, Ma_b)  # xi V_y
+        ZtU = addmm_(xi.Vp @ c, V, _t(xi.M) @ c + d)  # xi^T U_y
         My = _t(c) @ Ma_b + _t(d) @ a
-        return TangentVector(My, ZV - y.U @ My, ZtU - y.V @ _t(My))
+        return TangentVector(My, addmm_(ZV, y.U, My, -1.0), addmm_(ZtU, y.V, _t(My), -1.0))
 
     # ------------------------------------------------------------- retraction
-    def sum_svd(self, x: FixedRankPoint, xi: TangentVector) -> tuple[Any, ...]:
-        r"""The SVD of ``X + xi`` in factored form, ``(U, Qu, A, s2, B, V, Qv)``.
+    def _omega(self, m: int, r: int) -> Any:
+        """A fixed m x r Gaussian matrix (seed 0), cached per shape: see :meth:`sum_svd`."""
+        key = (m, r)
+        cache = self.__dict__.setdefault("_omegas", {})
+        if key not in cache:
+            cache[key] = self.backend.asarray(np.random.default_rng(0).standard_normal((m, r)))
+        return cache[key]
 
-        ``X + xi = [U, Qu] K [V, Qv]^T`` with ``Up = Qu Ru``, ``Vp = Qv Rv`` (Householder QR of
-        ``Up`` and ``Vp`` after one re-orthogonalization against ``U``, ``V``) and the 2r x 2r core
-        ``K = [[diag(s) + M, Rv^T], [Ru, 0]] = A diag(s2) B^T``, so the left singular vectors of
-        ``X + xi`` are ``[U, Qu] A`` (:meth:`combine`), the right ones ``[V, Qv] B``, with ``s2``
-        descending. Cost O((m+n) r^2 + r^3): the QR of the m x r block alone is a quarter of the
-        QR of ``[U, Up]`` (Manopt's variant of Dec. 2019), and the re-orthogonalization gives the
-        same stability (``[U, Qu]`` orthonormal to working precision; ``tests/test_geometry.py``).
+    def _complement_qr(self, F: Any, P: Any, tau: Any) -> tuple[Any, Any]:
+        r"""``Q R = P + tau Omega`` with ``Q`` orthonormal and orthogonal to ``F`` (``P`` nearly in
+        ``F^perp``).
+
+        ``P + tau Omega`` (``Omega`` a fixed Gaussian matrix, ``tau`` at rounding level of the
+        retraction, see :meth:`sum_svd`) is re-orthogonalized against ``F`` and factored by
+        Householder QR. The perturbation makes ``P`` of full rank, so that ``Q`` is orthogonal to
+        ``F`` even where ``P`` is rank-deficient (there Householder QR alone returns coordinate
+        vectors, which are not). O(m r^2): three passes over m x r arrays plus the QR.
+        """
+        be = self.backend
+        P = be.axpy(tau, self._omega(*P.shape[-2:]), P)  # a new array: updated in place
+        return be.qr(be.addmm_(P, F, _t(F) @ P, -1.0))
+
+    def _qr_regularization(self, x: FixedRankPoint, xi: TangentVector, t: Any) -> Any:
+        """``tau = eps (max|s| / |t| + max|M| + tiny)`` per item: rounding level of ``X + t xi``
+        in units of ``t`` (so ``t tau Omega`` moves ``X + t xi`` by about eps of its size).
+
+        ``tiny`` (1e-280 in float64, 1e-25 in float32) keeps ``tau Omega`` far above the subnormal
+        range, where numbers carry too few digits. O(r^2), no pass over m x r arrays.
+        """
+        be = self.backend
+        xp = be.xp
+        tiny = 1e-25 if be.is_float32 else 1e-280
+        if getattr(t, "ndim", 0) > 0:
+            abs_t = xp.clip(xp.abs(t), tiny, None)
+        else:
+            abs_t = max(abs(float(t)), tiny)
+        scale = xp.max(xp.abs(x.s), axis=-1) / abs_t + xp.max(xp.abs(xi.M), axis=(-2, -1))
+        return be.eps * (scale + tiny)
+
+    def sum_svd(self, x: FixedRankPoint, xi: TangentVector, t: Any = 1.0) -> tuple[Any, ...]:
+        r"""The SVD of ``X + t xi`` in factored form, ``(U, Qu, A, s2, B, V, Qv)``.
+
+        ``X + t xi = [U, Qu] K [V, Qv]^T`` with ``Up = Qu Ru``, ``Vp = Qv Rv`` (Householder QR of
+        ``Up`` and ``Vp`` re-orthogonalized against ``U``, ``V``, see :meth:`_complement_qr`) and
+        the 2r x 2r core ``K = [[diag(s) + t M, t Rv^T], [t Ru, 0]] = A diag(s2) B^T``, so the
+        left singular vectors of ``X + t xi`` are ``[U, Qu] A`` (:meth:`combine`), the right
+        ones ``[V, Qv] B``, with ``s2`` descending. ``t`` is a number or per-item values
+        ``(...)``: the step size costs nothing (it scales r x r blocks only). Cost
+        O((m+n) r^2 + r^3); the QR of the m x r block alone is a quarter of the QR of
+        ``[U, Up]`` (Manopt's variant of Dec. 2019).
         """
         be = self.backend
         U, V = x.U, x.V
-        Up = xi.Up - U @ (_t(U) @ xi.Up)
-        Vp = xi.Vp - V @ (_t(V) @ xi.Vp)
-        qu, ru = be.qr(Up)
-        qv, rv = be.qr(Vp)
-        top = be.concat([be.diag(x.s) + xi.M, _t(rv)], -1)
-        bottom = be.concat([ru, be.xp.zeros_like(ru)], -1)
+        tau = self._qr_regularization(x, xi, t)
+        qu, ru = self._complement_qr(U, xi.Up, tau)
+        qv, rv = self._complement_qr(V, xi.Vp, tau)
+        tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
+        top = be.concat([be.diag(x.s) + tt * xi.M, tt * _t(rv)], -1)
+        bottom = be.concat([tt * ru, be.xp.zeros_like(ru)], -1)
         A, s2, Bh = be.svd(be.concat([top, bottom], -2))
         return U, qu, A, s2, _t(Bh), V, qv
 
-    def combine(self, U: Any, Q: Any, A: Any, j: int) -> Any:
-        """Orthonormal ``[U, Q] A[:, :j]``: 2 products of size m x r x j, then a sign-fixed QR.
+    def combine(self, U: Any, Q: Any, A: Any, j: int) -> tuple[Any, Any]:
+        r"""``(W, U^T W)`` for the orthonormal ``W = [U, Q] A[:, :j] N``.
 
-        ``[U, Q]`` is orthonormal to working precision and ``A`` orthogonal, so the QR changes
-        the product only at rounding level; it keeps the factors orthonormal over many steps
-        (no drift) and completes the basis where ``X + xi`` has rank below ``j`` (columns of
-        zero singular value, e.g. an adapter's first step). O(m j^2).
+        ``[U, Q]`` is orthonormal to working precision and ``A`` orthogonal, so ``[U, Q] A`` is
+        too; ``N = (3 I - G) / 2`` with ``G = A^T H A``, ``H = [[U^T U, U^T Q], [Q^T U, I]]``, is one
+        Newton-Schulz step, which squares the (rounding-level) deviation from orthonormality, so
+        the factors do not drift over many steps. The Grams ``U^T U``, ``U^T Q`` also give
+        ``U^T W`` without a pass over W (for a transport). O(m r j): four passes over m x r arrays.
         """
+        be = self.backend
         r = U.shape[-1]
-        W = U @ A[..., :r, :j] + Q @ A[..., r:, :j]
-        q, R = self.backend.qr(W)
-        d = self.backend.diagonal(R)
-        one = self.backend.xp.ones_like(d)
-        return q * self.backend.xp.where(d < 0, -one, one)[..., None, :]
+        Ut = _t(U)
+        HUU, HUQ = Ut @ U, Ut @ Q
+        A1, A2 = A[..., :r, :j], A[..., r:, :j]
+        HA1 = HUU @ A1 + HUQ @ A2  # U^T [U, Q] A
+        G = _t(A1) @ HA1 + _t(A2) @ (_t(HUQ) @ A1 + A2)
+        N = -0.5 * G
+        N += 1.5 * be.eye(j)
+        W = be.addmm_(U @ (A1 @ N), Q, A2 @ N)
+        return W, HA1 @ N
 
-    def retract(self, x: FixedRankPoint, xi: TangentVector) -> FixedRankPoint:
-        r"""Metric-projection retraction ``R_x(xi) = H_r(X + xi)`` (best rank-r approximation).
+    def retract(self, x: FixedRankPoint, xi: TangentVector, t: Any = 1.0) -> FixedRankPoint:
+        r"""Metric-projection retraction ``R_x(t xi) = H_r(X + t xi)`` (best rank-r approximation).
 
         The top r triplets of :meth:`sum_svd`. Second order. Cost O((m+n) r^2 + r^3); never
-        forms X.
+        forms X. ``t``: a number or per-item step sizes ``(...)``.
         """
-        U, qu, A, s2, B, V, qv = self.sum_svd(x, xi)
+        return self.retract_transport(x, xi, t)[0]
+
+    def retract_transport(
+        self, x: FixedRankPoint, xi: TangentVector, t: Any = 1.0, vectors: tuple = ()
+    ) -> tuple[FixedRankPoint, list[TangentVector]]:
+        r"""``y = R_x(t xi)`` and the ``vectors`` (tangent at x) transported to y by projection.
+
+        Equal to :meth:`retract` and :meth:`transport`, with the products ``U^T U_y``, ``V^T V_y``
+        taken from the retraction's own Grams (two passes saved per vector).
+        """
+        U, qu, A, s2, B, V, qv = self.sum_svd(x, xi, t)
         r = x.rank
-        return FixedRankPoint(self.combine(U, qu, A, r), s2[..., :r], self.combine(V, qv, B, r))
+        Uy, UtUy = self.combine(U, qu, A, r)
+        Vy, VtVy = self.combine(V, qv, B, r)
+        y = FixedRankPoint(Uy, s2[..., :r], Vy)
+        return y, [self.transport(x, y, v, UtUy, VtVy) for v in vectors]
 
     def retract_adaptive(
         self,
@@ -217,16 +289,17 @@ class Geometry:
         rank_tol: float,
         max_rank: int | None = None,
         min_rank: int = 1,
+        t: Any = 1.0,
     ) -> FixedRankPoint | list[FixedRankPoint]:
-        r"""Rank-adaptive retraction: ``X + xi`` truncated at a relative tolerance.
+        r"""Rank-adaptive retraction: ``X + t xi`` truncated at a relative tolerance.
 
         The new rank is the smallest ``j`` with ``||s_{j+1:}||_2 <= rank_tol ||s||_2`` of the
-        singular values of ``X + xi`` (:meth:`sum_svd`, up to 2r of them), clipped to
+        singular values of ``X + t xi`` (:meth:`sum_svd`, up to 2r of them), clipped to
         ``[min_rank, max_rank]`` and never keeping exact zeros. For a stack, each item gets its
         own rank and the result is a list of points (one per item, in C order of the stack
         dimensions). Reads the singular values on the host (one synchronization on GPUs).
         """
-        U, qu, A, s2, B, V, qv = self.sum_svd(x, xi)
+        U, qu, A, s2, B, V, qv = self.sum_svd(x, xi, t)
         sv = self.backend.to_numpy(s2).astype(np.float64)
         batch = x.batch_shape
         points = []
@@ -239,9 +312,9 @@ class Geometry:
             k = np.unravel_index(i, batch) if batch else ()
             points.append(
                 FixedRankPoint(
-                    self.combine(U[k], qu[k], A[k], j),
+                    self.combine(U[k], qu[k], A[k], j)[0],
                     s2[k][..., :j],
-                    self.combine(V[k], qv[k], B[k], j),
+                    self.combine(V[k], qv[k], B[k], j)[0],
                 )
             )
         return points if batch else points[0]

@@ -199,22 +199,32 @@ class KroneckerDiagonal(Metric):
         return self._scaled(manifold, x, eta, -1.0)
 
     def _direct_solve(self, manifold, x, eta):
-        r"""Exact ``G_x^{-1} eta`` of the full metric in closed form (see the class docstring)."""
-        inv = manifold.backend.xp.linalg.inv
+        r"""Exact ``G_x^{-1} eta`` of the full metric in closed form (see the class docstring).
+
+        Arranged to touch m x r and n x r arrays as few times as possible: ``eta_W^T V = M``
+        exactly, ``(I - U U^T) D_L^{-1} Y`` with ``Y = eta_Up A_R^{-1} + U A_L C A_R^{-1}``
+        (``C = A_L^{-1} M``), and ``K = Up^T D_L U = L^T - (U^T D_L^{-1} Y)^T A_L`` with
+        ``L = A_L C A_R^{-1}`` from r x r quantities only. 15 passes over m x r / n x r arrays.
+        """
+        be = manifold.backend
+        inv = be.xp.linalg.inv
         dl, dr = self._weights(manifold, x)
         U, V = x.U, x.V
         Ut, Vt = U.swapaxes(-1, -2), V.swapaxes(-1, -2)
-        DU = dl * U
-        AL = Ut @ DU
+        AL = Ut @ (dl * U)
         ALi, ARi = inv(AL), inv(Vt @ (dr * V))
-        eW = V @ eta.M.swapaxes(-1, -2) + eta.Vp  # eta^T U
-        C = ALi @ (eW.swapaxes(-1, -2) @ V)
-        Y = (eta.Up - DU @ C + U @ (AL @ C)) @ ARi  # S_L Up = Y
-        Up = Y / dl
-        Up = Up - U @ (Ut @ Up)  # Up = (I - U U^T) D_L^{-1} Y
-        W = (eW / dr - V @ (Up.swapaxes(-1, -2) @ DU)) @ ALi
-        Mt = Vt @ W  # W = V M^T + Vp
-        return TangentVector(Mt.swapaxes(-1, -2), Up, W - V @ Mt)
+        L = AL @ (ALi @ eta.M) @ ARi
+        Z = be.addmm_(eta.Up @ ARi, U, L)
+        Z /= dl  # D_L^{-1} Y
+        UtZ = Ut @ Z
+        Up = be.addmm_(Z, U, UtZ, -1.0)  # (I - U U^T) D_L^{-1} Y
+        K = L.swapaxes(-1, -2) - UtZ.swapaxes(-1, -2) @ AL  # Up^T D_L U
+        Q = be.addmm(eta.Vp, V, eta.M.swapaxes(-1, -2))  # eta_W = eta^T U = V M^T + Vp
+        Q /= dr
+        G = Vt @ Q
+        Mt = (G - K) @ ALi  # V^T W with W = (D_R^{-1} eta_W - V K) A_L^{-1}
+        Vp = be.addmm_(Q, V, G, -1.0) @ ALi  # (I - V V^T) W
+        return TangentVector(Mt.swapaxes(-1, -2), Up, Vp)
 
     # -- the block-diagonal operator ---------------------------------------------------------
     def _weights(self, manifold, x):

@@ -26,7 +26,17 @@ from ..metrics import (
     KroneckerDiagonal,
     adaptive_diagonals,
 )
-from .base import Rule, add_weight_decay, check_common, column, count_init, move_state, retract
+from .base import (
+    Rule,
+    add_weight_decay,
+    check_common,
+    column,
+    count_init,
+    lerp,
+    move_state,
+    retract,
+    retract_state,
+)
 
 __all__ = ["AdamState", "AdaGradState", "AdaptiveRule", "RAdamW", "RAdaGrad", "DLRAAdam"]
 
@@ -125,18 +135,18 @@ class RAdamW(AdaptiveRule):
 
     def step(self, manifold, x, grad, state: AdamState, *, lr: Any = None):
         lr = self.lr if lr is None else lr
+        be = manifold.backend
         b1, b2 = self.betas
         t = state.count + 1
         rows, cols = _mean_squares(manifold, x, grad)
-        row = state.row_stats * b2 + rows * (1.0 - b2)
-        col = state.col_stats * b2 + cols * (1.0 - b2)
-        mom = state.exp_avg * b1 + grad * (1.0 - b1)
-        c2 = column(1.0 - b2**t)
-        metric = self.metric(manifold, row / c2, col / c2)
-        d = metric.solve(manifold, x, mom / (1.0 - b1**t))
-        d = add_weight_decay(manifold, x, d, self.weight_decay)
-        x_new = retract(self, manifold, x, d * (-lr))
-        return x_new, move_state(manifold, x, x_new, AdamState(t, mom, row, col))
+        row = be.lerp(rows, state.row_stats, b2)  # b2 v + (1 - b2) rows
+        col = be.lerp(cols, state.col_stats, b2)
+        mom = lerp(manifold, grad, state.exp_avg, b1)  # b1 m + (1 - b1) grad
+        c1, c2 = 1.0 - b1**t, column(1.0 - b2**t)
+        d = self.metric(manifold, row / c2, col / c2).solve(manifold, x, mom)
+        # R_x(-lr (d / c1 + wd X)): the bias correction and lr scale r x r blocks only
+        d = add_weight_decay(manifold, x, d, c1 * self.weight_decay)
+        return retract_state(self, manifold, x, d, -lr / c1, AdamState(t, mom, row, col))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,7 +177,7 @@ class RAdaGrad(AdaptiveRule):
         row, col = state.row_stats + rows, state.col_stats + cols
         d = self.metric(manifold, row, col).solve(manifold, x, g)
         lr_t = lr / (1.0 + state.count * self.lr_decay)
-        x_new = retract(self, manifold, x, d * (-lr_t))
+        x_new = retract(self, manifold, x, d, -lr_t)
         return x_new, move_state(
             manifold, x, x_new, AdaGradState(state.count + 1, row, col)
         )

@@ -132,19 +132,32 @@ def state_from_arrays(cls: type, arrays: dict[str, Any]) -> Any:
         raise ValueError(f"{cls.__name__}: missing entries ({e})") from None
 
 
-def retract(spec: Any, manifold, x: FixedRankPoint, d: TangentVector) -> Any:
-    """``R_x(d)``: fixed rank, or rank-adaptive when ``spec.rank_tol`` is set."""
+def retract(spec: Any, manifold, x: FixedRankPoint, d: TangentVector, t: Any) -> Any:
+    """``R_x(t d)``: fixed rank, or rank-adaptive when ``spec.rank_tol`` is set.
+
+    ``t`` (a number or per-item values) scales only r x r blocks inside the retraction.
+    """
     g = manifold.geometry
     if spec.rank_tol is None:
-        return g.retract(x, d)
-    return g.retract_adaptive(x, d, spec.rank_tol, max_rank=spec.max_rank, min_rank=spec.min_rank)
+        return g.retract(x, d, t)
+    return g.retract_adaptive(x, d, spec.rank_tol, spec.max_rank, spec.min_rank, t)
 
 
-def add_weight_decay(manifold, x: FixedRankPoint, d: TangentVector, wd: float) -> TangentVector:
-    """``d + wd X`` with ``X`` as the tangent vector ``(diag(s), 0, 0)`` at ``x``. O(r^2)."""
-    if wd == 0:
+def add_weight_decay(manifold, x: FixedRankPoint, d: TangentVector, wd: Any) -> TangentVector:
+    """``d + wd X`` with ``X`` as the tangent vector ``(diag(s), 0, 0)`` at ``x``. O(r^2).
+
+    ``wd`` is a number or per-item values ``(...)``.
+    """
+    if isinstance(wd, (int, float)) and wd == 0:
         return d
-    return TangentVector(d.M + wd * manifold.backend.diag(x.s), d.Up, d.Vp)
+    w = wd[..., None, None] if getattr(wd, "ndim", 0) > 0 else wd
+    return TangentVector(d.M + w * manifold.backend.diag(x.s), d.Up, d.Vp)
+
+
+def lerp(manifold, a: TangentVector, b: TangentVector, w: float) -> TangentVector:
+    """``a + w (b - a)`` componentwise (fused per component with torch)."""
+    f = manifold.backend.lerp
+    return TangentVector(f(a.M, b.M, w), f(a.Up, b.Up, w), f(a.Vp, b.Vp, w))
 
 
 def items(x: FixedRankPoint, xi: TangentVector | None) -> list[tuple[Any, Any]]:
@@ -185,6 +198,22 @@ def started(count: Any, xp: Any) -> Any:
 def column(c: Any) -> Any:
     """A per-item number ``(...)`` shaped to scale ``(..., k)`` arrays (numbers pass through)."""
     return c[..., None] if getattr(c, "ndim", 0) > 0 else c
+
+
+def retract_state(spec: Any, manifold, x: FixedRankPoint, d: TangentVector, t: Any, state: Any):
+    """``(R_x(t d), state)`` with every tangent-vector field of ``state`` transported to the new
+    point: fused (:meth:`rankopt.geometry.Geometry.retract_transport`) at fixed rank, per item
+    after a rank-adaptive step (:func:`move_state`)."""
+    if spec.rank_tol is not None:
+        x_new = retract(spec, manifold, x, d, t)
+        return x_new, move_state(manifold, x, x_new, state)
+    from dataclasses import replace
+
+    names = [f.name for f in fields(state) if isinstance(getattr(state, f.name), TangentVector)]
+    y, moved = manifold.geometry.retract_transport(
+        x, d, t, tuple(getattr(state, n) for n in names)
+    )
+    return y, replace(state, **dict(zip(names, moved, strict=True)))
 
 
 def move_state(manifold, x: FixedRankPoint, x_new: Any, state: Any) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..containers import FixedRankPoint, TangentVector
-from .base import Rule, add_weight_decay, check_common, count_init, move_state, retract, started
+from .base import Rule, add_weight_decay, check_common, count_init, retract_state, started
 
 __all__ = ["SGDState", "RSGD", "RHeavyBall", "DLRAHeavyBall"]
 
@@ -61,8 +61,7 @@ class RSGD(Rule):
             direction = d.axpy(self.momentum, buf) if self.nesterov else buf
         else:
             direction = d
-        x_new = retract(self, manifold, x, direction * (-lr))
-        return x_new, move_state(manifold, x, x_new, SGDState(state.count + 1, buf))
+        return retract_state(self, manifold, x, direction, -lr, SGDState(state.count + 1, buf))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -263,22 +263,30 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         return plan
 
     def _raise_if_nonfinite(self, plan: list) -> None:
-        """One synchronization: all gradients (stacked per bucket) finite, else ``ValueError``."""
-        named = []
+        """One synchronization: every gradient finite, else ``ValueError`` naming the first bad one.
+
+        Reads each gradient once (a sum per low-rank layer and per parameter; a gradient whose
+        entries are finite but whose sum overflows, |entries| ~ 1e38 in float32, counts as
+        non-finite). The stacked sketches/tangent pieces of a bucket give one sum per layer.
+        """
+        sums, where = [], []
         for gi, (_, _, buckets, ordinary) in enumerate(plan):
-            named += [(gi, p, p.grad) for p in ordinary]
+            for p in ordinary:
+                sums.append(p.grad.sum().reshape(1).float())
+                where.append((gi, p))
             for layers, _, xi in buckets:
-                named += [(gi, layers, t) for t in xi]
-        if not named:
+                sums.append((xi.M.sum((-2, -1)) + xi.Up.sum((-2, -1)) + xi.Vp.sum((-2, -1))).float())
+                where.extend((gi, L) for L in layers)
+        if not sums:
             return
-        dev = named[0][2].device
-        ok = torch.stack([torch.isfinite(t).all().to(dev) for _, _, t in named])
+        dev = sums[0].device
+        ok = torch.isfinite(torch.cat([t.to(dev) for t in sums]))
         if bool(ok.all()):
             return
-        gi, what, _ = named[int((~ok).nonzero()[0, 0])]
-        if isinstance(what, list):
-            shapes = sorted({(L.U.shape[0], L.V.shape[0], L.U.shape[1]) for L in what})
-            desc = f"a low-rank layer of shape (m, n, r) in {shapes}"
+        gi, what = where[int((~ok).nonzero()[0, 0])]
+        if isinstance(what, Layer):
+            shape = (what.U.shape[0], what.V.shape[0], what.U.shape[1])
+            desc = f"a low-rank layer of shape (m, n, r) = {shape}"
         else:
             desc = f"a parameter of shape {tuple(what.shape)}"
         raise ValueError(
