@@ -167,6 +167,17 @@ class Backend:
             return np.einsum("...ij,...ij->...", a, b)
         return self.xp.sum(a * b, axis=(-2, -1))
 
+    def mm(self, A: Any, B: Any) -> Any:
+        """``A @ B`` for (stacks of) matrices; torch's ``bmm``/``mm`` directly where the shapes
+        allow (they skip ``matmul``'s broadcasting bookkeeping: 2-8 us per call on a CPU)."""
+        if self.name == "torch":
+            torch = _torch()
+            if A.ndim == B.ndim == 3 and A.shape[0] == B.shape[0]:
+                return torch.bmm(A, B)
+            if A.ndim == B.ndim == 2:
+                return torch.mm(A, B)
+        return A @ B
+
     def addmm(self, C: Any, A: Any, B: Any, alpha: float = 1.0) -> Any:
         """``C + alpha * (A @ B)`` for (stacks of) matrices.
 
@@ -184,7 +195,7 @@ class Backend:
                 and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
             ):
                 return (torch.addmm if C.ndim == 2 else torch.baddbmm)(C, A, B, alpha=alpha)
-            return torch.add(C, A @ B, alpha=alpha)
+            return torch.add(C, self.mm(A, B), alpha=alpha)
         AB = A @ B
         return C + AB if alpha == 1.0 else C + alpha * AB
 
@@ -202,7 +213,7 @@ class Backend:
                 and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
             ):
                 return (C.addmm_ if C.ndim == 2 else C.baddbmm_)(A, B, alpha=alpha)
-            return C.add_(A @ B, alpha=alpha)
+            return C.add_(self.mm(A, B), alpha=alpha)
         if alpha == 1.0:
             C += A @ B
         else:

@@ -94,14 +94,14 @@ class Geometry:
         addmm = self.backend.addmm if isinstance(Z, LowRankMatrix) else self.backend.addmm_
         ZV = self.matmul(Z, x.V)  # new arrays (a sparse or dense product): updated in place
         ZtU = self.rmatmul(Z, x.U)
-        M = _t(x.U) @ ZV
+        M = self.backend.mm(_t(x.U), ZV)
         return TangentVector(M, addmm(ZV, x.U, M, -1.0), addmm(ZtU, x.V, _t(M), -1.0))
 
     def project_tangent(self, x: FixedRankPoint, xi: TangentVector) -> TangentVector:
         """Re-impose ``U^T Up = 0``, ``V^T Vp = 0`` on a nearly tangent vector. O((m+n) r^2)."""
-        U, V, addmm = x.U, x.V, self.backend.addmm
+        U, V, addmm, mm = x.U, x.V, self.backend.addmm, self.backend.mm
         return TangentVector(
-            xi.M, addmm(xi.Up, U, _t(U) @ xi.Up, -1.0), addmm(xi.Vp, V, _t(V) @ xi.Vp, -1.0)
+            xi.M, addmm(xi.Up, U, mm(_t(U), xi.Up), -1.0), addmm(xi.Vp, V, mm(_t(V), xi.Vp), -1.0)
         )
 
     def embed(self, x: FixedRankPoint, xi: TangentVector) -> LowRankMatrix:
@@ -139,11 +139,12 @@ class Geometry:
         because ``V^T Vp = 0``, ``U^T Up = 0``). O((m+n) r^2); no m x n matrix is formed.
         """
         be = self.backend
-        U, V, dot = x.U, x.V, be.rowdot
+        mm, dot = be.mm, be.rowdot
+        U, V = x.U, x.V
         A = be.addmm(xi.Up, U, xi.M)
         B = be.addmm(xi.Vp, V, _t(xi.M))
-        rows = dot(A, A) + dot(U @ (_t(xi.Vp) @ xi.Vp), U)
-        cols = dot(B, B) + dot(V @ (_t(xi.Up) @ xi.Up), V)
+        rows = dot(A, A) + dot(mm(U, mm(_t(xi.Vp), xi.Vp)), U)
+        cols = dot(B, B) + dot(mm(V, mm(_t(xi.Up), xi.Up)), V)
         # exact arithmetic gives >= 0; clip rounding below zero
         return be.xp.clip(rows, 0.0, None), be.xp.clip(cols, 0.0, None)
 
@@ -165,14 +166,15 @@ class Geometry:
         ``UtUy = U^T U_y`` and ``VtVy = V^T V_y``, when the caller knows them (a retraction
         does, see :meth:`retract_transport`), save two of the products.
         """
+        mm = self.backend.mm
         U, V, addmm_ = x.U, x.V, self.backend.addmm_
-        a = _t(V) @ y.V if VtVy is None else VtVy
-        c = _t(U) @ y.U if UtUy is None else UtUy
-        b, d = _t(xi.Vp) @ y.V, _t(xi.Up) @ y.U
-        Ma_b = xi.M @ a + b
-        ZV = addmm_(xi.Up @ a, U, Ma_b)  # xi V_y
-        ZtU = addmm_(xi.Vp @ c, V, _t(xi.M) @ c + d)  # xi^T U_y
-        My = _t(c) @ Ma_b + _t(d) @ a
+        a = mm(_t(V), y.V) if VtVy is None else VtVy
+        c = mm(_t(U), y.U) if UtUy is None else UtUy
+        b, d = mm(_t(xi.Vp), y.V), mm(_t(xi.Up), y.U)
+        Ma_b = mm(xi.M, a) + b
+        ZV = addmm_(mm(xi.Up, a), U, Ma_b)  # xi V_y
+        ZtU = addmm_(mm(xi.Vp, c), V, mm(_t(xi.M), c) + d)  # xi^T U_y
+        My = mm(_t(c), Ma_b) + mm(_t(d), a)
         return TangentVector(My, addmm_(ZV, y.U, My, -1.0), addmm_(ZtU, y.V, _t(My), -1.0))
 
     # ------------------------------------------------------------- retraction
@@ -194,13 +196,14 @@ class Geometry:
         ``F`` even where ``P`` is rank-deficient (there Householder QR alone returns coordinate
         vectors, which are not). O(m r^2): three passes over m x r arrays plus the QR.
         """
+        mm = self.backend.mm
         be = self.backend
         P = be.axpy(tau, self._omega(*P.shape[-2:]), P)  # a new array: updated in place
-        return be.qr(be.addmm_(P, F, _t(F) @ P, -1.0))
+        return be.qr(be.addmm_(P, F, mm(_t(F), P), -1.0))
 
     def _qr_regularization(self, x: FixedRankPoint, xi: TangentVector, t: Any) -> Any:
-        """``tau = eps (max|s| / |t| + max|M| + tiny)`` per item: rounding level of ``X + t xi``
-        in units of ``t`` (so ``t tau Omega`` moves ``X + t xi`` by about eps of its size).
+        """``tau = eps (max|s| / |t| + tiny)`` per item: rounding level of ``X`` in units of ``t``
+        (so ``t tau Omega`` moves ``X + t xi`` by about eps of ``||X||``).
 
         ``tiny`` (1e-280 in float64, 1e-25 in float32) keeps ``tau Omega`` far above the subnormal
         range, where numbers carry too few digits. O(r^2), no pass over m x r arrays.
@@ -212,8 +215,7 @@ class Geometry:
             abs_t = xp.clip(xp.abs(t), tiny, None)
         else:
             abs_t = max(abs(float(t)), tiny)
-        scale = xp.max(xp.abs(x.s), axis=-1) / abs_t + xp.max(xp.abs(xi.M), axis=(-2, -1))
-        return be.eps * (scale + tiny)
+        return be.eps * (xp.max(xp.abs(x.s), axis=-1) / abs_t + tiny)
 
     def sum_svd(self, x: FixedRankPoint, xi: TangentVector, t: Any = 1.0) -> tuple[Any, ...]:
         r"""The SVD of ``X + t xi`` in factored form, ``(U, Qu, A, s2, B, V, Qv)``.
@@ -248,16 +250,17 @@ class Geometry:
         ``U^T W`` without a pass over W (for a transport). O(m r j): four passes over m x r arrays.
         """
         be = self.backend
+        mm = be.mm
         r = U.shape[-1]
         Ut = _t(U)
-        HUU, HUQ = Ut @ U, Ut @ Q
+        HUU, HUQ = mm(Ut, U), mm(Ut, Q)
         A1, A2 = A[..., :r, :j], A[..., r:, :j]
-        HA1 = HUU @ A1 + HUQ @ A2  # U^T [U, Q] A
-        G = _t(A1) @ HA1 + _t(A2) @ (_t(HUQ) @ A1 + A2)
+        HA1 = mm(HUU, A1) + mm(HUQ, A2)  # U^T [U, Q] A
+        G = mm(_t(A1), HA1) + mm(_t(A2), mm(_t(HUQ), A1) + A2)
         N = -0.5 * G
         N += 1.5 * be.eye(j)
-        W = be.addmm_(U @ (A1 @ N), Q, A2 @ N)
-        return W, HA1 @ N
+        W = be.addmm_(mm(U, mm(A1, N)), Q, mm(A2, N))
+        return W, mm(HA1, N)
 
     def retract(self, x: FixedRankPoint, xi: TangentVector, t: Any = 1.0) -> FixedRankPoint:
         r"""Metric-projection retraction ``R_x(t xi) = H_r(X + t xi)`` (best rank-r approximation).
@@ -328,10 +331,11 @@ class Geometry:
         ``P_x(hess_xi)`` plus ``(I - U U^T) Z Vp diag(s)^{-1}`` on ``Up`` and
         ``(I - V V^T) Z^T Up diag(s)^{-1}`` on ``Vp``. O(one projection + Z Vp + Z^T Up).
         """
+        mm = self.backend.mm
         h = self.project(x, hess_xi)
         U, V, s = x.U, x.V, x.s[..., None, :]
         t1 = self.matmul(Z, xi.Vp)
-        t1 = (t1 - U @ (_t(U) @ t1)) / s
+        t1 = (t1 - mm(U, mm(_t(U), t1))) / s
         t2 = self.rmatmul(Z, xi.Up)
-        t2 = (t2 - V @ (_t(V) @ t2)) / s
+        t2 = (t2 - mm(V, mm(_t(V), t2))) / s
         return TangentVector(h.M, h.Up + t1, h.Vp + t2)

@@ -207,23 +207,27 @@ class KroneckerDiagonal(Metric):
         ``L = A_L C A_R^{-1}`` from r x r quantities only. 15 passes over m x r / n x r arrays.
         """
         be = manifold.backend
-        inv = be.xp.linalg.inv
+        mm, inv = be.mm, be.xp.linalg.inv
         dl, dr = self._weights(manifold, x)
         U, V = x.U, x.V
         Ut, Vt = U.swapaxes(-1, -2), V.swapaxes(-1, -2)
-        AL = Ut @ (dl * U)
-        ALi, ARi = inv(AL), inv(Vt @ (dr * V))
-        L = AL @ (ALi @ eta.M) @ ARi
-        Z = be.addmm_(eta.Up @ ARi, U, L)
+        AL = mm(Ut, dl * U)
+        AR = mm(Vt, dr * V)
+        if AL.shape == AR.shape:  # one batched inverse for both sides (r x r each)
+            ALi, ARi = be.xp.unstack(inv(be.xp.stack([AL, AR])))
+        else:  # pragma: no cover - AL and AR are both r x r
+            ALi, ARi = inv(AL), inv(AR)
+        L = mm(mm(AL, mm(ALi, eta.M)), ARi)
+        Z = be.addmm_(mm(eta.Up, ARi), U, L)
         Z /= dl  # D_L^{-1} Y
-        UtZ = Ut @ Z
+        UtZ = mm(Ut, Z)
         Up = be.addmm_(Z, U, UtZ, -1.0)  # (I - U U^T) D_L^{-1} Y
-        K = L.swapaxes(-1, -2) - UtZ.swapaxes(-1, -2) @ AL  # Up^T D_L U
+        K = L.swapaxes(-1, -2) - mm(UtZ.swapaxes(-1, -2), AL)  # Up^T D_L U
         Q = be.addmm(eta.Vp, V, eta.M.swapaxes(-1, -2))  # eta_W = eta^T U = V M^T + Vp
         Q /= dr
-        G = Vt @ Q
-        Mt = (G - K) @ ALi  # V^T W with W = (D_R^{-1} eta_W - V K) A_L^{-1}
-        Vp = be.addmm_(Q, V, G, -1.0) @ ALi  # (I - V V^T) W
+        G = mm(Vt, Q)
+        Mt = mm(G - K, ALi)  # V^T W with W = (D_R^{-1} eta_W - V K) A_L^{-1}
+        Vp = mm(be.addmm_(Q, V, G, -1.0), ALi)  # (I - V V^T) W
         return TangentVector(Mt.swapaxes(-1, -2), Up, Vp)
 
     # -- the block-diagonal operator ---------------------------------------------------------
@@ -235,30 +239,33 @@ class KroneckerDiagonal(Metric):
         return dl[..., :, None], dr[..., :, None]
 
     @staticmethod
-    def _gram(F, w):
+    def _gram(mm, F, w):
         """``F^T diag(w) F`` (r x r) for ``w`` of shape ``(..., m, 1)``."""
-        return F.swapaxes(-1, -2) @ (w * F)
+        return mm(F.swapaxes(-1, -2), w * F)
 
     def _block_apply(self, manifold, x, xi):
+        mm = manifold.backend.mm
         dl, dr = self._weights(manifold, x)
         U, V = x.U, x.V
-        AL, AR = self._gram(U, dl), self._gram(V, dr)
+        AL, AR = self._gram(mm, U, dl), self._gram(mm, V, dr)
         Up, Vp = dl * xi.Up, dr * xi.Vp
-        Up = Up - U @ (U.swapaxes(-1, -2) @ Up)
-        Vp = Vp - V @ (V.swapaxes(-1, -2) @ Vp)
-        return TangentVector(AL @ xi.M @ AR, Up @ AR, Vp @ AL)
+        Up = Up - mm(U, mm(U.swapaxes(-1, -2), Up))
+        Vp = Vp - mm(V, mm(V.swapaxes(-1, -2), Vp))
+        return TangentVector(mm(mm(AL, xi.M), AR), mm(Up, AR), mm(Vp, AL))
 
     def _block_solve(self, manifold, x, eta):
-        inv = manifold.backend.xp.linalg.inv
+        mm, inv = manifold.backend.mm, manifold.backend.xp.linalg.inv
         dl, dr = self._weights(manifold, x)
         U, V = x.U, x.V
-        ALi, ARi = inv(self._gram(U, dl)), inv(self._gram(V, dr))
+        ALi, ARi = inv(self._gram(mm, U, dl)), inv(self._gram(mm, V, dr))
 
         def h(F, d, Y):  # H Y = D^-1 Y - D^-1 F (F^T D^-1 F)^-1 F^T D^-1 Y
             Fd, Yd = F / d, Y / d
-            return Yd - Fd @ (inv(F.swapaxes(-1, -2) @ Fd) @ (F.swapaxes(-1, -2) @ Yd))
+            Ft = F.swapaxes(-1, -2)
+            return Yd - mm(Fd, mm(inv(mm(Ft, Fd)), mm(Ft, Yd)))
 
-        return TangentVector(ALi @ eta.M @ ARi, h(U, dl, eta.Up @ ARi), h(V, dr, eta.Vp @ ALi))
+        M = mm(mm(ALi, eta.M), ARi)
+        return TangentVector(M, h(U, dl, mm(eta.Up, ARi)), h(V, dr, mm(eta.Vp, ALi)))
 
     # -- the metric --------------------------------------------------------------------------
     def apply(self, manifold, x, xi):

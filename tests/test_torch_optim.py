@@ -426,3 +426,70 @@ def test_bad_hyperparameters():
         rt.RSGD(layer.parameters(), nesterov=True)
     with pytest.raises(ValueError, match="factors must be given together, in one param group"):
         rt.RSGD([{"params": [layer.U, layer.S]}, {"params": [layer.V, layer.bias]}])
+
+
+def test_cached_point_sees_changes_made_outside_the_optimizer():
+    """Between steps the optimizer reuses the stacked point it wrote; an outside change of a
+    layer's factors (set_factors, an in-place edit) is seen at the next step."""
+    layers = nn.ModuleList(rt.LowRankLinear(10, 7, 3, bias=False, dtype=D, seed=i) for i in range(2))
+    opt = rt.RSGD(layers.parameters(), lr=0.05)
+    x, t = _data(0)
+
+    def step():
+        opt.zero_grad()
+        sum(_loss(L(x), t) for L in layers).backward()
+        opt.step()
+
+    step()
+    fresh = rt.LowRankLinear(10, 7, 3, bias=False, dtype=D, seed=7)
+    layers[1].set_factors(*fresh.factors())
+    with torch.no_grad():
+        layers[0].U.mul_(-1.0)  # the same point with another sign of U and V
+        layers[0].V.mul_(-1.0)
+    expect = []
+    for L in layers:
+        opt.zero_grad()
+        _loss(L(x), t).backward()
+        man = ro.FixedRankManifold(7, 10, 3, backend="torch", validate=False)
+        p = ro.FixedRankPoint(*L.factors())
+        xi = ro.TangentVector(L.S.grad.clone(), L.U.grad.clone(), L.V.grad.clone())
+        spec = rules.RSGD(lr=0.05)
+        expect.append(spec.step(man, p, xi, spec.init(man, p))[0].to_dense())
+    step()
+    for L, e in zip(layers, expect, strict=True):
+        assert torch.allclose(L.delta_weight(), e, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("cls", [rt.RAdamW, rt.RAdaGrad, rt.RSGD])
+def test_step_compiles_without_graph_breaks(cls):
+    """torch.compile(opt.step) traces the whole step as one graph when the finite check is off
+    (the check itself reads one value on the host, and rank-adaptive rules read ranks)."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        rt.LowRankLinear(10, 8, 3, dtype=D, seed=0), nn.Tanh(),
+        rt.LowRankLinear(8, 8, 3, dtype=D, seed=1), nn.Linear(8, 3).double(),
+    )  # fmt: skip
+    opt = cls(model.parameters(), lr=0.01, check_finite=False)
+    x, t = _data(0, n=10, m=3)
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model(x), t).backward()
+        if _ == 0:
+            opt.step()
+    dynamo.reset()
+    explained = dynamo.explain(opt.step)()
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compile_option_matches_eager():
+    """RAdamW(compile=...) compiles each stack's rule step (here with the 'aot_eager' backend,
+    which traces through dynamo and AOT autograd without generating code) and agrees with the
+    eager step to rounding (float64)."""
+    models = [_Mixed(), _Mixed()]
+    opts = [rt.RAdamW(models[0].parameters(), lr=0.02),
+            rt.RAdamW(models[1].parameters(), lr=0.02, compile="aot_eager")]  # fmt: skip
+    for model, opt in zip(models, opts, strict=True):
+        _train_steps(model, opt, range(3))
+    _assert_same(*models, atol=1e-11)

@@ -36,12 +36,13 @@ from .base import (
     move_state,
     retract,
     retract_state,
+    state,
 )
 
 __all__ = ["AdamState", "AdaGradState", "AdaptiveRule", "RAdamW", "RAdaGrad", "DLRAAdam"]
 
 
-@dataclass(frozen=True)
+@state
 class AdamState:
     """State of :class:`RAdamW`: count, first moment (tangent at x), row/column mean-square EMAs."""
 
@@ -51,7 +52,7 @@ class AdamState:
     col_stats: Any
 
 
-@dataclass(frozen=True)
+@state
 class AdaGradState:
     """State of :class:`RAdaGrad`: count and the accumulated row/column mean squares."""
 
@@ -145,7 +146,8 @@ class RAdamW(AdaptiveRule):
         c1, c2 = 1.0 - b1**t, column(1.0 - b2**t)
         d = self.metric(manifold, row / c2, col / c2).solve(manifold, x, mom)
         # R_x(-lr (d / c1 + wd X)): the bias correction and lr scale r x r blocks only
-        d = add_weight_decay(manifold, x, d, c1 * self.weight_decay)
+        if self.weight_decay != 0:
+            d = add_weight_decay(manifold, x, d, c1 * self.weight_decay)
         return retract_state(self, manifold, x, d, -lr / c1, AdamState(t, mom, row, col))
 
 

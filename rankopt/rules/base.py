@@ -30,7 +30,21 @@ from typing import Any
 
 from ..containers import FixedRankPoint, TangentVector
 
-__all__ = ["Rule", "state_arrays", "state_from_arrays", "check_common"]
+__all__ = ["Rule", "state", "state_arrays", "state_from_arrays", "check_common"]
+
+
+def state(cls: type) -> type:
+    """Decorator of a rule's state class: a frozen dataclass whose field names are also kept
+    as the tuple ``cls.FIELDS``, so the rule machinery never calls ``dataclasses.fields`` or
+    ``dataclasses.replace`` on a hot path (and ``torch.compile`` traces it without breaks)."""
+    cls = dataclass(frozen=True)(cls)
+    cls.FIELDS = tuple(f.name for f in fields(cls))
+    return cls
+
+
+def _with(st: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` for a :func:`state` class."""
+    return type(st)(**{k: changes.get(k, getattr(st, k)) for k in type(st).FIELDS})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,12 +111,12 @@ def state_arrays(state: Any) -> dict[str, Any]:
     ``None`` fields (e.g. no momentum buffer) are left out.
     """
     out: dict[str, Any] = {}
-    for f in fields(state):
-        v = getattr(state, f.name)
+    for name in type(state).FIELDS:
+        v = getattr(state, name)
         if isinstance(v, TangentVector):
-            out[f"{f.name}.M"], out[f"{f.name}.Up"], out[f"{f.name}.Vp"] = v.M, v.Up, v.Vp
+            out[f"{name}.M"], out[f"{name}.Up"], out[f"{name}.Vp"] = v.M, v.Up, v.Vp
         elif v is not None:
-            out[f.name] = v
+            out[name] = v
     return out
 
 
@@ -113,16 +127,16 @@ def state_from_arrays(cls: type, arrays: dict[str, Any]) -> Any:
     """
     kw: dict[str, Any] = {}
     used: set[str] = set()
-    for f in fields(cls):
-        if f"{f.name}.M" in arrays:
-            keys = [f"{f.name}.M", f"{f.name}.Up", f"{f.name}.Vp"]
+    for name in cls.FIELDS:
+        if f"{name}.M" in arrays:
+            keys = [f"{name}.M", f"{name}.Up", f"{name}.Vp"]
             if not all(k in arrays for k in keys):
-                raise ValueError(f"{cls.__name__}: tangent vector {f.name!r} is incomplete")
-            kw[f.name] = TangentVector(*(arrays[k] for k in keys))
+                raise ValueError(f"{cls.__name__}: tangent vector {name!r} is incomplete")
+            kw[name] = TangentVector(*(arrays[k] for k in keys))
             used.update(keys)
-        elif f.name in arrays:
-            kw[f.name] = arrays[f.name]
-            used.add(f.name)
+        elif name in arrays:
+            kw[name] = arrays[name]
+            used.add(name)
     extra = sorted(set(arrays) - used)
     if extra:
         raise ValueError(f"{cls.__name__} has no entries {extra}")
@@ -207,13 +221,11 @@ def retract_state(spec: Any, manifold, x: FixedRankPoint, d: TangentVector, t: A
     if spec.rank_tol is not None:
         x_new = retract(spec, manifold, x, d, t)
         return x_new, move_state(manifold, x, x_new, state)
-    from dataclasses import replace
-
-    names = [f.name for f in fields(state) if isinstance(getattr(state, f.name), TangentVector)]
+    names = [n for n in type(state).FIELDS if isinstance(getattr(state, n), TangentVector)]
     y, moved = manifold.geometry.retract_transport(
         x, d, t, tuple(getattr(state, n) for n in names)
     )
-    return y, replace(state, **dict(zip(names, moved, strict=True)))
+    return y, _with(state, **dict(zip(names, moved, strict=True)))
 
 
 def move_state(manifold, x: FixedRankPoint, x_new: Any, state: Any) -> Any:
@@ -222,25 +234,23 @@ def move_state(manifold, x: FixedRankPoint, x_new: Any, state: Any) -> Any:
     ``x_new`` is a point (same stack shape) or, after a rank-adaptive step on a stack, a list of
     points: then the state is split per item and a list of states is returned.
     """
-    from dataclasses import replace
-
     g = manifold.geometry
-    vec = [f.name for f in fields(state) if isinstance(getattr(state, f.name), TangentVector)]
+    vec = [n for n in type(state).FIELDS if isinstance(getattr(state, n), TangentVector)]
     if not isinstance(x_new, list):
-        return replace(state, **{f: g.transport(x, x_new, getattr(state, f)) for f in vec})
+        return _with(state, **{f: g.transport(x, x_new, getattr(state, f)) for f in vec})
     out = []
     batch = x.batch_shape
     for i, y in enumerate(x_new):
         k = _unravel(i, batch)
         xk = FixedRankPoint(x.U[k], x.s[k], x.V[k])
         kw = {}
-        for f in fields(state):
-            v = getattr(state, f.name)
+        for name in type(state).FIELDS:
+            v = getattr(state, name)
             if isinstance(v, TangentVector):
-                kw[f.name] = g.transport(xk, y, TangentVector(v.M[k], v.Up[k], v.Vp[k]))
+                kw[name] = g.transport(xk, y, TangentVector(v.M[k], v.Up[k], v.Vp[k]))
             elif v is not None:
-                kw[f.name] = per_item(v, k)
-        out.append(replace(state, **kw))
+                kw[name] = per_item(v, k)
+        out.append(_with(state, **kw))
     return out
 
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..containers import FixedRankPoint, TangentVector
-from .base import Rule, add_weight_decay, check_common, count_init, retract_state, started
+from .base import Rule, add_weight_decay, check_common, count_init, retract_state, started, state
 
 __all__ = ["SGDState", "RSGD", "RHeavyBall", "DLRAHeavyBall"]
 
 
-@dataclass(frozen=True)
+@state
 class SGDState:
     """State of :class:`RSGD`: the step count and the momentum buffer (tangent at x, or None)."""
 

@@ -17,8 +17,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from ..containers import FixedRankPoint, TangentVector
 from ..manifold import FixedRankManifold
 from ..rules import Rule, state_arrays
+from .compiled import CompiledSteps
 from .layers import ManifoldParameter, resize_parameter_
-from .stacks import Layer, StateStack, gather_point, gather_tangent, work_dtype, write_point
+from .stacks import Layer, PointCache, StateStack, gather_tangent, work_dtype, write_point
 
 # ---------------------------------------------------------------------------
 # detection of manifold parameters in plain torch optimizers
@@ -117,9 +118,11 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         synchronization per step). Under ``torch.amp.GradScaler`` the scaler's own inf check is
         used instead, and a step with inf/NaN gradients is skipped with a ``RuntimeWarning``.
 
-    Every optimizer also takes ``stack_layers`` (default True; a param-group option): False
-    moves each layer by its own call of the rule (the per-layer path, same results to rounding,
-    slower when many layers share a shape).
+    Every optimizer also takes two param-group options: ``stack_layers`` (default True; False
+    moves each layer by its own call of the rule: the per-layer path, same results to rounding,
+    slower when many layers share a shape) and ``compile`` (default False; True, a backend name
+    or ``torch.compile`` keyword arguments: each stack's fixed-rank rule step is compiled, see
+    :mod:`rankopt.torch.compiled`).
     """
 
     _rankopt_riemannian = True
@@ -136,6 +139,10 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         self._stacks: dict = {}
         self._specs: dict = {}
         self._splits: dict = {}
+        self._points = PointCache()
+        self._compiled: dict = {}
+        # the spec's hyperparameters other than lr (read once: no dataclass introspection per step)
+        self._spec_names = tuple(f.name for f in fields(self.spec_class) if f.name != "lr")
         super().__init__(params, defaults)
 
     # -- parameter bookkeeping --------------------------------------------------------
@@ -178,7 +185,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
 
     def _spec(self, group: dict) -> Rule:
         """The rule spec with this group's hyperparameters (``lr`` is passed per step)."""
-        names = [f.name for f in fields(self.spec_class) if f.name != "lr"]
+        names = self._spec_names
         values = tuple(
             (n, group[self.spec_keys.get(n, n)]) for n in names if self.spec_keys.get(n, n) in group
         )
@@ -257,7 +264,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             buckets = []
             for key, group_layers in by_key.items():
                 wd = work_dtype(key[3])
-                x = gather_point(group_layers, wd)
+                x = self._points.get(group_layers, wd)
                 buckets.append((group_layers, x, gather_tangent(group_layers, wd)))
             plan.append((group, self._spec(group), buckets, ordinary))
         return plan
@@ -306,11 +313,18 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         else:
             stack = self._stack(spec, man, layers, x)
             state = stack.state()
-        x_new, new_state = spec.step(man, x, xi, state, lr=group["lr"])
+        if group.get("compile"):
+            steps = self._compiled.get(id(group))
+            if steps is None:
+                steps = self._compiled[id(group)] = CompiledSteps(group["compile"])
+            x_new, new_state = steps.step(spec, man, x, xi, state, group["lr"])
+        else:
+            x_new, new_state = spec.step(man, x, xi, state, lr=group["lr"])
         if isinstance(x_new, list):  # rank-adaptive: each layer its own rank
             self._write_items(layers, x_new, new_state)
             return
         write_point(layers, x_new)
+        self._points.put(layers, x_new)
         if stack is None:
             self._stacks[tuple(id(L.U) for L in layers)] = StateStack.build(
                 self.state, layers, new_state
@@ -372,6 +386,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             L, group = layers[id(params[k])]
             self.state[L.U] = self._checked_entries(L, group, v)
         self._stacks.clear()
+        self._points.clear()
 
     def _checked_entries(self, L: Layer, group: dict, saved: dict) -> dict:
         man = self._layer_manifold(L)

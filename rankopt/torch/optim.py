@@ -158,6 +158,7 @@ def _adamw_init(A: type[rules.RAdamW]):
         foreach: bool | None = None,
         fused: bool | None = None,
         stack_layers: bool = True,
+        compile: bool | str | dict = False,
         check_finite: bool = True,
     ) -> None:
         _check_torch_eps(eps)
@@ -165,7 +166,7 @@ def _adamw_init(A: type[rules.RAdamW]):
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, metric_eps=metric_eps,
             factoring=factoring, structure=structure, solver=solver, exact=exact, cg_tol=cg_tol,
             cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank, min_rank=min_rank,
-            foreach=foreach, fused=fused, stack_layers=stack_layers,
+            foreach=foreach, fused=fused, stack_layers=stack_layers, compile=compile,
         )  # fmt: skip
         RiemannianOptimizer.__init__(self, params, defaults, check_finite)
 
@@ -195,7 +196,7 @@ class RAdamW(RiemannianOptimizer):
         Rank-adaptive retraction (``rank_tol=None`` keeps the rank fixed).
     foreach, fused : bool, optional
         Passed to torch's AdamW for ordinary parameters.
-    stack_layers, check_finite : bool
+    stack_layers, compile, check_finite
         See :class:`RiemannianOptimizer`.
     """
 
@@ -260,6 +261,7 @@ class RAdaGrad(RiemannianOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         stack_layers: bool = True,
+        compile: bool | str | dict = False,
         check_finite: bool = True,
     ) -> None:
         _check_torch_eps(eps)
@@ -272,7 +274,7 @@ class RAdaGrad(RiemannianOptimizer):
             initial_accumulator_value=initial_accumulator_value, eps=eps, metric_eps=metric_eps,
             factoring=factoring, structure=structure, solver=solver, exact=exact, cg_tol=cg_tol,
             cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank, min_rank=min_rank,
-            foreach=foreach, fused=fused, stack_layers=stack_layers,
+            foreach=foreach, fused=fused, stack_layers=stack_layers, compile=compile,
         )  # fmt: skip
         super().__init__(params, defaults, check_finite)
 
@@ -308,12 +310,13 @@ class RSGD(RiemannianOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         stack_layers: bool = True,
+        compile: bool | str | dict = False,
         check_finite: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, rank_tol=rank_tol, max_rank=max_rank, min_rank=min_rank,
-            foreach=foreach, fused=fused, stack_layers=stack_layers,
+            foreach=foreach, fused=fused, stack_layers=stack_layers, compile=compile,
         )  # fmt: skip
         super().__init__(params, defaults, check_finite)
 
@@ -347,10 +350,11 @@ class DLRAHeavyBall(RSGD):
         foreach: bool | None = None,
         fused: bool | None = None,
         stack_layers: bool = True,
+        compile: bool | str | dict = False,
         check_finite: bool = True,
     ) -> None:
         super().__init__(
             params, lr, momentum, _H.dampening, weight_decay, _H.nesterov, rank_tol=rank_tol,
             max_rank=max_rank, min_rank=min_rank, foreach=foreach, fused=fused,
-            stack_layers=stack_layers, check_finite=check_finite,
+            stack_layers=stack_layers, compile=compile, check_finite=check_finite,
         )  # fmt: skip

@@ -1,0 +1,49 @@
+"""Smoke test of ``benchmarks/optimizer_step.py --quick``: it runs as a user runs it and its
+output holds what it claims (a row per method with positive times, rankopt's state below
+AdamW's, the exact metric solve matching a tight PCG solve, a PNG marked as a smoke run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="PyTorch not installed")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimizer_step")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"),
+        timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, out
+
+
+def test_step_table_and_state(quick):
+    stdout, out = quick
+    assert "torch threads 1" in stdout and "| set | layers | r |" in stdout
+    res = json.loads((out / "optimizer_step.json").read_text())
+    by = {d["method"]: d for d in res["steps"]}
+    assert {"AdamW foreach", "RAdamW"} <= set(by)
+    for d in by.values():
+        assert 0 < d["min_ms"] <= d["median_ms"] <= d["max_ms"]
+    assert 0 < by["RAdamW"]["state_ratio"] <= 0.7  # every tensor in optimizer.state counted
+
+
+def test_solves_and_png(quick):
+    _, out = quick
+    res = json.loads((out / "optimizer_step.json").read_text())
+    errs = {d["solve"]: d["direction_error"] for d in res["solves"]}
+    assert errs["direct (exact, closed form)"] < 1e-10
+    assert errs["preconditioner only (exact=False)"] > 1e-2  # it is not the gradient
+    png = (out / "optimizer_step.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
