@@ -126,7 +126,7 @@ class KroneckerDiagonal(Metric):
         W  = (D_R^{-1} eta_W - V Up^T D_L U) A_L^{-1},  M = W^T V,  Vp = W - V M^T
 
     Fourteen products of size (m or n) x r x r and two r x r inverses: O((m+n) r^2 + r^3), no
-    iteration, no host synchronization; exact (``tests/test_metrics.py`` checks it against PCG
+    iteration, no host synchronization; exact (``tests/test_geometry.py`` checks it against PCG
     and by finite differences). ``solver="pcg"`` solves the same system iteratively with the
     preconditioner ``P_x(D_L^{-1} . D_R^{-1})`` (:func:`pcg`).
 
