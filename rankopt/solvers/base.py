@@ -75,23 +75,39 @@ def blas_threads(threads: int | None | str = "default") -> Iterator[None]:
     """Context manager: limit every loaded BLAS library to ``threads`` threads (threadpoolctl).
 
     ``"default"`` uses :func:`get_blas_threads`; ``None`` changes nothing. Nested uses inside an
-    active limit do nothing (the outer limit holds), so a solver running other solvers pays
-    the ~0.3 ms of threadpoolctl once.
+    active block do nothing (the outer setting, ``None`` included, holds for the solvers a
+    solver runs), so a run pays the ~0.3 ms of threadpoolctl once.
     """
     if threads == "default":
         threads = get_blas_threads()
     _check_threads(threads)
-    if threads is None or getattr(_LIMIT_ACTIVE, "on", False):
+    if getattr(_LIMIT_ACTIVE, "on", False):
         yield
         return
     from threadpoolctl import threadpool_limits
 
-    _LIMIT_ACTIVE.on = True
+    _LIMIT_ACTIVE.on = True  # also for None: an outer "leave alone" holds for inner runs
     try:
-        with threadpool_limits(limits=threads, user_api="blas"):
+        if threads is None:
             yield
+        else:
+            with threadpool_limits(limits=threads, user_api="blas"):
+                yield
     finally:
         _LIMIT_ACTIVE.on = False
+
+
+def _check_real(Z: Any) -> None:
+    """Raise on a complex gradient (rankopt works over the reals; casting would drop Im)."""
+    parts = Z if isinstance(Z, tuple) else (Z,)
+    for part in parts:
+        arrays = (part.A, part.B) if hasattr(part, "A") and hasattr(part, "B") else (part,)
+        for a in arrays:
+            if "complex" in str(getattr(a, "dtype", "")):
+                raise TypeError(
+                    f"the problem's Euclidean gradient is complex ({a.dtype}); rankopt optimizes "
+                    "over real matrices only (split a complex problem into real and imaginary parts)"
+                )
 
 
 class StopReason(str, Enum):
@@ -318,6 +334,7 @@ class Solver:
         """The iteration: stopping tests, one ``step``, evaluation of the new point, history."""
         hist = History()
         f, Z = problem.cost_and_egrad(x)
+        _check_real(Z)
         g = manifold._project(x, Z)
         gn = math.sqrt(max(manifold.backend.to_float(manifold.euclidean_inner(g, g)), 0.0))
         if not (math.isfinite(f) and math.isfinite(gn)):
