@@ -6,6 +6,7 @@ A solver subclasses :class:`Solver` and implements ``init`` and ``step``; ``run`
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,18 @@ class RankWarning(UserWarning):
 
 _default_threads: int | None = 1
 _LIMIT_ACTIVE = threading.local()
+# threadpoolctl's scan of the loaded libraries costs ~0.5-2 ms, as much as 100 iterations of a
+# small solve: keep the controller, and rescan when modules were imported since (a new import
+# may have loaded another BLAS, e.g. torch's)
+_controller: list[Any] = [None, -1]
+
+
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    if _controller[0] is None or _controller[1] != len(sys.modules):
+        _controller[0], _controller[1] = ThreadpoolController(), len(sys.modules)
+    return _controller[0]
 
 
 def _check_threads(threads: Any) -> None:
@@ -76,7 +89,8 @@ def blas_threads(threads: int | None | str = "default") -> Iterator[None]:
 
     ``"default"`` uses :func:`get_blas_threads`; ``None`` changes nothing. Nested uses inside an
     active block do nothing (the outer setting, ``None`` included, holds for the solvers a
-    solver runs), so a run pays the ~0.3 ms of threadpoolctl once.
+    solver runs). Setting and restoring the limit costs about 20 us (the threadpoolctl
+    controller is kept between calls and rebuilt only after new imports).
     """
     if threads == "default":
         threads = get_blas_threads()
@@ -84,14 +98,12 @@ def blas_threads(threads: int | None | str = "default") -> Iterator[None]:
     if getattr(_LIMIT_ACTIVE, "on", False):
         yield
         return
-    from threadpoolctl import threadpool_limits
-
     _LIMIT_ACTIVE.on = True  # also for None: an outer "leave alone" holds for inner runs
     try:
         if threads is None:
             yield
         else:
-            with threadpool_limits(limits=threads, user_api="blas"):
+            with _blas_controller().limit(limits=threads, user_api="blas"):
                 yield
     finally:
         _LIMIT_ACTIVE.on = False
