@@ -121,7 +121,7 @@ class FixedRank(Manifold):
         if not isinstance(manifold, FixedRankManifold):
             raise ValueError(f"expected a rankopt.FixedRankManifold, got {type(manifold).__name__}")
         obj = cls.__new__(cls)
-        obj._setup(manifold, seed)
+        cls._setup(obj, manifold, seed)
         return obj
 
     def _setup(self, manifold: FixedRankManifold, seed: Any) -> None:
