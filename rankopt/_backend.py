@@ -135,26 +135,37 @@ class Backend:
         return self.xp.linalg.svd(a, full_matrices=False)
 
     def diag(self, v: Any) -> Any:
-        n = v.shape[0]
-        out = self.zeros((n, n))
-        idx = self.xp.arange(n, device=self.device) if self.name != "numpy" else np.arange(n)
-        out[idx, idx] = v
-        return out
+        """``diag(v)`` for ``v`` of shape ``(..., n)``: a stack of ``n x n`` diagonal matrices."""
+        if self.name == "torch":
+            return _torch().diag_embed(v)
+        n = v.shape[-1]
+        return v[..., :, None] * self.xp.eye(n, dtype=v.dtype, device=self.device)
 
     def diagonal(self, a: Any) -> Any:
+        """The diagonals of a stack of square matrices, shape ``(..., n)``."""
         return self.xp.linalg.diagonal(a)
 
     def concat(self, arrays: list[Any], axis: int = 0) -> Any:
         return self.xp.concat(arrays, axis=axis)
 
     def sum_sq(self, a: Any) -> Any:
-        return self.xp.sum(a * a)
+        """Sum of squares: 0-d for a vector or matrix, shape ``(...)`` for a ``(..., p, q)`` stack."""
+        return self.vdot(a, a)
 
     def vdot(self, a: Any, b: Any) -> Any:
-        """Sum of elementwise products (Frobenius inner product), as a 0-d array."""
+        """Sum of elementwise products: over all entries of vectors and matrices (0-d), over the
+        last two axes of stacks (shape ``(...)``).
+
+        NumPy matrices use ``np.vdot`` (no temporary; 3x faster than ``sum(a * b)`` at
+        1000 x 10), NumPy stacks ``einsum``; torch and CuPy ``sum(a * b)``.
+        """
+        if a.ndim <= 2:
+            if self.name == "numpy":
+                return np.asarray(np.vdot(a, b))
+            return self.xp.sum(a * b)
         if self.name == "numpy":
-            return np.vdot(a, b)  # no temporary; 3x faster than sum(a * b) at 1000 x 10
-        return self.xp.sum(a * b)
+            return np.einsum("...ij,...ij->...", a, b)
+        return self.xp.sum(a * b, axis=(-2, -1))
 
     def to_float(self, a: Any) -> float:
         """A 0-d array (or number) as a Python float (synchronizes GPU backends)."""
@@ -252,11 +263,23 @@ _DTYPE_NAMES = {
 
 
 def make_backend(name: str = "numpy", dtype: Any = None, device: Any = None) -> Backend:
-    """Build a :class:`Backend` from user arguments, with clear errors.
+    """Build a :class:`Backend` from user arguments, with clear errors (cached).
 
     ``dtype`` may be None (float64), a string (``"float32"``, ``"float64"``) or a dtype object
     of any backend; ``device`` may be None (CPU for torch, the current device for CuPy).
     """
+    try:
+        return _make_backend_cached(name, dtype, device)
+    except TypeError:  # an unhashable device or dtype: build it without the cache
+        return _make_backend(name, dtype, device)
+
+
+@cache
+def _make_backend_cached(name: str, dtype: Any, device: Any) -> Backend:
+    return _make_backend(name, dtype, device)
+
+
+def _make_backend(name: str, dtype: Any, device: Any) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
     key = "float64"

@@ -2,6 +2,12 @@
 
 They hold arrays of any backend and support ``+``, ``-``, scalar ``*`` and ``/`` (with NumPy
 scalars on either side: ``__array_ufunc__ = None`` makes NumPy defer to us).
+
+Every container may hold a *stack* of same-shape matrices: arrays with leading batch dimensions
+``(...)`` in front of the matrix dimensions (``U: (..., m, r)``, ``s: (..., r)``), as geoopt's
+last-dimensions convention and torch.optim's multi-tensor kernels do. One matrix is the case
+with no leading dimension. Tangent vectors and factored matrices also accept per-item
+coefficients: an array of shape ``(...)`` multiplies each matrix of the stack by its own number.
 """
 
 from __future__ import annotations
@@ -20,14 +26,31 @@ def _is_scalar(a: Any) -> bool:
     return shape is not None and len(shape) == 0
 
 
+def _coefficient(a: Any, batch_shape: tuple[int, ...]) -> Any:
+    """``a`` ready to multiply ``(..., p, q)`` arrays: a scalar, or per-item values ``(...)``.
+
+    Returns ``NotImplemented`` for anything else (so Python tries the other operand).
+    """
+    if _is_scalar(a):
+        return a
+    shape = getattr(a, "shape", None)
+    if shape is not None and len(batch_shape) > 0 and tuple(shape) == tuple(batch_shape):
+        return a[..., None, None]
+    return NotImplemented
+
+
+def _batch_of(a: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in a.shape[:-2])
+
+
 @dataclass(frozen=True, eq=False)
 class LowRankMatrix:
-    """The matrix ``A @ B.T`` kept in factored form.
+    """The matrix ``A @ B.T`` kept in factored form (or a stack of them).
 
     Attributes
     ----------
-    A : array, shape (m, k)
-    B : array, shape (n, k)
+    A : array, shape (..., m, k)
+    B : array, shape (..., n, k)
 
     Sums concatenate factors (``A1 B1^T + A2 B2^T = [A1, A2] [B1, B2]^T``), so the rank bound
     grows; call :meth:`FixedRankManifold.from_matrix` to recompress.
@@ -39,23 +62,27 @@ class LowRankMatrix:
     __array_ufunc__ = None
 
     def __post_init__(self):
-        if len(self.A.shape) != 2 or len(self.B.shape) != 2:
-            raise ValueError(
-                f"LowRankMatrix factors must be 2-D, got A{tuple(self.A.shape)} and B{tuple(self.B.shape)}"
-            )
-        if self.A.shape[1] != self.B.shape[1]:
-            raise ValueError(
-                "LowRankMatrix factors need the same number of columns, got "
-                f"A{tuple(self.A.shape)} and B{tuple(self.B.shape)}"
-            )
+        a, b = tuple(self.A.shape), tuple(self.B.shape)
+        if len(a) < 2 or len(b) < 2:
+            raise ValueError(f"LowRankMatrix factors must be (stacks of) matrices, got A{a} and B{b}")
+        if a[:-2] != b[:-2]:
+            raise ValueError(f"LowRankMatrix factors need the same leading dimensions, got A{a} and B{b}")
+        if a[-1] != b[-1]:
+            raise ValueError(f"LowRankMatrix factors need the same number of columns, got A{a} and B{b}")
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (int(self.A.shape[0]), int(self.B.shape[0]))
+        """Matrix shape ``(m, n)`` (of each matrix of a stack)."""
+        return (int(self.A.shape[-2]), int(self.B.shape[-2]))
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading (stack) dimensions; ``()`` for one matrix."""
+        return _batch_of(self.A)
 
     @property
     def rank_bound(self) -> int:
-        return int(self.A.shape[1])
+        return int(self.A.shape[-1])
 
     @property
     def T(self) -> LowRankMatrix:
@@ -64,7 +91,7 @@ class LowRankMatrix:
     def _concat(self, a, b):
         from ._backend import backend_like
 
-        return backend_like(a).concat([a, b], axis=1)
+        return backend_like(a).concat([a, b], axis=-1)
 
     def __add__(self, other: Any) -> LowRankMatrix:
         if isinstance(other, FixedRankPoint):
@@ -91,45 +118,51 @@ class LowRankMatrix:
         return (-self) + other
 
     def __mul__(self, a: Any) -> LowRankMatrix:
-        if not _is_scalar(a):
+        a = _coefficient(a, self.batch_shape)
+        if a is NotImplemented:
             return NotImplemented
         return LowRankMatrix(self.A * a, self.B)
 
     __rmul__ = __mul__
 
     def __truediv__(self, a: Any) -> LowRankMatrix:
-        if not _is_scalar(a):
+        a = _coefficient(a, self.batch_shape)
+        if a is NotImplemented:
             return NotImplemented
         return LowRankMatrix(self.A / a, self.B)
 
     def to_dense(self) -> Any:
-        """The m x n array ``A @ B.T`` (small problems and tests only)."""
-        return self.A @ self.B.T
+        """The ``(..., m, n)`` array ``A @ B^T`` (small problems and tests only)."""
+        return self.A @ self.B.swapaxes(-1, -2)
 
     def __matmul__(self, other: Any) -> Any:
-        return self.A @ (self.B.T @ other)
+        return self.A @ (self.B.swapaxes(-1, -2) @ other)
 
-    def fro_norm(self) -> float:
-        """Frobenius norm, via QR of both factors: O((m+n) k^2), accurate to eps * norm."""
+    def fro_norm(self) -> Any:
+        """Frobenius norm via QR of both factors: O((m+n) k^2), accurate to eps * norm.
+
+        A float for one matrix; an array of shape ``(...)`` for a stack.
+        """
         from ._backend import backend_like
 
         be = backend_like(self.A)
         if self.rank_bound == 0:
-            return 0.0
+            return 0.0 if not self.batch_shape else be.zeros(self.batch_shape)
         _, ra = be.qr(self.A)
         _, rb = be.qr(self.B)
-        return float(be.xp.sqrt(be.sum_sq(ra @ rb.T)))
+        out = be.xp.sqrt(be.sum_sq(ra @ rb.swapaxes(-1, -2)))
+        return float(out) if not self.batch_shape else out
 
 
 @dataclass(frozen=True, eq=False)
 class FixedRankPoint:
-    """A point ``X = U diag(s) V^T`` on the manifold of rank-r matrices.
+    """A point ``X = U diag(s) V^T`` on the manifold of rank-r matrices (or a stack of them).
 
     Attributes
     ----------
-    U : array, shape (m, r), orthonormal columns
-    s : array, shape (r,), positive (rankopt keeps them in descending order)
-    V : array, shape (n, r), orthonormal columns
+    U : array, shape (..., m, r), orthonormal columns
+    s : array, shape (..., r), positive (rankopt keeps them in descending order)
+    V : array, shape (..., n, r), orthonormal columns
     """
 
     U: Any
@@ -140,18 +173,24 @@ class FixedRankPoint:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (int(self.U.shape[0]), int(self.V.shape[0]))
+        """Matrix shape ``(m, n)`` (of each matrix of a stack)."""
+        return (int(self.U.shape[-2]), int(self.V.shape[-2]))
 
     @property
     def rank(self) -> int:
-        return int(self.s.shape[0])
+        return int(self.s.shape[-1])
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading (stack) dimensions; ``()`` for one point."""
+        return _batch_of(self.U)
 
     def to_lowrank(self) -> LowRankMatrix:
         """``X`` as ``LowRankMatrix(U diag(s), V)``."""
-        return LowRankMatrix(self.U * self.s[None, :], self.V)
+        return LowRankMatrix(self.U * self.s[..., None, :], self.V)
 
     def to_dense(self) -> Any:
-        return (self.U * self.s[None, :]) @ self.V.T
+        return (self.U * self.s[..., None, :]) @ self.V.swapaxes(-1, -2)
 
     # point arithmetic leaves the manifold: sums are LowRankMatrix, scalings stay points
     def __add__(self, other: Any) -> LowRankMatrix:
@@ -204,15 +243,16 @@ class FixedRankPoint:
 
 @dataclass(frozen=True, eq=False)
 class TangentVector:
-    """A tangent vector ``xi = U M V^T + Up V^T + U Vp^T`` at a point ``(U, s, V)``.
+    """A tangent vector ``xi = U M V^T + Up V^T + U Vp^T`` at a point ``(U, s, V)`` (or a stack).
 
     Attributes
     ----------
-    M : array, shape (r, r)
-    Up : array, shape (m, r), with ``U^T Up = 0``
-    Vp : array, shape (n, r), with ``V^T Vp = 0``
+    M : array, shape (..., r, r)
+    Up : array, shape (..., m, r), with ``U^T Up = 0``
+    Vp : array, shape (..., n, r), with ``V^T Vp = 0``
 
     Linear combinations are taken componentwise, which is exact for vectors at the same point.
+    Coefficients may be scalars or per-item arrays of shape ``(...)``.
     """
 
     M: Any
@@ -239,20 +279,30 @@ class TangentVector:
     def __neg__(self) -> TangentVector:
         return TangentVector(-self.M, -self.Up, -self.Vp)
 
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        """Leading (stack) dimensions; ``()`` for one vector."""
+        return _batch_of(self.M)
+
     def __mul__(self, a: Any) -> TangentVector:
-        if not _is_scalar(a):
+        a = _coefficient(a, self.batch_shape)
+        if a is NotImplemented:
             return NotImplemented
         return TangentVector(self.M * a, self.Up * a, self.Vp * a)
 
     __rmul__ = __mul__
 
     def __truediv__(self, a: Any) -> TangentVector:
-        if not _is_scalar(a):
+        a = _coefficient(a, self.batch_shape)
+        if a is NotImplemented:
             return NotImplemented
         return TangentVector(self.M / a, self.Up / a, self.Vp / a)
 
     def axpy(self, a: Any, other: TangentVector) -> TangentVector:
-        """``self + a * other`` in one pass."""
+        """``self + a * other`` (``a`` a scalar or per-item values of shape ``(...)``)."""
+        a = _coefficient(a, self.batch_shape)
+        if a is NotImplemented:
+            raise ValueError("axpy takes a scalar or an array of the stack's shape (...)")
         return TangentVector(self.M + a * other.M, self.Up + a * other.Up, self.Vp + a * other.Vp)
 
     def __iter__(self):

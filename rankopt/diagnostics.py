@@ -320,7 +320,7 @@ def check_retraction(
         y = manifold.retraction(x, xi * float(t))
         diff = y.to_lowrank() - X - E * float(t)
         errs.append(diff.fro_norm())
-        p = manifold.projection(x, diff)
+        p = manifold.geometry.project(x, diff)
         tans.append(math.sqrt(be.to_float(manifold.euclidean_inner(p, p))))
         orth = max(
             orth,

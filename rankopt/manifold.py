@@ -10,6 +10,12 @@ SIAM J. Optim. 23(2), 2013; N. Boumal et al., Manopt ``fixedrankembeddedfactory`
 
 Costs below use ``k`` for the rank of a factored ambient matrix and ``nnz`` for a sparse one.
 Nothing here forms an m x n matrix unless the input already is one.
+
+Stacks: every operation also accepts a stack of same-shape matrices (points with factors
+``U: (..., m, r)``, ``s: (..., r)``, ``V: (..., n, r)``, tangent vectors and dense or factored
+ambient matrices with the same leading dimensions); inner products and norms then return arrays
+of shape ``(...)``. The methods here validate their input and call :class:`rankopt.geometry.Geometry`
+(``manifold.geometry``), the unchecked fast path that update rules and solvers use directly.
 """
 
 from __future__ import annotations
@@ -21,15 +27,9 @@ import numpy as np
 
 from ._backend import Backend, as_rng, backend_name_of, make_backend
 from .containers import FixedRankPoint, LowRankMatrix, TangentVector
+from .geometry import Geometry, truncation_rank
 
-
-def truncation_rank(s: np.ndarray, rank_tol: float) -> int:
-    """Smallest ``j >= 1`` with ``||s_{j:}||_2 <= rank_tol ||s||_2`` (``len(s)`` if none smaller).
-
-    ``s`` are singular values in descending order (a NumPy array). O(len(s)).
-    """
-    tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1])  # tails[k] = ||s_{k:}||
-    return next((k for k in range(1, len(s)) if tails[k] <= rank_tol * tails[0]), len(s))
+__all__ = ["FixedRankManifold", "truncation_rank"]
 
 
 class FixedRankManifold:
@@ -80,6 +80,8 @@ class FixedRankManifold:
             metric = Euclidean()
         self.metric = metric
         self.validate = bool(validate)
+        self.geometry = Geometry(self.backend)
+        """The unchecked, stack-aware fast path (:class:`rankopt.geometry.Geometry`)."""
 
     # ------------------------------------------------------------------ basics
     def __repr__(self) -> str:
@@ -113,7 +115,10 @@ class FixedRankManifold:
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_array(self, a: Any, what: str, shape: tuple[int, ...] | None = None) -> None:
+    def _check_array(
+        self, a: Any, what: str, shape: tuple[int, ...] | None = None, batch: Any = None
+    ) -> None:
+        """Backend, device and shape of ``a``: ``batch + shape`` (``batch=None``: any leading dims)."""
         be = self.backend
         name = backend_name_of(a)
         if name != be.name:
@@ -125,29 +130,38 @@ class FixedRankManifold:
             raise ValueError(
                 f"{what} is on device {be.device_of(a)} but the manifold is on {be.device}"
             )
-        if shape is not None and tuple(a.shape) != shape:
-            raise ValueError(f"{what} has shape {tuple(a.shape)}, expected {shape}")
+        if shape is None:
+            return
+        got = tuple(a.shape)
+        lead = got[: len(got) - len(shape)] if len(got) >= len(shape) else None
+        if lead is None or got[len(lead) :] != shape or (batch is not None and lead != batch):
+            if batch is None:
+                want = f"{shape} (or a stack (..., {', '.join(map(str, shape))}))"
+            else:
+                want = str(tuple(batch) + shape)
+            raise ValueError(f"{what} has shape {got}, expected {want}")
 
     def _check_finite(self, arrays: tuple[Any, ...], what: str) -> None:
         if self.validate and not all(self.backend.all_finite(a) for a in arrays):
             raise ValueError(f"{what} contains non-finite values (nan or inf)")
 
     def check_point(self, x: FixedRankPoint, orthonormal: bool | None = None) -> None:
-        """Raise ``ValueError`` unless ``x`` is a valid point of this manifold.
+        """Raise ``ValueError`` unless ``x`` is a valid point (or stack of points) of this manifold.
 
         Shapes and backend are always checked; finiteness, positivity of ``s`` and
         orthonormality of ``U``, ``V`` (O((m+n) r^2)) when ``validate`` (or ``orthonormal``) is on.
         """
         if not isinstance(x, FixedRankPoint):
             raise ValueError(f"expected a FixedRankPoint, got {type(x).__name__}")
-        r = int(x.s.shape[0]) if len(x.s.shape) == 1 else -1
+        r = int(x.s.shape[-1]) if len(x.s.shape) >= 1 else -1
         if r != self.r:
             raise ValueError(
                 f"point has rank {r} (s of shape {tuple(x.s.shape)}), expected {self.r}"
             )
         self._check_array(x.U, "point factor U", (self.m, self.r))
-        self._check_array(x.s, "point singular values s", (self.r,))
-        self._check_array(x.V, "point factor V", (self.n, self.r))
+        batch = tuple(x.U.shape[:-2])
+        self._check_array(x.s, "point singular values s", (self.r,), batch)
+        self._check_array(x.V, "point factor V", (self.n, self.r), batch)
         if orthonormal is None:
             orthonormal = self.validate
         if not orthonormal:
@@ -159,7 +173,7 @@ class FixedRankManifold:
         tol = 100.0 * math.sqrt(be.eps) if be.is_float32 else 1e-8 * max(10.0, self.r)
         eye = be.eye(self.r)
         for f, name in ((x.U, "U"), (x.V, "V")):
-            err = be.to_float(xp.max(xp.abs(f.T @ f - eye)))
+            err = be.to_float(xp.max(xp.abs(f.swapaxes(-1, -2) @ f - eye)))
             if err > tol:
                 raise ValueError(
                     f"point factor {name} is not orthonormal (max |{name}^T {name} - I| = {err:.2e}); "
@@ -169,37 +183,42 @@ class FixedRankManifold:
     def check_tangent(self, x: FixedRankPoint, xi: TangentVector, tangency: bool = False) -> None:
         """Raise ``ValueError`` on a malformed tangent vector (shapes, backend, finiteness).
 
-        With ``tangency=True`` also require ``U^T Up = 0`` and ``V^T Vp = 0`` (O((m+n) r^2)).
+        The vector must have the point's stack shape. With ``tangency=True`` also require
+        ``U^T Up = 0`` and ``V^T Vp = 0`` (O((m+n) r^2)).
         """
         if not isinstance(xi, TangentVector):
             raise ValueError(f"expected a TangentVector, got {type(xi).__name__}")
-        self._check_array(xi.M, "tangent component M", (self.r, self.r))
-        self._check_array(xi.Up, "tangent component Up", (self.m, self.r))
-        self._check_array(xi.Vp, "tangent component Vp", (self.n, self.r))
+        batch = x.batch_shape
+        self._check_array(xi.M, "tangent component M", (self.r, self.r), batch)
+        self._check_array(xi.Up, "tangent component Up", (self.m, self.r), batch)
+        self._check_array(xi.Vp, "tangent component Vp", (self.n, self.r), batch)
         self._check_finite((xi.M, xi.Up, xi.Vp), "tangent vector")
         if tangency:
             be, xp = self.backend, self.backend.xp
-            scale = max(1.0, be.to_float(xp.sqrt(be.sum_sq(xi.Up) + be.sum_sq(xi.Vp))))
+            scale = max(1.0, be.to_float(xp.max(xp.sqrt(be.sum_sq(xi.Up) + be.sum_sq(xi.Vp)))))
             err = max(
-                be.to_float(xp.max(xp.abs(x.U.T @ xi.Up))),
-                be.to_float(xp.max(xp.abs(x.V.T @ xi.Vp))),
+                be.to_float(xp.max(xp.abs(x.U.swapaxes(-1, -2) @ xi.Up))),
+                be.to_float(xp.max(xp.abs(x.V.swapaxes(-1, -2) @ xi.Vp))),
             )
             if err > 1e3 * be.eps * scale * max(self.m, self.n):
                 raise ValueError(f"vector is not tangent: max |U^T Up|, |V^T Vp| = {err:.2e}")
 
-    def _check_ambient(self, Z: Any) -> Any:
-        """Validate an ambient matrix; returns it cast to the manifold dtype."""
+    def _check_ambient(self, Z: Any, batch: tuple[int, ...] | None = None) -> Any:
+        """Validate an ambient matrix (stack shape ``batch``); returns it in the manifold dtype."""
         be = self.backend
         shape = (self.m, self.n)
         if isinstance(Z, (tuple, list)):
             if len(Z) == 0:
                 raise ValueError("an ambient sum (tuple of matrices) needs at least one term")
-            return tuple(self._check_ambient(t) for t in Z)
+            return tuple(self._check_ambient(t, batch) for t in Z)
         if isinstance(Z, FixedRankPoint):
             Z = Z.to_lowrank()
         if isinstance(Z, LowRankMatrix):
-            if Z.shape != shape:
-                raise ValueError(f"ambient matrix has shape {Z.shape}, expected {shape}")
+            if Z.shape != shape or (batch is not None and Z.batch_shape != tuple(batch)):
+                raise ValueError(
+                    f"ambient matrix has shape {Z.batch_shape + Z.shape}, expected "
+                    f"{(tuple(batch) if batch is not None else ()) + shape}"
+                )
             self._check_array(Z.A, "LowRankMatrix factor A")
             self._check_array(Z.B, "LowRankMatrix factor B")
             self._check_finite((Z.A, Z.B), "ambient matrix")
@@ -209,6 +228,8 @@ class FixedRankManifold:
         if be.is_sparse(Z):
             if tuple(Z.shape) != shape:
                 raise ValueError(f"ambient matrix has shape {tuple(Z.shape)}, expected {shape}")
+            if batch:
+                raise ValueError("sparse ambient matrices apply to one point, not to a stack")
             self._check_array(Z, "sparse ambient matrix")
             self._check_finite((be.sparse_values(Z),), "ambient matrix")
             return be.sparse_to_dtype(Z)
@@ -217,100 +238,70 @@ class FixedRankManifold:
                 "expected an ambient matrix (dense array, sparse matrix, LowRankMatrix, or a tuple "
                 f"of those meaning their sum), got {type(Z).__name__}"
             )
-        self._check_array(Z, "ambient matrix", shape)
+        self._check_array(Z, "ambient matrix", shape, batch)
         self._check_finite((Z,), "ambient matrix")
         if Z.dtype != be.dtype:
             Z = be.asarray(Z)
         return Z
 
-    # --------------------------------------------------------- ambient products
-    def _matmul(self, Z: Any, B: Any) -> Any:
-        """``Z @ B`` for a dense, sparse or factored Z (validated). O(mnk), O(nnz k), O((m+n)k^2).
-
-        A tuple of such matrices stands for their sum (e.g. a sparse data term plus a low-rank
-        regularization term).
-        """
-        if isinstance(Z, tuple):
-            out = self._matmul(Z[0], B)
-            for t in Z[1:]:
-                out = out + self._matmul(t, B)
-            return out
-        if isinstance(Z, LowRankMatrix):
-            return Z.A @ (Z.B.T @ B)
-        if self.backend.is_sparse(Z):
-            return self.backend.matmul_sparse(Z, B)
-        return Z @ B
-
-    def _rmatmul(self, Z: Any, A: Any) -> Any:
-        """``Z^T @ A`` without transposing Z in memory (tuples: sum of terms)."""
-        if isinstance(Z, tuple):
-            out = self._rmatmul(Z[0], A)
-            for t in Z[1:]:
-                out = out + self._rmatmul(t, A)
-            return out
-        if isinstance(Z, LowRankMatrix):
-            return Z.B @ (Z.A.T @ A)
-        if self.backend.is_sparse(Z):
-            return self.backend.rmatmul_sparse(Z, A)
-        return Z.T @ A
-
     # ------------------------------------------------------------------- points
-    def random_point(self, seed: Any = None) -> FixedRankPoint:
+    def random_point(self, seed: Any = None, batch_shape: tuple[int, ...] = ()) -> FixedRankPoint:
         """A random point: Haar-like orthonormal factors, s uniform in [1, 2], descending.
 
         ``seed`` is an int, ``None`` or a ``numpy.random.Generator``; the same seed gives the
-        same point on every backend.
+        same point on every backend. ``batch_shape`` draws a stack of independent points.
         """
         rng = as_rng(seed)
-        U, _ = np.linalg.qr(rng.standard_normal((self.m, self.r)))
-        V, _ = np.linalg.qr(rng.standard_normal((self.n, self.r)))
-        s = np.sort(rng.uniform(1.0, 2.0, self.r))[::-1].copy()
+        batch = tuple(int(b) for b in batch_shape)
+        U, _ = np.linalg.qr(rng.standard_normal((*batch, self.m, self.r)))
+        V, _ = np.linalg.qr(rng.standard_normal((*batch, self.n, self.r)))
+        s = np.sort(rng.uniform(1.0, 2.0, (*batch, self.r)), axis=-1)[..., ::-1].copy()
         be = self.backend
         return FixedRankPoint(be.asarray(U), be.asarray(s), be.asarray(V))
 
     def from_matrix(self, A: Any) -> FixedRankPoint:
         """Best rank-r approximation (truncated SVD) of a dense array or a ``LowRankMatrix``.
 
-        Dense: O(mn min(m, n)). Factored ``A B^T`` of rank k: QR of both factors and an SVD of
-        the k x k core, O((m+n) k^2 + k^3). Raises ``ValueError`` if the result would have a
-        zero singular value (the matrix has rank < r).
+        Dense ``(..., m, n)``: O(mn min(m, n)). Factored ``A B^T`` of rank k: QR of both factors
+        and an SVD of the k x k core, O((m+n) k^2 + k^3). Raises ``ValueError`` if the result
+        would have a zero singular value (the matrix has rank < r).
         """
-        be = self.backend
+        be, r = self.backend, self.r
         if isinstance(A, LowRankMatrix):
             A = self._check_ambient(A)
             qa, ra = be.qr(A.A)
             qb, rb = be.qr(A.B)
-            uc, s, vch = be.svd(ra @ rb.T)
-            U, V = qa @ uc[:, : self.r], qb @ vch[: self.r].T
-            s = s[: self.r]
+            uc, s, vch = be.svd(ra @ rb.swapaxes(-1, -2))
+            U, V = qa @ uc[..., :r], qb @ vch[..., :r, :].swapaxes(-1, -2)
+            s = s[..., :r]
         else:
             if be.is_sparse(A):
                 raise ValueError(
                     "from_matrix takes a dense array or a LowRankMatrix, not a sparse matrix"
                 )
             A = self._check_ambient(A)
-            u, s, vh = be.svd(A)
-            U, s, V = u[:, : self.r], s[: self.r], vh[: self.r].T
-        s_r = be.to_float(s[self.r - 1]) if s.shape[0] >= self.r else 0.0
-        s_1 = be.to_float(s[0]) if s.shape[0] else 0.0
+            u, s_all, vh = be.svd(A)
+            U, s, V = u[..., :r], s_all[..., :r], vh[..., :r, :].swapaxes(-1, -2)
+        sv = be.to_numpy(s).reshape(-1, s.shape[-1]) if s.shape[-1] else np.zeros((1, 0))
+        s_r = float(sv[:, -1].min()) if sv.shape[1] >= r else 0.0
+        s_1 = float(sv[:, 0].max()) if sv.shape[1] else 0.0
         if not s_r > be.eps * max(self.m, self.n) * s_1:
             raise ValueError(
-                f"matrix has numerical rank < {self.r} (its r-th singular value {s_r:.2e} is at "
-                f"round-off level of the largest, {s_1:.2e}): not a point of rank {self.r}"
+                f"matrix has numerical rank < {r} (its r-th singular value {s_r:.2e} is at "
+                f"round-off level of the largest, {s_1:.2e}): not a point of rank {r}"
             )
         return FixedRankPoint(U, s, V)
 
     def to_dense(self, x: FixedRankPoint) -> Any:
-        """The m x n array ``U diag(s) V^T`` (small problems and tests only)."""
+        """The ``(..., m, n)`` array ``U diag(s) V^T`` (small problems and tests only)."""
         self.check_point(x, orthonormal=False)
         return x.to_dense()
 
     # ---------------------------------------------------------- tangent space
     def zero_vector(self, x: FixedRankPoint) -> TangentVector:
-        be = self.backend
-        return TangentVector(
-            be.zeros((self.r, self.r)), be.zeros((self.m, self.r)), be.zeros((self.n, self.r))
-        )
+        """The zero tangent vector at ``x`` (same stack shape)."""
+        self.check_point(x, orthonormal=False)
+        return self.geometry.zero_vector(x)
 
     def projection(self, x: FixedRankPoint, Z: Any) -> TangentVector:
         r"""Orthogonal projection of an ambient matrix onto the tangent space at x.
@@ -320,55 +311,55 @@ class FixedRankManifold:
         O(mnr) dense, O(nnz r + (m+n) r^2) sparse, O((m+n) k r) for a rank-k ``LowRankMatrix``.
         """
         self.check_point(x)
-        Z = self._check_ambient(Z)
-        return self._project(x, Z)
+        Z = self._check_ambient(Z, x.batch_shape)
+        return self.geometry.project(x, Z)
 
     to_tangent_space = projection
 
-    def _project(self, x: FixedRankPoint, Z: Any) -> TangentVector:
-        ZV = self._matmul(Z, x.V)
-        ZtU = self._rmatmul(Z, x.U)
-        M = x.U.T @ ZV
-        return TangentVector(M, ZV - x.U @ M, ZtU - x.V @ M.T)
-
     def project_tangent(self, x: FixedRankPoint, xi: TangentVector) -> TangentVector:
         """Re-impose ``U^T Up = 0``, ``V^T Vp = 0`` on a nearly tangent vector. O((m+n) r^2)."""
-        return TangentVector(xi.M, xi.Up - x.U @ (x.U.T @ xi.Up), xi.Vp - x.V @ (x.V.T @ xi.Vp))
+        self.check_point(x, orthonormal=False)
+        self.check_tangent(x, xi)
+        return self.geometry.project_tangent(x, xi)
 
     def embed(self, x: FixedRankPoint, xi: TangentVector) -> LowRankMatrix:
         """The ambient matrix of a tangent vector, ``[U M + Up, U] [V, Vp]^T`` (rank <= 2r)."""
-        be = self.backend
-        return LowRankMatrix(be.concat([x.U @ xi.M + xi.Up, x.U], 1), be.concat([x.V, xi.Vp], 1))
+        self.check_point(x, orthonormal=False)
+        self.check_tangent(x, xi)
+        return self.geometry.embed(x, xi)
 
     def random_tangent_vector(self, x: FixedRankPoint, seed: Any = None) -> TangentVector:
-        """A random tangent vector of unit norm (under the manifold's metric)."""
+        """A random tangent vector of unit norm (under the manifold's metric; per item of a stack)."""
         rng = as_rng(seed)
-        be = self.backend
-        xi = self.project_tangent(
-            x,
-            TangentVector(
-                be.randn(rng, (self.r, self.r)),
-                be.randn(rng, (self.m, self.r)),
-                be.randn(rng, (self.n, self.r)),
-            ),
+        be, b = self.backend, x.batch_shape
+        raw = TangentVector(
+            be.randn(rng, (*b, self.r, self.r)),
+            be.randn(rng, (*b, self.m, self.r)),
+            be.randn(rng, (*b, self.n, self.r)),
         )
-        return xi / self.norm(x, xi)
+        xi = self.project_tangent(x, raw)
+        return xi / self.backend.xp.sqrt(self.metric.inner(self, x, xi, xi))
 
-    def inner_product(self, x: FixedRankPoint, xi: TangentVector, eta: TangentVector) -> float:
-        """``g_x(xi, eta)`` under the manifold's metric, as a Python float."""
-        return self.backend.to_float(self.metric.inner(self, x, xi, eta))
+    def inner_product(self, x: FixedRankPoint, xi: TangentVector, eta: TangentVector) -> Any:
+        """``g_x(xi, eta)`` under the manifold's metric: a float, or an array ``(...)`` for stacks."""
+        out = self.metric.inner(self, x, xi, eta)
+        return self.backend.to_float(out) if not x.batch_shape else out
 
-    def norm(self, x: FixedRankPoint, xi: TangentVector) -> float:
-        return math.sqrt(max(self.inner_product(x, xi, xi), 0.0))
+    def norm(self, x: FixedRankPoint, xi: TangentVector) -> Any:
+        """``sqrt(g_x(xi, xi))``: a float, or an array ``(...)`` for stacks."""
+        g = self.inner_product(x, xi, xi)
+        if not x.batch_shape:
+            return math.sqrt(max(g, 0.0))
+        xp = self.backend.xp
+        return xp.sqrt(xp.clip(g, 0.0, None))
 
     def euclidean_inner(self, xi: TangentVector, eta: TangentVector) -> Any:
-        """Embedded (Frobenius) inner product of two tangent vectors at the same point, 0-d array.
+        """Embedded (Frobenius) inner product of tangent vectors at the same point, shape ``(...)``.
 
         The three components are mutually orthogonal in R^{m x n}, so this is
         ``<M1, M2> + <Up1, Up2> + <Vp1, Vp2>``: O((m+n) r).
         """
-        be = self.backend
-        return be.vdot(xi.M, eta.M) + be.vdot(xi.Up, eta.Up) + be.vdot(xi.Vp, eta.Vp)
+        return self.geometry.inner(xi, eta)
 
     # ----------------------------------------------------- gradient / hessian
     def euclidean_to_riemannian_gradient(self, x: FixedRankPoint, Z: Any) -> TangentVector:
@@ -398,51 +389,26 @@ class FixedRankManifold:
         second-order methods with this retraction need).
         """
         self.check_point(x)
-        Z = self._check_ambient(Z)
-        hess_xi = self._check_ambient(hess_xi)
+        Z = self._check_ambient(Z, x.batch_shape)
+        hess_xi = self._check_ambient(hess_xi, x.batch_shape)
         self.check_tangent(x, xi)
-        h = self._hessian_embedded(x, Z, hess_xi, xi)
+        h = self.geometry.hessian_embedded(x, Z, hess_xi, xi)
         return self.metric.solve(self, x, h)
-
-    def _hessian_embedded(
-        self, x: FixedRankPoint, Z: Any, hess_xi: Any, xi: TangentVector
-    ) -> TangentVector:
-        h = self._project(x, hess_xi)
-        t1 = self._matmul(Z, xi.Vp)
-        t1 = (t1 - x.U @ (x.U.T @ t1)) / x.s[None, :]
-        t2 = self._rmatmul(Z, xi.Up)
-        t2 = (t2 - x.V @ (x.V.T @ t2)) / x.s[None, :]
-        return TangentVector(h.M, h.Up + t1, h.Vp + t2)
 
     # ------------------------------------------------------ retraction etc.
     def retraction(self, x: FixedRankPoint, xi: TangentVector) -> FixedRankPoint:
         r"""Metric-projection retraction ``R_x(xi) = H_r(X + xi)`` (best rank-r approximation).
 
-        Stable variant (Manopt, Dec 2019): ``X + xi = [U, Up] K [V, Vp]^T`` with
-        ``K = [[diag(s) + M, I], [I, 0]]``. QR ``[U, Up] = Q_u R_u``, ``[V, Vp] = Q_v R_v``,
-        SVD of the 2r x 2r core ``R_u K R_v^T``, keep the top r. Second order. Cost
+        ``X + xi = [U, Up] K [V, Vp]^T`` with ``K = [[diag(s) + M, I], [I, 0]]``; QR of ``Up``
+        and ``Vp`` (re-orthogonalized against ``U``, ``V``), SVD of the 2r x 2r core, keep the
+        top r (:meth:`rankopt.geometry.Geometry.sum_svd`). Second order. Cost
         O((m+n) r^2 + r^3); never forms X.
         """
         self.check_point(x)
         self.check_tangent(x, xi)
-        return self._retract(x, xi)
+        return self.geometry.retract(x, xi)
 
     retr = retraction
-
-    def _retract(self, x: FixedRankPoint, xi: TangentVector) -> FixedRankPoint:
-        qu, uc, s, vch, qv = self._sum_svd(x, xi)
-        r = self.r
-        return FixedRankPoint(qu @ uc[:, :r], s[:r], qv @ vch[:r].T)
-
-    def _sum_svd(self, x: FixedRankPoint, xi: TangentVector):
-        """SVD of ``X + xi`` through QR of ``[U, Up]``, ``[V, Vp]`` and the 2r x 2r core."""
-        be, r = self.backend, int(x.s.shape[0])
-        qu, ru = be.qr(be.concat([x.U, xi.Up], 1))
-        qv, rv = be.qr(be.concat([x.V, xi.Vp], 1))
-        eye, zero = be.eye(r), be.zeros((r, r))
-        K = be.concat([be.concat([be.diag(x.s) + xi.M, eye], 1), be.concat([eye, zero], 1)], 0)
-        uc, s, vch = be.svd(ru @ K @ rv.T)
-        return qu, uc, s, vch, qv
 
     def retraction_adaptive(
         self,
@@ -451,38 +417,27 @@ class FixedRankManifold:
         rank_tol: float,
         max_rank: int | None = None,
         min_rank: int = 1,
-    ) -> FixedRankPoint:
+    ) -> FixedRankPoint | list[FixedRankPoint]:
         r"""Rank-adaptive retraction: ``X + xi`` truncated at a relative tolerance.
 
         Same QR + 2r x 2r core SVD as :meth:`retraction`, but the new rank is the smallest ``j``
         with ``||s_{j+1:}||_2 <= rank_tol ||s||_2`` (clipped to ``[min_rank, max_rank]``), so the
-        rank can grow up to 2r or shrink. This is the truncation step of the augmented BUG
-        integrator (Ceruti, Kusch, Lubich 2022; GeoLoRA) with the tangent projection of the
-        gradient. Returns a point whose rank may differ from ``self.r``: use
-        :meth:`with_rank` for a manifold that matches it. Cost O((m+n) r^2 + r^3).
+        rank can grow up to 2r or shrink. Returns a point whose rank may differ from ``self.r``
+        (use :meth:`with_rank` for a manifold that matches it); for a stack, a list of points,
+        one per item, each with its own rank. Cost O((m+n) r^2 + r^3).
         """
         self.check_point(x)
         self.check_tangent(x, xi)
         if not rank_tol >= 0:
             raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
-        qu, uc, s, vch, qv = self._sum_svd(x, xi)
-        sv = self.backend.to_numpy(s).astype(np.float64)
-        j = truncation_rank(sv, rank_tol)
-        hi = min(len(sv), max_rank if max_rank is not None else len(sv), self.m, self.n)
-        j = int(min(max(j, min_rank), hi))
-        while j > 1 and not sv[j - 1] > 0:  # never keep exact zeros: they are off the manifold
-            j -= 1
-        return FixedRankPoint(qu @ uc[:, :j], s[:j], qv @ vch[:j].T)
+        return self.geometry.retract_adaptive(x, xi, rank_tol, max_rank, min_rank)
 
     def transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:
         """Vector transport by projection: ``P_y(embed_x(xi))``. O((m+n) r^2)."""
         self.check_point(y)
         self.check_tangent(x, xi)
-        return self._transport(x, y, xi)
+        return self.geometry.transport(x, y, xi)
 
-    def _transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:
-        return self._project(y, self.embed(x, xi))
-
-    def ambient_distance(self, x: FixedRankPoint, y: FixedRankPoint) -> float:
+    def ambient_distance(self, x: FixedRankPoint, y: FixedRankPoint) -> Any:
         """``||X - Y||_F``: the chord length, a lower bound on the geodesic distance. O((m+n) r^2)."""
         return (x.to_lowrank() - y.to_lowrank()).fro_norm()

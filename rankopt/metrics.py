@@ -4,7 +4,7 @@ A metric is a field of inner products ``g_x(xi, eta) = <xi, G_x eta>`` on the ta
 with ``G_x`` a self-adjoint positive-definite operator on ``T_x`` (Euclidean pairing of the
 embedding). Each metric provides
 
-* ``inner(manifold, x, xi, eta)``: ``g_x(xi, eta)`` as a 0-d array;
+* ``inner(manifold, x, xi, eta)``: ``g_x(xi, eta)`` as an array of shape ``(...)``;
 * ``apply(manifold, x, xi)``: ``G_x xi``;
 * ``solve(manifold, x, eta)``: ``G_x^{-1} eta``.
 
@@ -17,16 +17,16 @@ returns a new metric, so within a step it is frozen.
 
 Kronecker-diagonal metrics (``Preconditioned``, ``AdaGrad``, ``Adam``) use
 ``G_x xi = P_x(D_L xi D_R)`` with positive diagonal ``D_L`` (m) and ``D_R`` (n): the ambient
-weighted Frobenius metric ``<xi, D_L eta D_R>`` restricted to the tangent space.
-Applying ``G_x`` costs O((m+n) r^2). Its inverse has no closed form on the tangent space: it is
-solved by preconditioned conjugate gradients with the preconditioner
-``P_x(D_L^{-1} eta D_R^{-1})`` (SPD on ``T_x``), O(k (m+n) r^2) for k iterations (k is small:
-the preconditioner is exact when U, V are aligned with the coordinate axes, and the spectrum
-of the preconditioned operator lies in ``[1/c, c]`` with ``c`` bounded by how far
-``D_L``, ``D_R`` are from constant on the spans of U and V). With ``exact=False`` only the
-preconditioner is applied: that is the heuristic of the RAdaGrad/RAdamW authors' code
-(precondition the Euclidean gradient, then project): a descent direction, but not the
-Riemannian gradient of any fixed metric.
+weighted Frobenius metric ``<xi, D_L eta D_R>`` restricted to the tangent space. Both applying
+``G_x`` and solving with it cost O((m+n) r^2 + r^3): the inverse has a closed form (see
+:class:`KroneckerDiagonal`), so the Riemannian gradient of these metrics is exact and needs no
+iteration. ``solver="pcg"`` solves the same system by preconditioned conjugate gradients (kept
+to cross-check the closed form), ``structure="block"`` is the cheaper block-diagonal metric, and
+``exact=False`` applies only ``P_x(D_L^{-1} . D_R^{-1})`` (a descent direction, not the
+Riemannian gradient of any fixed metric). ``benchmarks/optimizer_step.py`` compares them.
+
+Every metric accepts stacks of points (leading dimensions ``(...)``) and then returns inner
+products of shape ``(...)``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ __all__ = ["Metric", "Euclidean", "Preconditioned", "KroneckerDiagonal", "AdaGra
 
 
 class Metric:
-    """Base class: the embedded Euclidean metric (``G_x`` = identity)."""
+    """Base class: the embedded Euclidean metric (``G_x`` = identity).
+
+    Every method accepts one point or a stack of points (leading dimensions ``(...)``);
+    ``inner`` then returns an array of shape ``(...)``.
+    """
 
     def inner(self, manifold, x, xi: TangentVector, eta: TangentVector) -> Any:
-        return manifold.euclidean_inner(xi, self.apply(manifold, x, eta))
+        return manifold.geometry.inner(xi, self.apply(manifold, x, eta))
 
     def apply(self, manifold, x, xi: TangentVector) -> TangentVector:
         return xi
@@ -68,7 +72,7 @@ class Euclidean(Metric):
     """
 
     def inner(self, manifold, x, xi, eta):
-        return manifold.euclidean_inner(xi, eta)
+        return manifold.geometry.inner(xi, eta)
 
 
 @dataclass(frozen=True, repr=False)
@@ -94,24 +98,68 @@ class BlockScaled(Metric):
         return TangentVector(eta.M / self.core_weight, eta.Up, eta.Vp)
 
 
+STRUCTURES = ("full", "block")
+SOLVERS = ("direct", "pcg")
+
+
 @dataclass(frozen=True, repr=False)
 class KroneckerDiagonal(Metric):
-    r"""``g_x(xi, eta) = <xi, D_L eta D_R>_F`` restricted to ``T_x``.
+    r"""A metric from positive row and column weights ``D_L = diag(left)``, ``D_R = diag(right)``.
+
+    ``structure="full"`` (default): ``g_x(xi, eta) = <xi, D_L eta D_R>_F`` restricted to ``T_x``;
+    ``G_x = P_x(D_L . D_R)``.
+
+    Its inverse in closed form (``solver="direct"``). Write tangent vectors as
+    ``xi = Up V^T + U W^T`` with ``Up`` orthogonal to ``U`` and ``W = V M^T + Vp`` free
+    (n x r); the gradient pairs as ``<eta, xi> = <eta_Up, Up> + <eta_W, W>`` with
+    ``eta_W = eta^T U``. With ``A_L = U^T D_L U``, ``A_R = V^T D_R V``, ``G_x xi = eta`` reads::
+
+        (I - U U^T) D_L (Up A_R + U W^T D_R V) = eta_Up
+        D_R (W A_L + V Up^T D_L U)             = eta_W
+
+    Eliminating ``W`` leaves ``S_L Up A_R = eta_Up - (I - U U^T) D_L U A_L^{-1} eta_W^T V`` with
+    the Schur complement ``S_L = D_L - D_L U A_L^{-1} U^T D_L``, which maps the complement of
+    ``U`` onto itself and is inverted there by ``Y -> (I - U U^T) D_L^{-1} Y``. So::
+
+        Y  = (eta_Up - (I - U U^T) D_L U A_L^{-1} eta_W^T V) A_R^{-1}
+        Up = (I - U U^T) D_L^{-1} Y
+        W  = (D_R^{-1} eta_W - V Up^T D_L U) A_L^{-1},  M = W^T V,  Vp = W - V M^T
+
+    Fourteen products of size (m or n) x r x r and two r x r inverses: O((m+n) r^2 + r^3), no
+    iteration, no host synchronization; exact (``tests/test_metrics.py`` checks it against PCG
+    and by finite differences). ``solver="pcg"`` solves the same system iteratively with the
+    preconditioner ``P_x(D_L^{-1} . D_R^{-1})`` (:func:`pcg`).
+
+    ``structure="block"``: the block-diagonal part of the full metric in the coordinates
+    ``(M, Up, Vp)`` of ``xi = U M V^T + Up V^T + U Vp^T``::
+
+        g(xi, eta) = <M1, A_L M2 A_R> + <Up1, D_L Up2 A_R> + <Vp1, D_R Vp2 A_L>
+
+    (the cross terms dropped; equal to the full metric when ``D_L``, ``D_R`` are constant), with
+    inverse ``M = A_L^{-1} eta_M A_R^{-1}``, ``Up = H_L eta_Up A_R^{-1}``,
+    ``Vp = H_R eta_Vp A_L^{-1}``, ``H_L = D_L^{-1} - D_L^{-1} U (U^T D_L^{-1} U)^{-1} U^T D_L^{-1}``.
+    A metric in its own right (FD-checked), but a poor approximation when the weights vary
+    along the spans of ``U`` or ``V`` (measured in ``benchmarks/optimizer_step.py``).
 
     Parameters
     ----------
-    left : array (m,) or None
+    left : array (..., m) or None
         Diagonal of ``D_L`` (positive); None means ones.
-    right : array (n,) or None
+    right : array (..., n) or None
         Diagonal of ``D_R``; None means ones.
     exact : bool
-        Solve ``G_x g = P_x(Z)`` by PCG (true Riemannian gradient) or apply only the
-        preconditioner ``P_x(D_L^{-1} Z D_R^{-1})`` (the papers' heuristic).
+        ``structure="full"`` only: the Riemannian gradient (True) or only the preconditioner
+        ``P_x(D_L^{-1} Z D_R^{-1})`` (False), a descent direction that is not the Riemannian
+        gradient of any fixed metric.
     cg_tol : float or None
-        Relative residual tolerance of the PCG solve. ``None`` runs exactly ``cg_maxiter``
-        iterations with no convergence test (no device synchronization on GPUs).
+        ``solver="pcg"``: relative residual tolerance (the worst item of a stack decides);
+        ``None`` runs exactly ``cg_maxiter`` iterations with no convergence test (no device
+        synchronization on GPUs).
     cg_maxiter : int
-        Most PCG iterations.
+        ``solver="pcg"``: most iterations (at least 1).
+    structure : {"full", "block"}
+    solver : {"direct", "pcg"}
+        How the full metric is inverted.
     """
 
     left: Any = None
@@ -119,71 +167,154 @@ class KroneckerDiagonal(Metric):
     exact: bool = True
     cg_tol: float | None = 1e-12
     cg_maxiter: int = 50
+    structure: str = "full"
+    solver: str = "direct"
 
-    # -- the operator ------------------------------------------------------------
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        if self.structure == "block" and not self.exact:
+            raise ValueError("exact=False (precondition only) applies to structure='full' only")
+        if isinstance(self.cg_maxiter, bool) or not int(self.cg_maxiter) >= 1:
+            raise ValueError(f"cg_maxiter must be an integer >= 1, got {self.cg_maxiter!r}")
+        if self.cg_tol is not None and not self.cg_tol >= 0:
+            raise ValueError(f"cg_tol must be >= 0 or None, got {self.cg_tol!r}")
+
+    # -- the full (restricted ambient) operator --------------------------------------------
     def _scaled(self, manifold, x, xi, power: float) -> TangentVector:
         """``P_x(D_L^p xi D_R^p)`` for a tangent xi, through its rank-2r embedding."""
-        e = manifold.embed(x, xi)
+        g = manifold.geometry
+        e = g.embed(x, xi)
         A, B = e.A, e.B
         if self.left is not None:
-            A = A * (self.left if power == 1 else self.left**power)[:, None]
+            A = A * (self.left if power == 1 else self.left**power)[..., :, None]
         if self.right is not None:
-            B = B * (self.right if power == 1 else self.right**power)[:, None]
-        return manifold._project(x, LowRankMatrix(A, B))
-
-    def apply(self, manifold, x, xi):
-        return self._scaled(manifold, x, xi, 1.0)
+            B = B * (self.right if power == 1 else self.right**power)[..., :, None]
+        return g.project(x, LowRankMatrix(A, B))
 
     def precondition(self, manifold, x, eta) -> TangentVector:
-        """``P_x(D_L^{-1} eta D_R^{-1})``: SPD approximation of ``G_x^{-1}``. O((m+n) r^2)."""
+        """``P_x(D_L^{-1} eta D_R^{-1})``: SPD approximation of the full ``G_x^{-1}``. O((m+n) r^2)."""
         return self._scaled(manifold, x, eta, -1.0)
 
+    def _direct_solve(self, manifold, x, eta):
+        r"""Exact ``G_x^{-1} eta`` of the full metric in closed form (see the class docstring)."""
+        inv = manifold.backend.xp.linalg.inv
+        dl, dr = self._weights(manifold, x)
+        U, V = x.U, x.V
+        Ut, Vt = U.swapaxes(-1, -2), V.swapaxes(-1, -2)
+        DU = dl * U
+        AL = Ut @ DU
+        ALi, ARi = inv(AL), inv(Vt @ (dr * V))
+        eW = V @ eta.M.swapaxes(-1, -2) + eta.Vp  # eta^T U
+        C = ALi @ (eW.swapaxes(-1, -2) @ V)
+        Y = (eta.Up - DU @ C + U @ (AL @ C)) @ ARi  # S_L Up = Y
+        Up = Y / dl
+        Up = Up - U @ (Ut @ Up)  # Up = (I - U U^T) D_L^{-1} Y
+        W = (eW / dr - V @ (Up.swapaxes(-1, -2) @ DU)) @ ALi
+        Mt = Vt @ W  # W = V M^T + Vp
+        return TangentVector(Mt.swapaxes(-1, -2), Up, W - V @ Mt)
+
+    # -- the block-diagonal operator ---------------------------------------------------------
+    def _weights(self, manifold, x):
+        xp = manifold.backend.xp
+        one = xp.ones_like
+        dl = self.left if self.left is not None else one(x.U[..., 0])
+        dr = self.right if self.right is not None else one(x.V[..., 0])
+        return dl[..., :, None], dr[..., :, None]
+
+    @staticmethod
+    def _gram(F, w):
+        """``F^T diag(w) F`` (r x r) for ``w`` of shape ``(..., m, 1)``."""
+        return F.swapaxes(-1, -2) @ (w * F)
+
+    def _block_apply(self, manifold, x, xi):
+        dl, dr = self._weights(manifold, x)
+        U, V = x.U, x.V
+        AL, AR = self._gram(U, dl), self._gram(V, dr)
+        Up, Vp = dl * xi.Up, dr * xi.Vp
+        Up = Up - U @ (U.swapaxes(-1, -2) @ Up)
+        Vp = Vp - V @ (V.swapaxes(-1, -2) @ Vp)
+        return TangentVector(AL @ xi.M @ AR, Up @ AR, Vp @ AL)
+
+    def _block_solve(self, manifold, x, eta):
+        inv = manifold.backend.xp.linalg.inv
+        dl, dr = self._weights(manifold, x)
+        U, V = x.U, x.V
+        ALi, ARi = inv(self._gram(U, dl)), inv(self._gram(V, dr))
+
+        def h(F, d, Y):  # H Y = D^-1 Y - D^-1 F (F^T D^-1 F)^-1 F^T D^-1 Y
+            Fd, Yd = F / d, Y / d
+            return Yd - Fd @ (inv(F.swapaxes(-1, -2) @ Fd) @ (F.swapaxes(-1, -2) @ Yd))
+
+        return TangentVector(ALi @ eta.M @ ARi, h(U, dl, eta.Up @ ARi), h(V, dr, eta.Vp @ ALi))
+
+    # -- the metric --------------------------------------------------------------------------
+    def apply(self, manifold, x, xi):
+        if self.structure == "block":
+            return self._block_apply(manifold, x, xi)
+        return self._scaled(manifold, x, xi, 1.0)
+
     def solve(self, manifold, x, eta):
+        if self.structure == "block":
+            return self._block_solve(manifold, x, eta)
         if not self.exact:
             return self.precondition(manifold, x, eta)
+        if self.solver == "direct":
+            return self._direct_solve(manifold, x, eta)
         return pcg(
             lambda v: self.apply(manifold, x, v),
             lambda v: self.precondition(manifold, x, v),
             eta,
-            manifold,
+            manifold.geometry,
             tol=self.cg_tol,
-            maxiter=self.cg_maxiter,
+            maxiter=int(self.cg_maxiter),
         )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(exact={self.exact})"
+        return f"{type(self).__name__}(structure={self.structure!r}, exact={self.exact})"
 
 
-def pcg(
-    apply_A, apply_P, b: TangentVector, manifold, tol: float | None, maxiter: int
-) -> TangentVector:
-    r"""Preconditioned conjugate gradients for ``A x = b`` on a tangent space.
+def pcg(apply_A, apply_P, b: TangentVector, geometry, tol: float | None, maxiter: int) -> TangentVector:
+    r"""Preconditioned conjugate gradients for ``A x = b`` on tangent spaces (one or a stack).
 
-    ``A`` and ``P`` are SPD with respect to the Euclidean inner product of ``T_x``.
-    Stops when ``||r|| <= tol ||b||`` (``tol=None``: after exactly ``maxiter`` steps).
-    Cost per iteration: one ``A`` and one ``P`` application plus O((m+n) r).
+    ``A`` and ``P`` are SPD with respect to the Euclidean inner product of ``T_x``. Each item of
+    a stack has its own step sizes and stops (takes zero steps) once ``||r|| <= tol ||b||``, so
+    a stack gives what each item would alone; the loop ends when every item has stopped (one
+    convergence test per stack and iteration, one host read), or after exactly ``maxiter``
+    iterations with ``tol=None`` (then nothing is read back to the host). Cost per iteration: one ``A`` and one ``P`` application plus
+    O((m+n) r).
     """
-    be = manifold.backend
-    inner = manifold.euclidean_inner
+    be = geometry.backend
+    xp, inner = be.xp, geometry.inner
     x = b * 0.0
     r = b
     z = apply_P(r)
     p = z
     rz = inner(r, z)
-    bnorm2 = be.to_float(inner(b, b)) if tol is not None else None
-    if bnorm2 is not None and bnorm2 == 0.0:
-        return x
-    tiny = be.eps * be.eps  # guards 0/0 only once converged to exactly zero residual
+    active = True  # items still iterating (an item stops at its own tolerance, as alone)
+    if tol is not None:
+        bb = inner(b, b)
+        bound = tol * tol * bb
+        active = inner(r, r) > bound
+        if not bool(xp.any(active)):
+            return x
     for _ in range(maxiter):
         Ap = apply_A(p)
-        alpha = rz / (inner(p, Ap) + tiny)
+        pAp = inner(p, Ap)
+        ok = (pAp > 0) & active
+        alpha = xp.where(ok, rz / xp.where(ok, pAp, 1.0), 0.0)
         x = x.axpy(alpha, p)
         r = r.axpy(-alpha, Ap)
-        if tol is not None and be.to_float(inner(r, r)) <= tol * tol * bnorm2:
-            break
+        if tol is not None:
+            active = active & (inner(r, r) > bound)
+            if not bool(xp.any(active)):
+                break
         z = apply_P(r)
         rz_new = inner(r, z)
-        beta = rz_new / (rz + tiny)
+        ok = (rz != 0) & active
+        beta = xp.where(ok, rz_new / xp.where(ok, rz, 1.0), 0.0)
         rz = rz_new
         p = z.axpy(beta, p)
     return x
@@ -236,61 +367,106 @@ def Preconditioned(
 def tangent_row_col_sq(manifold, x, g: TangentVector) -> tuple[Any, Any]:
     r"""Row and column squared norms of the ambient matrix of a tangent vector.
 
-    For ``xi = A B^T`` with ``A = [U M + Up, U]``, ``B = [V, Vp]``:
-    ``diag(xi xi^T) = rowsum((A (B^T B)) * A)``, likewise for columns. O((m+n) r^2);
-    no m x n matrix is formed. These are the statistics of RASA (Kasai, Jawanpuria, Mishra,
-    ICML 2019) and, restricted to the tangent space, of the RAdaGrad code's
-    ``diag(G G^T)``, ``diag(G^T G)``.
+    See :meth:`rankopt.geometry.Geometry.row_col_sq`: O((m+n) r^2), no m x n matrix is formed.
+    These are the statistics of RASA (Kasai, Jawanpuria, Mishra, ICML 2019) and, restricted to
+    the tangent space, of the RAdaGrad code's ``diag(G G^T)``, ``diag(G^T G)``.
     """
-    xp = manifold.backend.xp
-    e = manifold.embed(x, g)
-    A, B = e.A, e.B
-    rows = xp.sum((A @ (B.T @ B)) * A, axis=1)
-    cols = xp.sum((B @ (A.T @ A)) * B, axis=1)
-    # exact arithmetic gives >= 0; clip rounding below zero
-    return xp.clip(rows, 0.0, None), xp.clip(cols, 0.0, None)
+    return manifold.geometry.row_col_sq(x, g)
+
+
+FACTORINGS = ("adafactor", "quartic")
+#: defaults of the adaptive metrics and of the rules built on them (RAdaGrad, RAdamW), chosen
+#: by ``benchmarks/optimizer_step.py`` and ``benchmarks/optimizers.py`` (see docs/optimizers.md)
+ADAPTIVE_FACTORING = "adafactor"
+ADAPTIVE_EPS = 1e-3
+
+
+def adaptive_diagonals(
+    row_ms: Any, col_ms: Any, eps: float, factoring: str, xp: Any
+) -> tuple[Any, Any]:
+    r"""The weights ``(D_L, D_R)`` of an adaptive metric from row/column mean squares.
+
+    ``row_ms`` (..., m) and ``col_ms`` (..., n) are (bias-corrected) mean squares of the rows and
+    columns of the gradients, ``v_L,i = mean_j v_ij`` and ``v_R,j = mean_i v_ij`` of a second
+    moment ``v`` (m x n, never formed). The metric ``<xi, D_L eta D_R>`` then scales a gradient
+    ``G`` roughly as ``G_ij / (D_L,i D_R,j)``:
+
+    * ``"adafactor"``: the factored second moment of Adafactor (Shazeer & Stern, ICML 2018),
+      ``v_ij ~ v_L,i v_R,j / mean(v)``, so ``G / sqrt(v_ij)`` needs a square root per side:
+      ``D_L = sqrt(v_L + eps^2 mu) / mu^{1/4}``, ``D_R`` likewise, with ``mu = mean(v_L)`` the
+      overall mean square. ``eps`` is relative (a fraction of the RMS gradient): the direction
+      does not depend on the scale of the data, and no weight falls below ``eps`` times the
+      typical one, which bounds how much rows or columns with vanishing statistics are amplified.
+    * ``"quartic"``: ``D = (sqrt(v) + eps)^{1/2}`` per side, i.e. ``G / (v_L^{1/4} v_R^{1/4})``
+      (a diagonal Shampoo-like ``L^{-1/4} G R^{-1/4}``, rankopt's default before 2026-11);
+      ``eps`` is absolute here. Measured worse on ill-conditioned problems
+      (``benchmarks/optimizers.py``).
+
+    Shapes ``(..., m)``, ``(..., n)`` (stacks); O(m + n).
+    """
+    if factoring == "quartic":
+        return (xp.sqrt(row_ms) + eps) ** 0.5, (xp.sqrt(col_ms) + eps) ** 0.5
+    if factoring != "adafactor":
+        raise ValueError(f"factoring must be one of {FACTORINGS}, got {factoring!r}")
+    mu = xp.mean(row_ms, axis=-1, keepdims=True)
+    mu = xp.where(mu > 0, mu, 1.0)
+    q = mu**0.25
+    floor = (eps * eps) * mu
+    return xp.sqrt(row_ms + floor) / q, xp.sqrt(col_ms + floor) / q
 
 
 @dataclass(frozen=True, repr=False)
 class AdaGrad(KroneckerDiagonal):
-    r"""Metric adapted from AdaGrad (Kronecker-diagonal, from row/column gradient statistics).
+    r"""Metric adapted from AdaGrad: Kronecker-diagonal, from row/column gradient statistics.
 
     With ``g_t`` the tangent-projected Euclidean gradients seen so far, the statistics are the
-    accumulated mean squares of their rows and columns,
-    ``v_L = sum_t rowsq(g_t) / n`` and ``v_R = sum_t colsq(g_t) / m`` (O(m + n) memory), and
-
-    ``D_L = (sqrt(v_L) + eps)^{1/2}``, ``D_R = (sqrt(v_R) + eps)^{1/2}``.
-
-    So the Riemannian gradient approximates ``D_L^{-1} G D_R^{-1}``, the diagonal Shampoo-like
-    ``L^{-1/4} G R^{-1/4}`` of the RAdaGrad authors' code (Bian et al., NeurIPS 2025), normalized
-    so that for a gradient with entries of equal magnitude it has entries of size ~1, as
-    AdaGrad/Adam steps do (the learning rate means the same as for Adam). ``eps`` plays the role
-    of Adam's ``eps`` (added to the square root of the second moment); it bounds the metric's
-    condition number. Before any statistics exist (``row_stats=None``) the metric is Euclidean.
+    accumulated mean squares of their rows and columns, ``v_L = sum_t rowsq(g_t) / n`` and
+    ``v_R = sum_t colsq(g_t) / m`` (O(m + n) memory, see :func:`tangent_row_col_sq`), and the
+    weights ``(D_L, D_R) = adaptive_diagonals(v_L, v_R, eps, factoring)``: with the default
+    ``factoring="adafactor"``, ``D_L = sqrt(v_L + eps^2 mu) / mu^{1/4}`` and likewise ``D_R``
+    (``mu`` the mean of ``v_L``), so that ``D_L,i D_R,j ~ sqrt(v_ij)`` for the factored second
+    moment of Adafactor and the Riemannian gradient approximates AdaGrad's ``G / sqrt(v)``.
+    ``eps`` is relative (a fraction of the RMS gradient). Before any statistics exist
+    (``row_stats=None``) the metric is Euclidean.
 
     Parameters
     ----------
     eps : float
-    row_stats, col_stats : arrays (m,), (n,) or None
+        Relative floor of the statistics (see :func:`adaptive_diagonals`).
+    row_stats, col_stats : arrays (..., m), (..., n) or None
         Accumulated row / column mean squares.
     steps : int
         Number of updates so far.
+    factoring : {"adafactor", "quartic"}
+        How the weights come from the statistics (:func:`adaptive_diagonals`).
     """
 
-    eps: float = 1e-10
+    eps: float = ADAPTIVE_EPS
     row_stats: Any = None
     col_stats: Any = None
     steps: int = 0
 
+    factoring: str = ADAPTIVE_FACTORING
+
     def __post_init__(self):
+        super().__post_init__()
         if not self.eps > 0:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if (self.row_stats is None) != (self.col_stats is None):
             raise ValueError("give both row_stats and col_stats, or neither")
         if self.row_stats is not None:
             c = self._norm()
-            object.__setattr__(self, "left", ((self.row_stats / c) ** 0.5 + self.eps) ** 0.5)
-            object.__setattr__(self, "right", ((self.col_stats / c) ** 0.5 + self.eps) ** 0.5)
+            from ._backend import backend_like
+
+            left, right = adaptive_diagonals(
+                self.row_stats / c,
+                self.col_stats / c,
+                self.eps,
+                self.factoring,
+                backend_like(self.row_stats).xp,
+            )
+            object.__setattr__(self, "left", left)
+            object.__setattr__(self, "right", right)
 
     def _norm(self) -> float:
         return 1.0
@@ -301,7 +477,8 @@ class AdaGrad(KroneckerDiagonal):
     def update(self, manifold, x, g: TangentVector) -> AdaGrad:
         """A new metric with the statistics of the tangent gradient ``g`` added."""
         rows, cols = tangent_row_col_sq(manifold, x, g)
-        rows, cols = rows / manifold.n, cols / manifold.m
+        m, n = x.shape
+        rows, cols = rows / n, cols / m
         return replace(
             self,
             row_stats=self._combine(self.row_stats, rows),
@@ -320,11 +497,9 @@ class Adam(AdaGrad):
     r"""Metric adapted from Adam: exponential moving averages of the row/column statistics.
 
     ``v_L <- beta2 v_L + (1 - beta2) rowsq(g) / n``, ``v_R`` likewise, bias-corrected by
-    ``1 - beta2^t``, then ``D_L = (sqrt(v_L / (1 - beta2^t)) + eps)^{1/2}`` and the same for
-    ``D_R`` (see :class:`AdaGrad`).
+    ``1 - beta2^t``, then the weights of :class:`AdaGrad` from the corrected statistics.
     """
 
-    eps: float = 1e-8
     beta2: float = 0.999
 
     def __post_init__(self):

@@ -149,8 +149,10 @@ def test_wrong_ambient_shape_in_gradient_and_hessian(M, x, xi):
 def test_lowrank_mismatched_factors():
     with pytest.raises(ValueError, match="same number of columns.*A\\(6, 2\\) and B\\(5, 3\\)"):
         ro.LowRankMatrix(np.ones((6, 2)), np.ones((5, 3)))
-    with pytest.raises(ValueError, match="factors must be 2-D"):
+    with pytest.raises(ValueError, match=r"factors must be \(stacks of\) matrices"):
         ro.LowRankMatrix(np.ones(6), np.ones((5, 1)))
+    with pytest.raises(ValueError, match="same leading dimensions"):
+        ro.LowRankMatrix(np.ones((2, 6, 1)), np.ones((3, 5, 1)))
     a = ro.LowRankMatrix(np.ones((6, 2)), np.ones((5, 2)))
     b = ro.LowRankMatrix(np.ones((5, 2)), np.ones((6, 2)))
     with pytest.raises(ValueError, match="cannot add LowRankMatrix of shapes"):

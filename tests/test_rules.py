@@ -1,15 +1,37 @@
-"""The pure update rules: invariants, tangency of states, O((m+n) r) memory, exact special cases."""
+"""Update rules (rankopt.rules): stacks equal single steps, invariants, O((m+n) r) state,
+exact special cases, one place for every default."""
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import fields
 
 import numpy as np
 import pytest
 
 import rankopt as ro
+from rankopt import rules
+from rankopt.containers import FixedRankPoint, TangentVector
 from rankopt.diagnostics import check_gradient
-from rankopt.solvers import rules
 
 BACKENDS = ["numpy", "torch"]
+
+SPECS = {
+    "rsgd": rules.RSGD(lr=0.1, momentum=0.9),
+    "rsgd-nesterov": rules.RSGD(lr=0.1, momentum=0.9, nesterov=True),
+    "rsgd-dampening-wd": rules.RSGD(lr=0.1, momentum=0.5, dampening=0.2, weight_decay=0.1),
+    "heavyball": rules.RHeavyBall(lr=0.05),
+    "radagrad": rules.RAdaGrad(lr=0.05, weight_decay=0.1, lr_decay=0.1),
+    "radamw": rules.RAdamW(lr=0.01, weight_decay=0.1),
+    "radamw-block": rules.RAdamW(lr=0.01, structure="block"),
+    "radamw-pcg": rules.RAdamW(lr=0.01, solver="pcg"),
+    "radamw-precondition": rules.RAdamW(lr=0.01, exact=False),
+    "radamw-quartic": rules.RAdamW(lr=0.01, factoring="quartic", eps=1e-8),
+    "dlra-heavyball": rules.DLRAHeavyBall(lr=0.1, rank_tol=1e-2),
+    "dlra-adam": rules.DLRAAdam(lr=0.01, rank_tol=1e-2),
+    "dlra-adam-fixed": rules.DLRAAdam(lr=0.01, rank_tol=None),
+}
+FIXED = [k for k, s in SPECS.items() if not s.rank_adaptive]
 
 
 def _manifold(backend, m=40, n=30, r=4):
@@ -19,95 +41,109 @@ def _manifold(backend, m=40, n=30, r=4):
 
 
 def _grad(M, x, seed):
+    """The projection of a random ambient matrix (one per item of a stack)."""
     rng = np.random.default_rng(seed)
-    Z = M.backend.asarray(rng.standard_normal((M.m, M.n)))
-    return M.projection(x, Z)
+    Z = M.backend.asarray(rng.standard_normal((*x.batch_shape, M.m, M.n)))
+    return M.geometry.project(x, Z)
 
 
-def _tangency(M, x, xi) -> float:
-    be, xp = M.backend, M.backend.xp
-    return max(
-        be.to_float(xp.max(xp.abs(x.U.T @ xi.Up))), be.to_float(xp.max(xp.abs(x.V.T @ xi.Vp)))
-    )
+def _np(a):
+    return np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a, dtype=float)
 
 
-def _n_elements(obj) -> int:
-    """Total number of array elements held by a rule state (recursively)."""
-    if obj is None or isinstance(obj, (int, float, bool, str)):
-        return 0
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        return int(np.prod(obj.shape))
-    if isinstance(obj, dict):
-        return sum(_n_elements(v) for v in obj.values())
-    return 0
+def _tangency(x, xi) -> float:
+    U, V = _np(x.U), _np(x.V)
+    return max(np.abs(U.T @ _np(xi.Up)).max(), np.abs(V.T @ _np(xi.Vp)).max())
 
 
-STEPS = [
-    ("rsgd", rules.rsgd_init, rules.rsgd_step, {"lr": 0.1, "momentum": 0.9}),
-    (
-        "rsgd-nesterov",
-        rules.rsgd_init,
-        rules.rsgd_step,
-        {"lr": 0.1, "momentum": 0.9, "nesterov": True},
-    ),
-    ("radagrad", rules.radagrad_init, rules.radagrad_step, {"lr": 0.05}),
-    ("radamw", rules.radamw_init, rules.radamw_step, {"lr": 0.01, "weight_decay": 0.1}),
-    (
-        "dlra-heavyball",
-        rules.dlra_heavyball_init,
-        rules.dlra_heavyball_step,
-        {"lr": 0.1, "rank_tol": None},
-    ),
-    ("dlra-adam", rules.dlra_adam_init, rules.dlra_adam_step, {"lr": 0.01, "rank_tol": None}),
-]
+def _item(obj, k):
+    """Item k of a stacked point / vector / state (per-item arrays indexed, numbers kept)."""
+    if isinstance(obj, FixedRankPoint):
+        return FixedRankPoint(obj.U[k], obj.s[k], obj.V[k])
+    if isinstance(obj, TangentVector):
+        return TangentVector(obj.M[k], obj.Up[k], obj.Vp[k])
+    return {n: (v if np.ndim(v) == 0 else v[k]) for n, v in rules.state_arrays(obj).items()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,init,step,hyper", STEPS, ids=[s[0] for s in STEPS])
-def test_states_stay_tangent_and_point_valid(backend, name, init, step, hyper):
+@pytest.mark.parametrize("name", list(SPECS))
+def test_stacked_step_equals_single_steps(backend, name):
+    """One call of a rule on a stack of 3 same-shape points equals 3 single calls (float64,
+    1e-12): points, and every state array (first moments, statistics, counts)."""
+    spec = SPECS[name]
+    M = _manifold(backend)
+    xs = M.random_point(0, batch_shape=(3,))
+    singles = [_item(xs, k) for k in range(3)]
+    st = spec.init(M, xs)
+    sts = [spec.init(M, x) for x in singles]
+    for step in range(3):
+        g = _grad(M, xs, step)
+        new, st_new = spec.step(M, xs, g, st)
+        for k in range(3):
+            y, sts[k] = spec.step(M, singles[k], _item(g, k), sts[k])
+            yk = new[k] if isinstance(new, list) else _item(new, k)
+            np.testing.assert_allclose(_np(yk.to_dense()), _np(y.to_dense()), atol=1e-12)
+            ref = rules.state_arrays(sts[k])
+            got = rules.state_arrays(st_new[k]) if isinstance(new, list) else _item(st_new, k)
+            assert set(got) == set(ref)
+            for key in ref:
+                np.testing.assert_allclose(_np(got[key]), _np(ref[key]), atol=1e-12, err_msg=key)
+            singles[k] = y
+        if isinstance(new, list):  # ranks differ: continue with single points only
+            break
+        xs, st = new, st_new
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_states_stay_tangent_and_point_valid(backend, name):
+    spec = SPECS[name]
     M = _manifold(backend)
     x = M.random_point(0)
-    state = init(M, x)
+    state = spec.init(M, x)
     for k in range(4):
-        x, state = step(M, x, _grad(M, x, k), state, **hyper)
-        M.check_point(x, orthonormal=True)
-        for f in ("momentum_buffer", "exp_avg"):
-            v = getattr(state, f, None)
-            if v is not None:
-                assert _tangency(M, x, v) < 1e-10, (name, f)
+        x, state = spec.step(M.with_rank(x.rank), x, _grad(M.with_rank(x.rank), x, k), state)
+        M.with_rank(x.rank).check_point(x, orthonormal=True)
+        for v in (getattr(state, f.name) for f in fields(state)):
+            if isinstance(v, TangentVector):
+                assert _tangency(x, v) < 1e-10, name
 
 
-@pytest.mark.parametrize("name,init,step,hyper", STEPS, ids=[s[0] for s in STEPS])
-def test_state_memory_is_linear(name, init, step, hyper):
+@pytest.mark.parametrize("name", FIXED)
+def test_state_memory_is_linear(name):
+    """Every state array is O((m + n) r): never an m x n matrix."""
+    spec = SPECS[name]
     m, n, r = 600, 500, 3
     M = _manifold("numpy", m, n, r)
     x = M.random_point(0)
-    state = init(M, x)
+    state = spec.init(M, x)
     for k in range(2):
-        x, state = step(M, x, M.random_tangent_vector(x, k), state, **hyper)
-    d = rules.state_to_dict(state)
-    # every array is O((m + n) r): here at most (m + n) * r + (m + n) + r^2 elements; m*n would be 300000
-    assert _n_elements(d) <= 2 * ((m + n) * r + (m + n) + r * r)
+        x, state = spec.step(M, x, M.random_tangent_vector(x, k), state)
+    total = sum(int(np.size(v)) for v in rules.state_arrays(state).values())
+    assert total <= (m + n) * r + (m + n) + r * r + 1  # m * n would be 300000
 
 
-@pytest.mark.parametrize("name,init,step,hyper", STEPS, ids=[s[0] for s in STEPS])
-def test_state_dict_roundtrip(name, init, step, hyper):
+@pytest.mark.parametrize("name", FIXED)
+def test_state_arrays_roundtrip(name):
+    spec = SPECS[name]
     M = _manifold("numpy")
     x = M.random_point(0)
-    state = init(M, x)
-    x, state = step(M, x, _grad(M, x, 1), state, **hyper)
-    back = rules.state_from_dict(rules.state_to_dict(state))
+    state = spec.init(M, x)
+    x, state = spec.step(M, x, _grad(M, x, 1), state)
+    back = rules.state_from_arrays(type(state), rules.state_arrays(state))
     g = _grad(M, x, 2)
-    y1, _ = step(M, x, g, state, **hyper)
-    y2, _ = step(M, x, g, back, **hyper)
+    y1, _ = spec.step(M, x, g, state)
+    y2, _ = spec.step(M, x, g, back)
     np.testing.assert_array_equal(y1.to_dense(), y2.to_dense())
+    with pytest.raises(ValueError, match="has no entries"):
+        rules.state_from_arrays(type(state), {**rules.state_arrays(state), "bogus": 1})
 
 
 def test_weight_decay_alone_shrinks_exactly():
     M = _manifold("numpy")
     x = M.random_point(0)
-    state = rules.radamw_init(M, x)
-    y, _ = rules.radamw_step(M, x, M.zero_vector(x), state, lr=0.1, weight_decay=0.5)
+    spec = rules.RAdamW(lr=0.1, weight_decay=0.5)
+    y, _ = spec.step(M, x, M.zero_vector(x), spec.init(M, x))
     np.testing.assert_allclose(y.to_dense(), 0.95 * x.to_dense(), atol=1e-13)
 
 
@@ -115,7 +151,8 @@ def test_rsgd_without_momentum_is_a_retraction_step():
     M = _manifold("numpy")
     x = M.random_point(0)
     g = _grad(M, x, 0)
-    y, _ = rules.rsgd_step(M, x, g, rules.rsgd_init(M, x), lr=0.3)
+    spec = rules.RSGD(lr=0.3)
+    y, _ = spec.step(M, x, g, spec.init(M, x))
     np.testing.assert_allclose(y.to_dense(), M.retraction(x, g * -0.3).to_dense(), atol=1e-13)
 
 
@@ -132,7 +169,8 @@ def test_first_radamw_step_is_sign_like():
     lr = 1e-3
     steps = {}
     for scale in (1e-6, 1.0, 1e6):
-        y, _ = rules.radamw_step(M, x, g * scale, rules.radamw_init(M, x), lr=lr, weight_decay=0.0)
+        spec = rules.RAdamW(lr=lr, weight_decay=0.0)
+        y, _ = spec.step(M, x, g * scale, spec.init(M, x))
         D = (y.to_dense() - x.to_dense()) / lr
         steps[scale] = D
         assert 0.5 < np.sqrt(np.mean(D**2)) < 2.0, scale
@@ -142,32 +180,52 @@ def test_first_radamw_step_is_sign_like():
     np.testing.assert_allclose(steps[1e-6], steps[1.0], rtol=0.1, atol=0.1)  # eps = 1e-8 shows
 
 
+@pytest.mark.parametrize("scale", [1e-150, 1e-6, 1e8])
+def test_radamw_trajectory_is_invariant_to_the_gradient_scale(scale):
+    """With the relative eps of the Adafactor-factored metric, scaling every gradient by any
+    positive number (down to 1e-150) leaves RAdamW's (and Adam's) iterates unchanged: the
+    first step moves by about lr per unit RMS, whatever the scale of the data."""
+    M = _manifold("numpy")
+    spec = rules.RAdamW(lr=1e-2)
+    ref = x = M.random_point(0)
+    s_ref = s = spec.init(M, x)
+    for k in range(5):
+        g = _grad(M, x, k)
+        x, s = spec.step(M, x, g * scale, s)
+        ref, s_ref = spec.step(M, ref, _grad(M, ref, k), s_ref)
+    np.testing.assert_allclose(x.to_dense(), ref.to_dense(), atol=1e-11)
+    moved = np.linalg.norm(x.to_dense() - M.random_point(0).to_dense())
+    assert moved > 1e-2  # it did move (5 steps of lr 1e-2)
+
+
 def test_dlra_rank_grows_and_shrinks():
     M = _manifold("numpy", 40, 30, 3)
     x = M.random_point(0)
-    big = _grad(M, x, 0) * 10.0
-    y, _ = rules.dlra_heavyball_step(
-        M, x, big, rules.dlra_heavyball_init(M, x), lr=1.0, momentum=0.0, rank_tol=1e-8
-    )
+    grow = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-8)
+    y, _ = grow.step(M, x, _grad(M, x, 0) * 10.0, grow.init(M, x))
     assert y.rank > 3  # augmented basis kept
-    x = ro.FixedRankPoint(x.U, np.array([1.0, 1.0, 1e-4]), x.V)
-    small = M.zero_vector(x)
-    z, _ = rules.dlra_heavyball_step(
-        M, x, small, rules.dlra_heavyball_init(M, x), lr=1.0, momentum=0.0, rank_tol=1e-3
-    )
+    x = FixedRankPoint(x.U, np.array([1.0, 1.0, 1e-4]), x.V)
+    shrink = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-3)
+    z, _ = shrink.step(M, x, M.zero_vector(x), shrink.init(M, x))
     assert z.rank == 2  # the 1e-4 direction is truncated
+    capped = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-8, max_rank=4)
+    w, _ = capped.step(M, M.random_point(0), _grad(M, x, 0) * 10.0, capped.init(M, x))
+    assert w.rank == 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("steps", [1, 5])
-def test_adaptive_metric_gradients_fd(backend, steps):
-    """The metric used by RAdaGrad/RAdamW after some updates gives the true Riemannian gradient."""
+@pytest.mark.parametrize("name", ["radamw", "radagrad", "radamw-block", "radamw-quartic"])
+def test_adaptive_metric_gradients_fd(backend, name):
+    """The metric a rule builds from its statistics gives the true Riemannian gradient of that
+    metric (finite differences, slope 2)."""
+    spec = SPECS[name]
     M = _manifold(backend)
     x = M.random_point(0)
-    state = rules.radamw_init(M, x)
-    for k in range(steps):
-        x, state = rules.radamw_step(M, x, _grad(M, x, k), state, lr=1e-2)
-    Mg = M.with_metric(state.metric)
+    state = spec.init(M, x)
+    for k in range(3):
+        x, state = spec.step(M, x, _grad(M, x, k), state)
+    c = 1.0 - spec.betas[1] ** state.count if hasattr(spec, "betas") else 1.0
+    Mg = M.with_metric(spec.metric(M, state.row_stats / c, state.col_stats / c))
     A = M.backend.asarray(np.random.default_rng(9).standard_normal((M.m, M.n)))
     xp = M.backend.xp
 
@@ -182,22 +240,78 @@ def test_torch_and_numpy_rules_agree():
     pytest.importorskip("torch", reason="PyTorch not installed")
     Mn, Mt = _manifold("numpy"), _manifold("torch")
     xn, xt = Mn.random_point(0), Mt.random_point(0)
-    sn, st = rules.radamw_init(Mn, xn), rules.radamw_init(Mt, xt)
+    spec = rules.RAdamW(lr=1e-2)
+    sn, st = spec.init(Mn, xn), spec.init(Mt, xt)
     for k in range(3):
-        gn = _grad(Mn, xn, k)
-        gt = _grad(Mt, xt, k)
-        xn, sn = rules.radamw_step(Mn, xn, gn, sn, lr=1e-2)
-        xt, st = rules.radamw_step(Mt, xt, gt, st, lr=1e-2)
+        xn, sn = spec.step(Mn, xn, _grad(Mn, xn, k), sn)
+        xt, st = spec.step(Mt, xt, _grad(Mt, xt, k), st)
     np.testing.assert_allclose(xt.to_dense().numpy(), xn.to_dense(), atol=1e-10)
 
 
-def test_bad_hyperparameters():
-    M = _manifold("numpy")
-    x = M.random_point(0)
-    g = _grad(M, x, 0)
-    with pytest.raises(ValueError, match="learning rate"):
-        rules.rsgd_step(M, x, g, rules.rsgd_init(M, x), lr=-1.0)
-    with pytest.raises(ValueError, match="betas"):
-        rules.radamw_step(M, x, g, rules.radamw_init(M, x), lr=0.1, betas=(1.0, 0.9))
-    with pytest.raises(ValueError, match="Nesterov"):
-        rules.rsgd_step(M, x, g, rules.rsgd_init(M, x), lr=0.1, nesterov=True)
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: rules.RSGD(lr=-1.0), "learning rate"),
+        (lambda: rules.RAdamW(betas=(1.0, 0.9)), "betas"),
+        (lambda: rules.RSGD(nesterov=True), "Nesterov"),
+        (lambda: rules.RAdamW(cg_maxiter=0), "cg_maxiter"),
+        (lambda: rules.RAdamW(structure="diag"), "structure"),
+        (lambda: rules.RAdamW(factoring="quad"), "factoring"),
+        (lambda: rules.RAdamW(solver="lu"), "solver"),
+        (lambda: rules.RAdamW(eps=0.0), "eps"),
+        (lambda: rules.DLRAAdam(max_rank=0), "max_rank"),
+        (lambda: rules.DLRAAdam(min_rank=3, max_rank=2), "exceeds max_rank"),
+        (lambda: rules.RAdaGrad(lr_decay=-1), "lr_decay"),
+        (lambda: rules.RAdamW(structure="block", exact=False), "structure='full' only"),
+    ],
+)
+def test_bad_hyperparameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_specs_are_keyword_only_and_frozen():
+    with pytest.raises(TypeError):
+        rules.RAdamW(0.1)
+    spec = rules.RAdamW()
+    with pytest.raises(AttributeError):
+        spec.lr = 0.5
+
+
+SOLVER_OF = {
+    "RHeavyBall": rules.RHeavyBall,
+    "RAdaGrad": rules.RAdaGrad,
+    "RAdamW": rules.RAdamW,
+    "DLRAHeavyBall": rules.DLRAHeavyBall,
+    "DLRAAdam": rules.DLRAAdam,
+}
+
+
+@pytest.mark.parametrize("name", list(SOLVER_OF))
+def test_numpy_solvers_take_their_defaults_from_the_spec(name):
+    solver = getattr(ro.solvers, name)()
+    assert solver.spec == SOLVER_OF[name]()
+    with pytest.raises(ValueError, match="unknown options"):
+        getattr(ro.solvers, name)(learning_rate=0.1)
+
+
+TORCH_OF = ["RAdamW", "RAdaGrad", "RSGD", "DLRAHeavyBall", "DLRAAdam"]
+
+
+@pytest.mark.parametrize("name", TORCH_OF)
+def test_torch_optimizers_take_their_defaults_from_the_spec(name):
+    """Every keyword of a torch optimizer that is a field of its rule defaults to the rule's
+    value (the defaults are written once, in rankopt.rules)."""
+    rt = pytest.importorskip("rankopt.torch", reason="PyTorch not installed")
+    cls = getattr(rt, name)
+    spec = cls.spec_class
+    params = inspect.signature(cls).parameters
+    aliases = {v: k for k, v in cls.spec_keys.items()}
+    seen = 0
+    for pname, p in params.items():
+        # a spec field exposed under another name (eps -> metric_eps) leaves its own name to torch
+        field = aliases.get(pname, None if pname in cls.spec_keys else pname)
+        if field in {f.name for f in fields(spec)} and p.default is not inspect.Parameter.empty:
+            assert p.default == getattr(spec, field), (name, pname)
+            seen += 1
+    assert seen >= 4

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 import rankopt as ro  # noqa: E402
 import rankopt.torch as rt  # noqa: E402
-from rankopt.solvers import rules  # noqa: E402
+from rankopt import rules  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -50,21 +50,12 @@ def test_cuda_backward_matches_dense_autograd(kind, dtype):
 
 @pytest.mark.parametrize("name", ["RAdamW", "RSGD", "DLRAAdam"])
 def test_cuda_optimizer_equals_rule(name):
-    cls, init, step, kw = {
-        "RAdamW": (
-            rt.RAdamW,
-            rules.radamw_init,
-            rules.radamw_step,
-            dict(lr=0.05, weight_decay=0.01),
-        ),
-        "RSGD": (rt.RSGD, rules.rsgd_init, rules.rsgd_step, dict(lr=0.05, momentum=0.9)),
-        "DLRAAdam": (
-            rt.DLRAAdam,
-            rules.dlra_adam_init,
-            rules.dlra_adam_step,
-            dict(lr=0.05, rank_tol=1e-6),
-        ),
+    cls, spec, kw = {
+        "RAdamW": (rt.RAdamW, rules.RAdamW, dict(lr=0.05, weight_decay=0.01)),
+        "RSGD": (rt.RSGD, rules.RSGD, dict(lr=0.05, momentum=0.9)),
+        "DLRAAdam": (rt.DLRAAdam, rules.DLRAAdam, dict(lr=0.05, rank_tol=1e-6)),
     }[name]
+    spec = spec(**kw)
     layer = rt.LowRankLinear(40, 30, 4, bias=False, dtype=torch.float64, device=DEV, seed=0)
     opt = cls(layer.parameters(), **kw)
     x = ro.FixedRankPoint(*layer.factors())
@@ -76,8 +67,8 @@ def test_cuda_optimizer_equals_rule(name):
         (layer(inp) ** 2).sum().backward()
         man = ro.FixedRankManifold(30, 40, x.rank, backend="torch", device=DEV, validate=False)
         xi = ro.TangentVector(layer.S.grad.clone(), layer.U.grad.clone(), layer.V.grad.clone())
-        state = init(man, x) if state is None else state
-        x, state = step(man, x, xi, state, **kw)
+        state = spec.init(man, x) if state is None else state
+        x, state = spec.step(man, x, xi, state)
         opt.step()
         U, s, V = layer.factors()
         assert torch.allclose(U @ torch.diag(s) @ V.T, x.to_dense(), rtol=0, atol=1e-12)

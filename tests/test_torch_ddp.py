@@ -24,10 +24,12 @@ STEPS = 4
 def _model():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)
-    ).double()
+        nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+        nn.Linear(16, 5),
+    ).double()  # fmt: skip
+    # two adapters share a shape (one stack), one does not
     return rt.apply_low_rank(
-        model, rank=3, target_modules=["0", "2"], modules_to_save=["4"], seed=1
+        model, rank=3, target_modules=["0", "2", "4"], modules_to_save=["6"], seed=1
     )
 
 
@@ -36,8 +38,8 @@ def _batch(step: int):
     return torch.randn(32, 12, dtype=D, generator=g), torch.randn(32, 5, dtype=D, generator=g)
 
 
-def _train(model, rank: int = 0, world: int = 1):
-    opt = rt.RAdamW(rt.trainable_parameters(model), lr=0.05)
+def _train(model, rank: int = 0, world: int = 1, stack_layers: bool = True):
+    opt = rt.RAdamW(rt.trainable_parameters(model), lr=0.05, stack_layers=stack_layers)
     for step in range(STEPS):
         x, t = _batch(step)
         half = x.shape[0] // world
@@ -71,15 +73,16 @@ def _free_port() -> int:
 
 
 def test_ddp_replicas_identical_and_equal_single_process(tmp_path):
-    """Two gloo replicas, each on half of every batch: the all-reduced tangent pieces (and the
-    adapter's first-step sketches) give identical replicas, equal to one process on the full
-    batch (to rounding of the averaged gradients)."""
+    """Two gloo replicas, each on half of every batch, with stacked layer groups: the
+    all-reduced tangent pieces (and the adapter's first-step sketches) give identical replicas,
+    equal to one process on the full batch moving each layer alone (``stack_layers=False``, the
+    per-layer path), to rounding of the averaged gradients."""
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     torch.set_num_threads(1)
     single = _model()
-    _train(single)
+    _train(single, stack_layers=False)
     ref = single.state_dict()
     assert set(r0) == set(r1) == set(ref)
     moved = 0
@@ -89,4 +92,4 @@ def test_ddp_replicas_identical_and_equal_single_process(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
         assert torch.allclose(r0[k], v, rtol=1e-10, atol=1e-10), k
         moved += int(k.endswith(".U") and not torch.equal(v, _model().state_dict()[k]))
-    assert moved == 2  # both adapters started and moved
+    assert moved == 3  # every adapter started and moved

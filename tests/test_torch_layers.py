@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 import rankopt as ro  # noqa: E402
 import rankopt.torch as rt  # noqa: E402
-from rankopt.solvers import rules  # noqa: E402
+from rankopt import rules  # noqa: E402
 
 D = torch.float64
 
@@ -141,17 +141,18 @@ def test_adapter_first_step_is_truncated_gradient_step():
 
 
 def test_adapter_first_step_equals_rule_at_start_point():
-    """RAdamW's first adapter step is rules.radamw_step at the Nystrom start point (one rule)."""
-    from rankopt.torch._riemannian import _adapter_start
+    """RAdamW's first adapter step is its rule's step at the Nystrom start point (one rule)."""
+    from rankopt.torch._riemannian import adapter_start
 
     rng = np.random.default_rng(5)
     layer = rt.LowRankLinear(8, 6, 2, bias=False, base=torch.zeros(6, 8, dtype=D), seed=0)
     x = torch.tensor(rng.standard_normal((5, 8)), dtype=D)
     _loss(layer(x)).backward()
     man = ro.FixedRankManifold(6, 8, 2, backend="torch", validate=False)
-    x0, xi = _adapter_start(man, layer.U.grad, layer.S.grad, layer.V.grad)
-    st0 = rules.radamw_init(man, x0, cg_tol=1e-4)  # the torch default
-    ref, _ = rules.radamw_step(man, x0, xi, st0, lr=0.05, weight_decay=0.01)
+    x0, xi, ok = adapter_start(man, layer.U.grad, layer.S.grad, layer.V.grad)
+    assert bool(ok)
+    spec = rules.RAdamW(lr=0.05, weight_decay=0.01)
+    ref, _ = spec.step(man, x0, xi, spec.init(man, x0))
     rt.RAdamW(layer.parameters(), lr=0.05, weight_decay=0.01).step()
     assert torch.allclose(layer.delta_weight(), ref.to_dense(), rtol=0, atol=1e-14)
     assert float(layer.factors()[1].min()) > 0

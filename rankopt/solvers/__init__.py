@@ -1,8 +1,8 @@
 """Riemannian solvers on the fixed-rank manifold, and :func:`solve`, the entry point.
 
 Every solver shares the loop of :class:`~rankopt.solvers.base.Solver` (stopping criteria,
-history, callbacks, progress bar); the stochastic-style ones call the pure update rules of
-:mod:`rankopt.solvers.rules`, the same functions the torch optimizers call.
+history, callbacks, progress bar); the stochastic-style ones call the update rules of
+:mod:`rankopt.rules`, the same specs the torch optimizers call.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from . import rules
 from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
 from .base import (
     History,
@@ -35,7 +34,6 @@ __all__ = [
     "StopReason",
     "History",
     "IterationInfo",
-    "rules",
     "RGD",
     "RCG",
     "RGN",

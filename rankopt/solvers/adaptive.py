@@ -1,47 +1,25 @@
-r"""Stochastic-style solvers driven by the pure rules of :mod:`rankopt.solvers.rules`.
+r"""Stochastic-style solvers driven by the update rules of :mod:`rankopt.rules`.
 
 ``RHeavyBall``, ``RAdaGrad``, ``RAdamW``, ``DLRAHeavyBall`` and ``DLRAAdam`` take a fixed learning
-rate (optionally a schedule ``lr(k)``) and call the same step functions as the torch
+rate (optionally a schedule ``lr(k)``) and call the ``step`` of the same rule spec as the torch
 optimizers in :mod:`rankopt.torch`, so a solver run and a torch training loop apply identical
-updates to identical data. Cost per iteration: that of the rule (see ``rules``) plus one
-gradient evaluation.
+updates to identical data. Every hyperparameter (and its default) is the spec's: a solver passes
+its keyword arguments to the spec, which validates them. Cost per iteration: that of the rule
+(see :mod:`rankopt.rules`) plus one gradient evaluation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
-from . import rules
+from .. import rules
 from .base import Solver
 
 __all__ = ["RHeavyBall", "RAdaGrad", "RAdamW", "DLRAHeavyBall", "DLRAAdam"]
 
-
-class _RuleSolver(Solver):
-    _init: Callable = staticmethod(rules.rsgd_init)
-    _step: Callable = staticmethod(rules.rsgd_step)
-    _init_keys: tuple[str, ...] = ()
-
-    def __init__(self, lr: float | Callable[[int], float] = 1e-2, **kw: Any) -> None:
-        base = {k: kw.pop(k) for k in list(kw) if k in _SOLVER_KEYS}
-        super().__init__(**base)
-        if not callable(lr) and not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}")
-        self.lr = lr
-        self.init_kw = {k: kw.pop(k) for k in list(kw) if k in self._init_keys}
-        self.hyper = kw
-
-    def init(self, problem, manifold, x):
-        return [0, self._init(manifold, x, **self.init_kw)]
-
-    def step(self, problem, manifold, x, f, Z, g, st):
-        k, state = st
-        lr = self.lr(k) if callable(self.lr) else self.lr
-        x_new, state = self._step(manifold, x, g, state, lr=lr, **self.hyper)
-        return x_new, [k + 1, state], lr
-
-
+#: keyword arguments that belong to the solver loop (see :class:`~rankopt.solvers.base.Solver`)
 _SOLVER_KEYS = {
     "max_iter",
     "tol",
@@ -57,48 +35,80 @@ _SOLVER_KEYS = {
 }
 
 
+class _RuleSolver(Solver):
+    """A solver whose step is ``spec.step`` of a rule of :mod:`rankopt.rules`.
+
+    ``lr`` may be a number or a schedule ``lr(k)`` of the iteration count; every other keyword
+    that is not a loop option is a field of the rule's spec.
+    """
+
+    spec_class: type = rules.RSGD
+
+    def __init__(self, lr: float | Callable[[int], float] | None = None, **kw: Any) -> None:
+        loop = {k: kw.pop(k) for k in list(kw) if k in _SOLVER_KEYS}
+        super().__init__(**loop)
+        names = {f.name for f in fields(self.spec_class)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} got unknown options {unknown}; its rule "
+                f"({self.spec_class.__name__}) takes {sorted(names)} and the loop takes "
+                f"{sorted(_SOLVER_KEYS)}"
+            )
+        if callable(lr):
+            self.schedule = lr
+        else:
+            self.schedule = None
+            if lr is not None:
+                kw["lr"] = lr
+        self.spec = self.spec_class(**kw)
+        if self.schedule is None and not self.spec.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.spec.lr}")
+
+    @property
+    def lr(self) -> Any:
+        return self.schedule if self.schedule is not None else self.spec.lr
+
+    def init(self, problem, manifold, x):
+        return [0, self.spec.init(manifold, x)]
+
+    def step(self, problem, manifold, x, f, Z, g, st):
+        k, state = st
+        lr = self.schedule(k) if self.schedule is not None else self.spec.lr
+        x_new, state = self.spec.step(manifold, x, g, state, lr=lr)
+        return x_new, [k + 1, state], lr
+
+
 class RHeavyBall(_RuleSolver):
-    """Riemannian heavy ball / Nesterov (``rules.rsgd_step``): ``RHeavyBall(lr, momentum=0.9)``."""
+    """Riemannian heavy ball / Nesterov (:class:`rankopt.rules.RHeavyBall`)."""
 
     name = "RHeavyBall"
-
-    def __init__(self, lr=1e-2, momentum: float = 0.9, **kw: Any) -> None:
-        super().__init__(lr, momentum=momentum, **kw)
+    spec_class = rules.RHeavyBall
 
 
 class RAdaGrad(_RuleSolver):
-    """RAdaGrad (``rules.radagrad_step``): ``RAdaGrad(lr, eps=1e-10, exact=True)``."""
+    """RAdaGrad (:class:`rankopt.rules.RAdaGrad`)."""
 
     name = "RAdaGrad"
-    _init = staticmethod(rules.radagrad_init)
-    _step = staticmethod(rules.radagrad_step)
-    _init_keys = ("eps", "exact", "cg_tol", "cg_maxiter")
+    spec_class = rules.RAdaGrad
 
 
 class RAdamW(_RuleSolver):
-    """RAdamW (``rules.radamw_step``): ``RAdamW(lr, betas=(0.9, 0.999), weight_decay=0.0)``."""
+    """RAdamW (:class:`rankopt.rules.RAdamW`)."""
 
     name = "RAdamW"
-    _init = staticmethod(rules.radamw_init)
-    _step = staticmethod(rules.radamw_step)
-    _init_keys = ("eps", "exact", "cg_tol", "cg_maxiter")
-
-    def __init__(self, lr=1e-2, weight_decay: float = 0.0, **kw: Any) -> None:
-        super().__init__(lr, weight_decay=weight_decay, **kw)
+    spec_class = rules.RAdamW
 
 
 class DLRAHeavyBall(_RuleSolver):
-    """Rank-adaptive low-rank heavy ball (``rules.dlra_heavyball_step``)."""
+    """Rank-adaptive low-rank heavy ball (:class:`rankopt.rules.DLRAHeavyBall`)."""
 
     name = "DLRAHeavyBall"
-    _init = staticmethod(rules.dlra_heavyball_init)
-    _step = staticmethod(rules.dlra_heavyball_step)
+    spec_class = rules.DLRAHeavyBall
 
 
 class DLRAAdam(_RuleSolver):
-    """Rank-adaptive low-rank Adam (``rules.dlra_adam_step``)."""
+    """Rank-adaptive low-rank Adam (:class:`rankopt.rules.DLRAAdam`)."""
 
     name = "DLRAAdam"
-    _init = staticmethod(rules.dlra_adam_init)
-    _step = staticmethod(rules.dlra_adam_step)
-    _init_keys = ("eps", "exact", "cg_tol", "cg_maxiter")
+    spec_class = rules.DLRAAdam

@@ -347,7 +347,7 @@ class Solver:
         hist = History()
         f, Z = problem.cost_and_egrad(x)
         _check_real(Z)
-        g = manifold._project(x, Z)
+        g = manifold.geometry.project(x, Z)
         gn = math.sqrt(max(manifold.backend.to_float(manifold.euclidean_inner(g, g)), 0.0))
         if not (math.isfinite(f) and math.isfinite(gn)):
             raise ValueError("cost or gradient is not finite at the starting point")
@@ -367,7 +367,7 @@ class Solver:
             if x_new.rank != manifold.r:
                 manifold = self._manifold(problem, x_new.rank)
             f_new, Z_new = problem.cost_and_egrad(x_new)
-            g_new = manifold._project(x_new, Z_new) if math.isfinite(f_new) else None
+            g_new = manifold.geometry.project(x_new, Z_new) if math.isfinite(f_new) else None
             gn_new = (
                 math.sqrt(
                     max(manifold.backend.to_float(manifold.euclidean_inner(g_new, g_new)), 0.0)

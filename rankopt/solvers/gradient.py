@@ -39,7 +39,7 @@ def armijo(
     """
     t = t0
     for _ in range(max_backtracks):
-        x_new = manifold._retract(x, direction * t)
+        x_new = manifold.geometry.retract(x, direction * t)
         f_new = float(problem.cost(x_new))
         if math.isfinite(f_new) and f_new <= f + c * t * slope:
             return t, x_new, f_new
@@ -82,8 +82,8 @@ class _LineSearchSolver(Solver):
                     f"{type(problem).__name__} offers no exact step; use step='armijo'"
                 )
         if rule == "bb" and st.x_prev is not None and st.d_prev is not None:
-            s = manifold._transport(st.x_prev, x, st.d_prev)
-            y = g - manifold._transport(st.x_prev, x, st.g_prev)
+            s = manifold.geometry.transport(st.x_prev, x, st.d_prev)
+            y = g - manifold.geometry.transport(st.x_prev, x, st.g_prev)
             sy = _inner(manifold, s, y)
             if sy > 0:  # BB2 step <s, y> / <y, y> for the direction -grad
                 return sy / max(_inner(manifold, y, y), 1e-300)
@@ -147,8 +147,8 @@ class RCG(_LineSearchSolver):
         rg = self.rgrad(manifold, x, g)
         d = -rg
         if st.d_prev is not None and st.since_restart < self.restart:
-            dT = manifold._transport(st.x_prev, x, st.d_prev)
-            rgT = manifold._transport(st.x_prev, x, st.rg_prev)
+            dT = manifold.geometry.transport(st.x_prev, x, st.d_prev)
+            rgT = manifold.geometry.transport(st.x_prev, x, st.rg_prev)
             y = rg - rgT
             # g(grad, y) = <P Z, y>: the metric's inner product through the Euclidean pairing
             num = _inner(manifold, g, y)

@@ -113,8 +113,8 @@ class RGN(Solver):
 
     def _operator(self, problem, manifold, x, Z):
         if self._is_gn(problem):
-            return lambda v: manifold._project(x, problem.ehess(x, manifold.embed(x, v)))
-        return lambda v: manifold._hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
+            return lambda v: manifold.geometry.project(x, problem.ehess(x, manifold.embed(x, v)))
+        return lambda v: manifold.geometry.hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
 
     def step(self, problem, manifold, x, f, Z, g, st: _NewtonState):
         gn = math.sqrt(max(_inner(manifold, g, g), 0.0))

@@ -1,8 +1,9 @@
 r"""Which options each :func:`rankopt.solve` method takes, and the checks ``solve`` runs first.
 
 ``solve(problem, rank, method=..., **options)`` passes ``options`` to a solver's constructor
-(and, for the fixed-learning-rate rules, on to the update rule). This module lists the
-accepted names per method, read from the constructors' and the rules' signatures, so that a
+(and, for the fixed-learning-rate rules, on to the rule's spec). This module lists the
+accepted names per method, read from the constructors' signatures and the rule specs'
+``hyperparameters()``, so that a
 wrong or misspelled option fails before the run with a message that names the methods that do
 take it. It also checks the problem, the rank and the starting point (:func:`check_solve_args`).
 
@@ -21,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from ..containers import FixedRankPoint
-from . import rules
 from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
 from .base import RankWarning, Solver
 from .gradient import RCG, RGD
@@ -51,21 +51,15 @@ METHOD_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
     "dlra-adam": (DLRAAdam, {}),
 }
 
-# The fixed-learning-rate solvers hand their extra keywords to these pure rules (init, step);
-# listed here so that their keywords count as options (the rules are public functions).
-_RULE_FUNCTIONS: dict[type, tuple[Callable, Callable]] = {
-    RHeavyBall: (rules.rsgd_init, rules.rsgd_step),
-    RAdaGrad: (rules.radagrad_init, rules.radagrad_step),
-    RAdamW: (rules.radamw_init, rules.radamw_step),
-    DLRAHeavyBall: (rules.dlra_heavyball_init, rules.dlra_heavyball_step),
-    DLRAAdam: (rules.dlra_adam_init, rules.dlra_adam_step),
-}
-# positional arguments of the rules, supplied by the solver (not options)
-_RULE_ARGS = {"manifold", "x", "grad", "state", "lr"}
 # arguments of solve() itself: given as options they would clash
 _SOLVE_ARGS = ("problem", "rank", "method", "tol", "max_iter", "seed", "verbose", "x0", "callback")
 #: keyword arguments solve() takes besides the solver options
 solve_keywords = ("threads",)
+
+
+def _rule_spec(cls: type) -> Any:
+    """The rule spec class (:mod:`rankopt.rules`) a fixed-learning-rate solver steps with."""
+    return getattr(cls, "spec_class", None)
 
 
 def _keyword_defaults(fn: Callable, skip: set[str]) -> tuple[dict[str, Any], bool]:
@@ -90,11 +84,11 @@ def _class_options(cls: type) -> dict[str, Any]:
             out.setdefault(k, v)
         if not var_kw:
             break
-    if cls in _RULE_FUNCTIONS:  # the rule solvers pass the rest on to the rules
-        init, step = _RULE_FUNCTIONS[cls]
-        for fn in (step, init):
-            for k, v in _keyword_defaults(fn, _RULE_ARGS)[0].items():
-                out.setdefault(k, v)
+    spec = _rule_spec(cls)
+    if spec is not None:  # the rule solvers pass the rest on to their rule's spec
+        for k, v in spec.hyperparameters().items():
+            if k not in out or out[k] is None:
+                out[k] = v
     return out
 
 
@@ -157,12 +151,18 @@ def option_table() -> dict[str, list[str]]:
 
 
 def is_rank_adaptive(method: str, options: dict[str, Any]) -> bool:
-    """Whether the method may return a rank below ``rank`` (``rank`` is then a cap)."""
+    """Whether the method may return a rank below ``rank`` (``rank`` is then a cap).
+
+    True for "auto", "adaptive-<method>" and the rules whose truncation tolerance ``rank_tol``
+    is set (by default for the DLRA rules, or given as an option).
+    """
     wrapper, key = _split_method(method)
-    if wrapper or key in ("auto", "dlra-heavyball", "dlra-adam"):
+    if wrapper or key == "auto":
         return True
-    # the fixed-rank rules become rank-adaptive when given a truncation tolerance
-    return key in ("rheavyball", "radagrad", "radamw") and options.get("rank_tol") is not None
+    spec = _rule_spec(METHOD_CLASSES[key][0])
+    if spec is None:
+        return False
+    return options.get("rank_tol", spec.hyperparameters().get("rank_tol")) is not None
 
 
 def _check_options(method: str, options: dict[str, Any]) -> None:
@@ -302,7 +302,7 @@ def make_solver(method: str, options: dict[str, Any], rank: int) -> Solver:
         inner_opts = {k: v for k, v in opts.items() if k not in mine or k in common}
         outer["max_rank"] = rank
         return RankAdaptive(cls(**fixed, **inner_opts), **outer)
-    if is_rank_adaptive(method, opts) and cls in _RULE_FUNCTIONS:
+    if is_rank_adaptive(method, opts) and _rule_spec(cls) is not None:
         opts["max_rank"] = rank  # the rank-adaptive retraction truncates to at most this
     solver = cls(**fixed, **opts)
     if isinstance(solver, RankAdaptive):

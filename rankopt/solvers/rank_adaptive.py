@@ -49,12 +49,12 @@ def normal_top_singular(
 
     def N(B):
         B = B - V @ (V.T @ B)
-        Y = manifold._matmul(Z, B)
+        Y = manifold.geometry.matmul(Z, B)
         return Y - U @ (U.T @ Y)
 
     def Nt(A):
         A = A - U @ (U.T @ A)
-        Y = manifold._rmatmul(Z, A)
+        Y = manifold.geometry.rmatmul(Z, A)
         return Y - V @ (V.T @ Y)
 
     p = min(k + 8, manifold.n - x.rank, manifold.m - x.rank)
@@ -177,9 +177,9 @@ class RankAdaptive(Solver):
                 M = problem.manifold(x.rank)
                 if g_ref is None:
                     f, Z = problem.cost_and_egrad(x)
-                    g = M._project(x, Z)
+                    g = M.geometry.project(x, Z)
                     g_ref = math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
-                    hist.append(0, f, g_ref, 0.0, 0.0, x.rank, inner._err(problem, x))
+                    hist.append(0, f, g_ref, 0.0, 0.0, x.rank, self._err(problem, x))
                 gtol = max(self.gtol, self.tol * g_ref)
                 inner.gtol = gtol
                 inner.tol = 0.0 if final else self.stage_tol
@@ -231,7 +231,7 @@ class RankAdaptive(Solver):
             ) = saved
         f, Z = problem.cost_and_egrad(x)
         M = problem.manifold(x.rank)
-        g = M._project(x, Z)
+        g = M.geometry.project(x, Z)
         gn = math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
         return SolverResult(
             x,

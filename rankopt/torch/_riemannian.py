@@ -1,13 +1,14 @@
 r"""Base class of the rankopt torch optimizers, the adapter start, and the plain-optimizer guard.
 
-See :mod:`rankopt.torch.optim` for the optimizers and the overall design.
+See :mod:`rankopt.torch.optim` for the optimizers and :mod:`rankopt.torch.stacks` for how
+same-shape layers are stacked and moved by one call of their rule.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..containers import FixedRankPoint, TangentVector
 from ..manifold import FixedRankManifold
-from ..solvers import rules
+from ..rules import Rule, state_arrays
 from .layers import ManifoldParameter, resize_parameter_
+from .stacks import Layer, StateStack, gather_point, gather_tangent, work_dtype, write_point
 
 # ---------------------------------------------------------------------------
 # detection of manifold parameters in plain torch optimizers
@@ -61,32 +63,31 @@ _HOOK_HANDLE = register_optimizer_step_pre_hook(_guard_hook)
 # ---------------------------------------------------------------------------
 
 
-def _adapter_start(manifold, Y, C, Z) -> tuple[FixedRankPoint, TangentVector] | None:
-    r"""Start point and tangent vector of an adapter from its gradient sketches.
+def adapter_start(manifold, Y, C, Z) -> tuple[FixedRankPoint, TangentVector, torch.Tensor]:
+    r"""Start points and tangent vectors of a stack of adapters from their gradient sketches.
 
-    ``Y = G V``, ``C = U^T G V``, ``Z = G^T U`` for the random orthonormal test matrices U, V.
-    Generalized Nystrom (Nakatsukasa, arXiv 2009.11392, 2020): ``G_hat = Y C_eps^+ Z^T``, with the
-    pseudo-inverse dropping singular values of C below ``r * eps(dtype) * ||C||_2`` (the stable
-    eps-pseudo-inverse variant). ``G_hat = U0 diag(sig) V0^T`` by QR of ``Y C^+`` and ``Z`` and an
-    r x r SVD. Returns ``X0 = U0 diag(0) V0^T`` and ``xi = U0 diag(sig) V0^T`` (as
-    ``TangentVector(diag(sig), 0, 0)``), or None when the sketch is zero (the layer got no
-    gradient). Exact (``G_hat = G``) when ``rank G <= r``. Cost O((m + n) r^2 + r^3).
+    ``Y = G V``, ``C = U^T G V``, ``Z = G^T U`` (stacked) for the random orthonormal test
+    matrices U, V. Generalized Nystrom (Nakatsukasa, arXiv 2009.11392, 2020):
+    ``G_hat = Y C_eps^+ Z^T``, with the pseudo-inverse dropping singular values of C below
+    ``r * eps(dtype) * ||C||_2`` (the stable eps-pseudo-inverse variant). ``G_hat = U0 diag(sig)
+    V0^T`` by QR of ``Y C^+`` and ``Z`` and an r x r SVD. Returns ``X0 = U0 diag(0) V0^T``,
+    ``xi = U0 diag(sig) V0^T`` (as ``TangentVector(diag(sig), 0, 0)``) and a boolean per item
+    that is False where the sketch is zero (that layer got no gradient and stays unstarted).
+    Exact (``G_hat = G``) when ``rank G <= r``. Cost O((m + n) r^2 + r^3) per layer.
     """
     be = manifold.backend
-    r = int(C.shape[0])
-    uc, sc, vch = be.svd(C)
-    smax = be.to_float(sc[0])
-    if not smax > 0:
-        return None
+    r = int(C.shape[-1])
+    uc, sc, vch = torch.linalg.svd(C)
+    smax = sc[..., :1]
     keep = sc > r * be.eps * smax
     inv = torch.where(keep, 1.0 / torch.where(keep, sc, torch.ones_like(sc)), torch.zeros_like(sc))
-    A = Y @ ((vch.T * inv[None, :]) @ uc.T)
-    qa, ra = be.qr(A)
-    qz, rz = be.qr(Z)
-    a, sig, bh = be.svd(ra @ rz.T)
-    x0 = FixedRankPoint(qa @ a, torch.zeros_like(sig), qz @ bh.T)
-    xi = TangentVector(be.diag(sig), be.zeros((Y.shape[0], r)), be.zeros((Z.shape[0], r)))
-    return x0, xi
+    A = Y @ ((vch.mT * inv[..., None, :]) @ uc.mT)
+    qa, ra = torch.linalg.qr(A)
+    qz, rz = torch.linalg.qr(Z)
+    a, sig, bh = torch.linalg.svd(ra @ rz.mT)
+    x0 = FixedRankPoint(qa @ a, torch.zeros_like(sig), qz @ bh.mT)
+    xi = TangentVector(torch.diag_embed(sig), torch.zeros_like(Y), torch.zeros_like(Z))
+    return x0, xi, smax[..., 0] > 0
 
 
 # ---------------------------------------------------------------------------
@@ -95,42 +96,64 @@ def _adapter_start(manifold, Y, C, Z) -> tuple[FixedRankPoint, TangentVector] | 
 
 
 class RiemannianOptimizer(torch.optim.Optimizer):
-    """Base class: groups manifold factors per layer, checks gradients, handles GradScaler.
+    """Base class: groups low-rank layers into stacks, checks gradients, handles GradScaler.
 
-    Subclasses implement ``_rule_init``, ``_rule_step`` (the manifold rule) and
-    ``_euclidean_step`` (torch's rule for ordinary parameters).
+    A subclass names its rule spec (``spec_class``, from :mod:`rankopt.rules`), maps param-group
+    keys to spec fields (``spec_keys``; all other spec fields keep the spec's defaults) and
+    implements ``_euclidean_step`` (torch's rule for ordinary parameters).
+
+    Per step and param group, the low-rank layers with gradients are bucketed by
+    ``(m, n, r, dtype, device, started)``; each bucket is stacked and moved by ONE call of the
+    rule (see :mod:`rankopt.torch.stacks`). Host synchronizations per step: one for the optional
+    finite check (or GradScaler's inf check); rank-adaptive rules read the new ranks, and the
+    first step of adapters reads which layers got a gradient.
 
     Parameters
     ----------
     params : iterable of parameters or of dicts (param groups)
     defaults : dict
     check_finite : bool
-        Raise ``ValueError`` on non-finite gradients (one device synchronization per step).
-        Under ``torch.amp.GradScaler`` the scaler's own inf check is used instead, and a step
-        with inf/NaN gradients is skipped with a ``RuntimeWarning``.
+        Raise ``ValueError`` on non-finite gradients before anything changes (one device
+        synchronization per step). Under ``torch.amp.GradScaler`` the scaler's own inf check is
+        used instead, and a step with inf/NaN gradients is skipped with a ``RuntimeWarning``.
+
+    Every optimizer also takes ``stack_layers`` (default True; a param-group option): False
+    moves each layer by its own call of the rule (the per-layer path, same results to rounding,
+    slower when many layers share a shape).
     """
 
     _rankopt_riemannian = True
     # GradScaler hands us ``grad_scale`` / ``found_inf`` instead of skipping silently
     _step_supports_amp_scaling = True
+    #: the rule spec (a class of rankopt.rules)
+    spec_class: type[Rule] = Rule
+    #: param-group key of each spec field that the optimizer exposes (same name unless mapped)
+    spec_keys: dict[str, str] = {}
 
     def __init__(self, params: Any, defaults: dict, check_finite: bool = True) -> None:
         self.check_finite = bool(check_finite)
         self._manifolds: dict = {}
+        self._stacks: dict = {}
+        self._specs: dict = {}
+        self._splits: dict = {}
         super().__init__(params, defaults)
 
     # -- parameter bookkeeping --------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        try:  # a layer's U, S, V must be complete within one group (torch forbids duplicates)
+        try:  # a layer's U, S, V must be complete within one group; hyperparameters valid
             self._split(self.param_groups[-1])
+            self._spec(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
 
-    @staticmethod
-    def _split(group: dict) -> tuple[list[tuple[Any, Any, Any]], list[torch.Tensor]]:
-        """``(triples, ordinary)``: (U, S, V) per low-rank layer, and all other parameters."""
+    def _split(self, group: dict) -> tuple[list[Layer], list[torch.Tensor]]:
+        """``(layers, ordinary)``: the (U, S, V) of each low-rank layer, and all other parameters."""
+        key = tuple(id(p) for p in group["params"])
+        hit = self._splits.get(id(group))
+        if hit is not None and hit[0] == key:
+            return hit[1]
         by_link: dict[int, dict[str, Any]] = {}
         ordinary = []
         for p in group["params"]:
@@ -141,7 +164,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
                 d[p.role] = p
             else:
                 ordinary.append(p)
-        triples = []
+        layers = []
         for d in by_link.values():
             if set(d) != {"U", "S", "V"}:
                 raise ValueError(
@@ -149,8 +172,21 @@ class RiemannianOptimizer(torch.optim.Optimizer):
                     f"only {sorted(d)} of U, S, V (pass model.parameters() or all of "
                     "layer.parameters())"
                 )
-            triples.append((d["U"], d["S"], d["V"]))
-        return triples, ordinary
+            layers.append(Layer(d["U"], d["S"], d["V"]))
+        self._splits[id(group)] = (key, (layers, ordinary))
+        return layers, ordinary
+
+    def _spec(self, group: dict) -> Rule:
+        """The rule spec with this group's hyperparameters (``lr`` is passed per step)."""
+        names = [f.name for f in fields(self.spec_class) if f.name != "lr"]
+        values = tuple(
+            (n, group[self.spec_keys.get(n, n)]) for n in names if self.spec_keys.get(n, n) in group
+        )
+        spec = self._specs.get(values)
+        if spec is None:
+            spec = self.spec_class(lr=group["lr"], **dict(values))
+            self._specs[values] = spec
+        return spec
 
     def _manifold(self, m: int, n: int, r: int, dtype, device) -> FixedRankManifold:
         key = (m, n, r, dtype, device)
@@ -162,30 +198,9 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             self._manifolds[key] = man
         return man
 
-    # -- state_dict: rule states are frozen dataclasses, stored as plain dicts -----------
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        state = {}
-        for k, v in sd["state"].items():
-            if "rule_state" in v:
-                v = dict(v)
-                v["rule_state"] = rules.state_to_dict(v["rule_state"])
-            state[k] = v
-        sd["state"] = state
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        rule_states, state = {}, {}
-        for k, v in state_dict["state"].items():
-            if isinstance(v, dict) and "rule_state" in v:
-                v = dict(v)
-                rule_states[k] = v.pop("rule_state")
-            state[k] = v
-        super().load_state_dict({**state_dict, "state": state})
-        params = [p for g in self.param_groups for p in g["params"]]
-        for k, d in rule_states.items():
-            p = params[int(k)]
-            self.state[p]["rule_state"] = rules.state_from_dict(_to_device(d, p.device))
+    def _layer_manifold(self, L: Layer) -> FixedRankManifold:
+        U = L.U
+        return self._manifold(U.shape[0], L.V.shape[0], U.shape[1], work_dtype(U.dtype), U.device)
 
     # -- the step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -205,108 +220,177 @@ class RiemannianOptimizer(torch.optim.Optimizer):
                 stacklevel=2,
             )
             return loss
-        splits = [self._split(g) for g in self.param_groups]
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        plan = self._plan()
         if grad_scale is not None:  # GradScaler passed the scale instead of unscaling
+            grads = [p.grad for _, _, _, ordinary in plan for p in ordinary]
+            grads += [t for _, _, buckets, _ in plan for b in buckets for t in b[2]]
             inv = grad_scale.double().reciprocal().float()
             for gr in grads:
                 gr.mul_(inv.to(gr.device))
-        elif self.check_finite and grads:
-            self._raise_if_nonfinite()
-        for group, (triples, ordinary) in zip(self.param_groups, splits, strict=True):
-            params = [p for p in ordinary if p.grad is not None]
-            if params:
-                if any(p.grad.is_sparse for p in params):
-                    raise ValueError("sparse gradients are not supported by rankopt optimizers")
-                self._euclidean_step(group, params)
-            for U, S, V in triples:
-                self._manifold_step(group, U, S, V)
+        elif self.check_finite:
+            self._raise_if_nonfinite(plan)
+        for group, spec, buckets, ordinary in plan:
+            if ordinary:
+                self._euclidean_step(group, ordinary)
+            for layers, x, xi in buckets:
+                self._bucket_step(group, spec, layers, x, xi)
         return loss
 
-    def _raise_if_nonfinite(self) -> None:
-        named = [
-            (gi, p)
-            for gi, g in enumerate(self.param_groups)
-            for p in g["params"]
-            if p.grad is not None
-        ]
-        dev = named[0][1].grad.device
-        ok = torch.stack([torch.isfinite(p.grad).all().to(dev) for _, p in named])
+    def _plan(self) -> list:
+        """Per group: ``(group, spec, buckets, ordinary params with grads)``; each bucket is
+        ``(layers, stacked point, stacked tangent vector or sketches)``."""
+        plan = []
+        for group in self.param_groups:
+            layers, ordinary = self._split(group)
+            ordinary = [p for p in ordinary if p.grad is not None]
+            if any(p.grad.is_sparse for p in ordinary):
+                raise ValueError("sparse gradients are not supported by rankopt optimizers")
+            by_key: dict[tuple, list[Layer]] = {}
+            alone = not group.get("stack_layers", True)
+            for L in layers:
+                gs = (L.U.grad, L.S.grad, L.V.grad)
+                if all(g is None for g in gs):
+                    continue
+                if any(g is None for g in gs):
+                    raise ValueError("a low-rank layer's U, S, V must all have gradients or none")
+                by_key.setdefault(L.key + ((id(L.U),) if alone else ()), []).append(L)
+            buckets = []
+            for key, group_layers in by_key.items():
+                wd = work_dtype(key[3])
+                x = gather_point(group_layers, wd)
+                buckets.append((group_layers, x, gather_tangent(group_layers, wd)))
+            plan.append((group, self._spec(group), buckets, ordinary))
+        return plan
+
+    def _raise_if_nonfinite(self, plan: list) -> None:
+        """One synchronization: all gradients (stacked per bucket) finite, else ``ValueError``."""
+        named = []
+        for gi, (_, _, buckets, ordinary) in enumerate(plan):
+            named += [(gi, p, p.grad) for p in ordinary]
+            for layers, _, xi in buckets:
+                named += [(gi, layers, t) for t in xi]
+        if not named:
+            return
+        dev = named[0][2].device
+        ok = torch.stack([torch.isfinite(t).all().to(dev) for _, _, t in named])
         if bool(ok.all()):
             return
-        i = int((~ok).nonzero()[0, 0])
-        gi, p = named[i]
-        what = (
-            f"factor {p.role!r} of a low-rank layer"
-            if isinstance(p, ManifoldParameter)
-            else "parameter"
-        )
+        gi, what, _ = named[int((~ok).nonzero()[0, 0])]
+        if isinstance(what, list):
+            shapes = sorted({(L.U.shape[0], L.V.shape[0], L.U.shape[1]) for L in what})
+            desc = f"a low-rank layer of shape (m, n, r) in {shapes}"
+        else:
+            desc = f"a parameter of shape {tuple(what.shape)}"
         raise ValueError(
-            f"non-finite gradient (inf or NaN) in {what} of shape {tuple(p.shape)} (param group {gi}); "
-            "the step was not taken. Lower the learning rate, clip gradients, or use "
-            "torch.amp.GradScaler (which skips such steps); check_finite=False disables this check."
+            f"non-finite gradient (inf or NaN) in {desc} (param group {gi}); the step was not "
+            "taken. Lower the learning rate, clip gradients, or use torch.amp.GradScaler (which "
+            "skips such steps); check_finite=False disables this check."
         )
 
-    def _manifold_step(self, group: dict, U, S, V) -> None:
-        gs = (U.grad, S.grad, V.grad)
-        if all(g is None for g in gs):
-            return
-        if any(g is None for g in gs):
-            raise ValueError("a low-rank layer's U, S, V must all have gradients or none")
-        wd = U.dtype if U.dtype in (torch.float32, torch.float64) else torch.float32
-        m, n, r = U.shape[0], V.shape[0], S.shape[0]
-        man = self._manifold(m, n, r, wd, U.device)
-        state = self.state[U]
-        link = U.link
-        if not link.started:
-            start = _adapter_start(man, U.grad.to(wd), S.grad.to(wd), V.grad.to(wd))
-            if start is None:
+    def _bucket_step(self, group: dict, spec: Rule, layers: list[Layer], x, xi) -> None:
+        man = self._layer_manifold(layers[0])
+        if not layers[0].U.link.started:
+            x, xi, layers = self._start(man, layers, xi)
+            if not layers:
                 return
-            x, xi = start
-            rule_state = self._rule_init(man, x, group)
+            state = spec.init(man, x)
+            stack = None
         else:
-            x = FixedRankPoint(U.detach().to(wd), S.detach().diagonal().to(wd), V.detach().to(wd))
-            xi = TangentVector(S.grad.to(wd), U.grad.to(wd), V.grad.to(wd))
-            rule_state = state.get("rule_state")
-            if rule_state is None:
-                rule_state = self._rule_init(man, x, group)
-        x_new, rule_state = self._rule_step(man, x, xi, rule_state, group)
-        state["rule_state"] = rule_state
-        for p, new in ((U, x_new.U), (S, torch.diag(x_new.s)), (V, x_new.V)):
-            new = new.to(p.dtype)
-            if p.shape == new.shape:
-                p.copy_(new)
-            else:  # rank-adaptive rules: same Parameter object, new shape
-                resize_parameter_(p, new)
-        link.started = True
+            stack = self._stack(spec, man, layers, x)
+            state = stack.state()
+        x_new, new_state = spec.step(man, x, xi, state, lr=group["lr"])
+        if isinstance(x_new, list):  # rank-adaptive: each layer its own rank
+            self._write_items(layers, x_new, new_state)
+            return
+        write_point(layers, x_new)
+        if stack is None:
+            self._stacks[tuple(id(L.U) for L in layers)] = StateStack.build(
+                self.state, layers, new_state
+            )
+        else:
+            stack.store(new_state)
+
+    def _stack(self, spec: Rule, man, layers: list[Layer], x) -> StateStack:
+        key = tuple(id(L.U) for L in layers)
+        stack = self._stacks.get(key)
+        if stack is None or not stack.valid_for(self.state, layers):
+            stack = StateStack.build(self.state, layers, spec.init(man, x))
+            self._stacks[key] = stack
+        return stack
+
+    def _start(self, man, layers: list[Layer], sketches: TangentVector):
+        """Adapters' first step: start points from the sketches (one host read of which
+        layers got a gradient); layers with a zero sketch stay unstarted."""
+        x0, xi, ok = adapter_start(man, sketches.Up, sketches.M, sketches.Vp)
+        keep = ok.tolist()
+        for L, k in zip(layers, keep, strict=True):
+            L.U.link.started = bool(k) or L.U.link.started
+        if all(keep):
+            return x0, xi, layers
+        idx = torch.tensor([i for i, k in enumerate(keep) if k], device=ok.device)
+        pick = lambda a: a.index_select(0, idx)  # noqa: E731
+        x0 = FixedRankPoint(pick(x0.U), pick(x0.s), pick(x0.V))
+        xi = TangentVector(pick(xi.M), pick(xi.Up), pick(xi.Vp))
+        return x0, xi, [L for L, k in zip(layers, keep, strict=True) if k]
+
+    def _write_items(self, layers: list[Layer], points: list, states: list) -> None:
+        """Write per-layer results of another rank (same Parameter objects, resized)."""
+        for L, x, st in zip(layers, points, states, strict=True):
+            for p, new in ((L.U, x.U), (L.S, torch.diag_embed(x.s)), (L.V, x.V)):
+                new = new.to(p.dtype)
+                if p.shape == new.shape:
+                    p.copy_(new)
+                else:
+                    resize_parameter_(p, new.contiguous())
+            entry = self.state[L.U]
+            entry.clear()
+            entry.update({k: v.clone() for k, v in state_arrays(st).items()})
+
+    # -- state_dict: per-layer entries, checked on load ---------------------------------------
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict()``; manifold entries are checked and kept in
+        the layers' working dtype (not cast to the factors' dtype)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        manifold, rest = {}, {}
+        for k, v in state_dict["state"].items():
+            p = params[int(k)] if int(k) < len(params) else None
+            if isinstance(p, ManifoldParameter) and p.role == "U" and isinstance(v, dict):
+                manifold[int(k)] = v
+            else:
+                rest[k] = v
+        super().load_state_dict({**state_dict, "state": rest})
+        layers = {id(L.U): (L, g) for g in self.param_groups for L in self._split(g)[0]}
+        for k, v in manifold.items():
+            L, group = layers[id(params[k])]
+            self.state[L.U] = self._checked_entries(L, group, v)
+        self._stacks.clear()
+
+    def _checked_entries(self, L: Layer, group: dict, saved: dict) -> dict:
+        man = self._layer_manifold(L)
+        x = FixedRankPoint(L.U.detach(), L.S.detach().diagonal(), L.V.detach())
+        expected = state_arrays(self._spec(group).init(man, x))
+        rule = self.spec_class.__name__
+        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        if missing or extra:
+            raise ValueError(
+                f"optimizer state for a low-rank layer (m, n, r) = {tuple(x.shape) + (x.rank,)} "
+                f"does not match the rule {rule}: missing {missing}, unexpected {extra} (was it "
+                "saved by another optimizer?)"
+            )
+        out = {}
+        for k, ref in expected.items():
+            v = torch.as_tensor(saved[k])
+            ref = torch.as_tensor(ref)
+            if tuple(v.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"optimizer state {k!r} of a low-rank layer has shape {tuple(v.shape)}, but "
+                    f"the layer (m, n, r) = {tuple(x.shape) + (x.rank,)} needs "
+                    f"{tuple(ref.shape)}: load the model's state (its ranks) first, or the "
+                    "state of a model with the same ranks"
+                )
+            out[k] = v.to(dtype=ref.dtype, device=L.U.device, copy=True)
+        return out
 
     # -- to be implemented ---------------------------------------------------------------
-    def _rule_init(self, manifold, x, group):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _rule_step(self, manifold, x, xi, state, group):  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def _euclidean_step(self, group: dict, params: list) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def _to_device(d: Any, device) -> Any:
-    if isinstance(d, torch.Tensor):
-        return d.to(device)
-    if isinstance(d, dict):
-        return {k: _to_device(v, device) for k, v in d.items()}
-    return d
-
-
-def _check_hyper(
-    lr: float, eps: float | None = None, betas=None, weight_decay: float = 0.0
-) -> None:
-    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"invalid learning rate lr={lr!r}: must be a finite number >= 0")
-    if eps is not None and not eps > 0:
-        raise ValueError(f"invalid eps={eps!r}: must be > 0")
-    if betas is not None and not all(0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"invalid betas={betas!r}: each must lie in [0, 1)")
-    if not weight_decay >= 0:
-        raise ValueError(f"invalid weight_decay={weight_decay!r}: must be >= 0")

@@ -1,25 +1,29 @@
 r"""``torch.optim`` optimizers for models with rankopt low-rank layers.
 
 Each optimizer treats the ``U``, ``S``, ``V`` factors of one low-rank layer as one point
-``X = U diag(s) V^T`` of the fixed-rank manifold and moves it with the update rule of
-:mod:`rankopt.solvers.rules` (the same function the NumPy solvers call: one implementation),
-reading the tangent vector ``P_X(G) = (S.grad, U.grad, V.grad)`` that the layers' backward
-leaves. Every other parameter in the same optimizer gets the matching Euclidean rule, computed
-by torch's own functional implementation:
+``X = U diag(s) V^T`` of the fixed-rank manifold and moves it with a rule of :mod:`rankopt.rules`
+(the same spec the NumPy solvers use: one implementation, one set of defaults), reading the
+tangent vector ``P_X(G) = (S.grad, U.grad, V.grad)`` that the layers' backward leaves.
+Same-shape layers are stacked and moved by one call of the rule (:mod:`rankopt.torch.stacks`).
+Every other parameter in the same optimizer gets the matching Euclidean rule, computed by
+torch's own functional implementation (foreach or fused kernels, as torch chooses or as asked):
 
-================  ==========================  ==================================
-optimizer         manifold parameters          ordinary parameters
-================  ==========================  ==================================
-RAdamW            ``rules.radamw_step``        ``torch.optim.AdamW``
-RAdaGrad          ``rules.radagrad_step``      ``torch.optim.Adagrad``
-RSGD              ``rules.rsgd_step``          ``torch.optim.SGD``
-DLRAHeavyBall     ``rules.dlra_heavyball_step`` ``torch.optim.SGD`` (momentum)
-DLRAAdam          ``rules.dlra_adam_step``     ``torch.optim.AdamW``
-================  ==========================  ==================================
+================  ===============================  ==================================
+optimizer         low-rank layers                  ordinary parameters
+================  ===============================  ==================================
+RAdamW            :class:`rankopt.rules.RAdamW`    ``torch.optim.AdamW``
+RAdaGrad          :class:`rankopt.rules.RAdaGrad`  ``torch.optim.Adagrad``
+RSGD              :class:`rankopt.rules.RSGD`      ``torch.optim.SGD``
+DLRAHeavyBall     ``rules.DLRAHeavyBall``          ``torch.optim.SGD`` (momentum)
+DLRAAdam          :class:`rankopt.rules.DLRAAdam`  ``torch.optim.AdamW``
+================  ===============================  ==================================
 
+Hyperparameters shared by both parts (``lr``, ``betas``, ``weight_decay``, ...) apply to both;
+the manifold rules' defaults are the specs'. ``eps`` is torch's (ordinary parameters);
+``metric_eps`` is the relative floor of the adaptive metric (:func:`rankopt.metrics.adaptive_diagonals`).
 Manifold math runs in the factors' dtype when it is float32/float64, else in float32 (keep the
 factors in float32 and use autocast for bf16/fp16 compute). Cost per layer and step:
-O((m + n) r^2 + r^3), plus PCG iterations for the adaptive metrics.
+O((m + n) r^2 + r^3).
 
 Plain ``torch.optim`` optimizers and manifold parameters
 --------------------------------------------------------
@@ -34,23 +38,16 @@ that do not subclass ``torch.optim.Optimizer``. :func:`allow_plain_optimizers` t
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
-from torch.optim.adagrad import adagrad as _torch_adagrad
-from torch.optim.adamw import adamw as _torch_adamw
-from torch.optim.sgd import sgd as _torch_sgd
+from torch.optim.adagrad import adagrad as torch_adagrad
+from torch.optim.adamw import adamw as torch_adamw
+from torch.optim.sgd import sgd as torch_sgd
 
-from ..solvers import rules
-from ._riemannian import RiemannianOptimizer, _check_hyper, allow_plain_optimizers
-
-try:  # torch's own choice of dtype for the per-parameter step counter
-    from torch.optim.optimizer import _get_scalar_dtype
-except ImportError:  # pragma: no cover - older torch
-
-    def _get_scalar_dtype(is_fused=None):
-        return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
+from .. import rules
+from ._riemannian import RiemannianOptimizer, allow_plain_optimizers
 
 __all__ = [
     "RiemannianOptimizer",
@@ -63,9 +60,16 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------
-# Euclidean rules for ordinary parameters (torch's functional implementations)
-# ---------------------------------------------------------------------------
+def _torch_default(cls: type, name: str) -> Any:
+    """The default of a keyword of a ``torch.optim`` optimizer (torch's value, not copied)."""
+    return inspect.signature(cls).parameters[name].default
+
+
+def _step_tensor(p: torch.Tensor, fused: bool | None) -> torch.Tensor:
+    """torch's per-parameter step counter (float32 on the parameter's device when fused)."""
+    if fused:
+        return torch.zeros((), dtype=torch.float32, device=p.device)
+    return torch.tensor(0.0, dtype=torch.float32)
 
 
 def _adamw_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
@@ -73,7 +77,7 @@ def _adamw_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None
     for p in params:
         st = opt.state[p]
         if len(st) == 0:
-            st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+            st["step"] = _step_tensor(p, group["fused"])
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         grads.append(p.grad)
@@ -81,9 +85,10 @@ def _adamw_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None
         exp_avg_sqs.append(st["exp_avg_sq"])
         steps.append(st["step"])
     beta1, beta2 = group["betas"]
-    _torch_adamw(
+    torch_adamw(
         params, grads, exp_avgs, exp_avg_sqs, [], steps,
-        foreach=group["foreach"], has_complex=any(torch.is_complex(p) for p in params),
+        foreach=group["foreach"], fused=group["fused"],
+        has_complex=any(torch.is_complex(p) for p in params),
         amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
         weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
     )  # fmt: skip
@@ -92,8 +97,8 @@ def _adamw_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None
 def _sgd_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
     grads = [p.grad for p in params]
     bufs = [opt.state[p].get("momentum_buffer") for p in params]
-    _torch_sgd(
-        params, grads, bufs, foreach=group["foreach"],
+    torch_sgd(
+        params, grads, bufs, foreach=group["foreach"], fused=group["fused"],
         weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
         dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
     )  # fmt: skip
@@ -102,266 +107,250 @@ def _sgd_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
             opt.state[p]["momentum_buffer"] = b
 
 
+def _adagrad_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
+    sums, steps = [], []
+    for p in params:
+        st = opt.state[p]
+        if len(st) == 0:
+            st["step"] = _step_tensor(p, group["fused"])
+            init = group["initial_accumulator_value"]
+            st["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
+        sums.append(st["sum"])
+        steps.append(st["step"])
+    torch_adagrad(
+        params, [p.grad for p in params], sums, steps, foreach=group["foreach"],
+        fused=group["fused"], has_complex=any(torch.is_complex(p) for p in params),
+        lr=group["lr"], weight_decay=group["weight_decay"], lr_decay=group["lr_decay"],
+        eps=group["eps"], maximize=False,
+    )  # fmt: skip
+
+
+def _check_torch_eps(eps: Any) -> None:
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"invalid eps={eps!r}: must be > 0")
+
+
 # ---------------------------------------------------------------------------
 # the optimizers
 # ---------------------------------------------------------------------------
 
-
-class RAdamW(RiemannianOptimizer):
-    r"""Riemannian AdamW (Bian et al., NeurIPS 2025) on low-rank layers; AdamW elsewhere.
-
-    Manifold parameters: :func:`rankopt.solvers.rules.radamw_step` (first moment kept as a
-    transported tangent vector, second moment as the row/column statistics of the Adam metric,
-    decoupled weight decay ``X <- (1 - lr wd) X`` along the tangent direction ``X``).
-    Ordinary parameters: exactly ``torch.optim.AdamW(lr, betas, eps, weight_decay)``.
-
-    Parameters
-    ----------
-    params : iterable
-    lr : float
-    betas : (float, float)
-    eps : float
-        AdamW's eps for ordinary parameters; the Adam metric's eps (added to the row/column
-        statistics before their 1/4 power) for manifold ones.
-    weight_decay : float
-        Decoupled weight decay (both kinds).
-    exact, cg_tol, cg_maxiter
-        Metric solve: the Riemannian gradient of the Adam metric by PCG (``exact=True``) to a
-        relative residual ``cg_tol`` (1e-4 gives the direction to about 1e-5 relative, ample
-        for a stochastic optimizer, and about 3x fewer iterations than 1e-10, which float32
-        cannot reach anyway), or the preconditioner only (``exact=False``, cheapest).
-    rank_tol, max_rank : optional
-        Rank-adaptive retraction (None keeps the rank fixed).
-    foreach : bool, optional
-        Passed to torch's AdamW for ordinary parameters.
-    check_finite : bool
-        See :class:`RiemannianOptimizer`.
-    """
+def _adamw_init(A: type[rules.RAdamW]):
+    """``__init__`` of an AdamW-family optimizer with the defaults of the rule spec ``A``."""
 
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        lr: float = A.lr,
+        betas: tuple[float, float] = A.betas,
+        eps: float = _torch_default(torch.optim.AdamW, "eps"),
+        weight_decay: float = A.weight_decay,
         *,
-        exact: bool = True,
-        cg_tol: float | None = 1e-4,
-        cg_maxiter: int = 20,
-        rank_tol: float | None = None,
-        max_rank: int | None = None,
+        metric_eps: float = A.eps,
+        factoring: str = A.factoring,
+        structure: str = A.structure,
+        solver: str = A.solver,
+        exact: bool = A.exact,
+        cg_tol: float | None = A.cg_tol,
+        cg_maxiter: int = A.cg_maxiter,
+        rank_tol: float | None = A.rank_tol,
+        max_rank: int | None = A.max_rank,
+        min_rank: int = A.min_rank,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        stack_layers: bool = True,
         check_finite: bool = True,
     ) -> None:
-        _check_hyper(lr, eps, betas, weight_decay)
+        _check_torch_eps(eps)
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, exact=exact,
-            cg_tol=cg_tol, cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank,
-            foreach=foreach,
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, metric_eps=metric_eps,
+            factoring=factoring, structure=structure, solver=solver, exact=exact, cg_tol=cg_tol,
+            cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank, min_rank=min_rank,
+            foreach=foreach, fused=fused, stack_layers=stack_layers,
         )  # fmt: skip
-        super().__init__(params, defaults, check_finite)
+        RiemannianOptimizer.__init__(self, params, defaults, check_finite)
 
-    _init_fn = staticmethod(rules.radamw_init)
-    _step_fn = staticmethod(rules.radamw_step)
+    return __init__
 
-    def _rule_init(self, manifold, x, group):
-        return self._init_fn(
-            manifold, x, betas=group["betas"], eps=group["eps"], exact=group["exact"],
-            cg_tol=group["cg_tol"], cg_maxiter=group["cg_maxiter"],
-        )  # fmt: skip
 
-    def _rule_step(self, manifold, x, xi, state, group):
-        return self._step_fn(
-            manifold, x, xi, state, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-            weight_decay=group["weight_decay"], rank_tol=group["rank_tol"],
-            max_rank=group["max_rank"],
-        )  # fmt: skip
+class RAdamW(RiemannianOptimizer):
+    r"""Riemannian AdamW on low-rank layers (:class:`rankopt.rules.RAdamW`); AdamW elsewhere.
+
+    Low-rank layers: the first moment is a tangent vector (transported by projection), the
+    second moment the row/column mean squares of the gradients, which define the
+    Adafactor-factored metric whose exact Riemannian gradient is the direction; decoupled weight
+    decay ``X <- (1 - lr wd) X``. Ordinary parameters: exactly
+    ``torch.optim.AdamW(lr, betas, eps, weight_decay, foreach, fused)``.
+
+    Parameters
+    ----------
+    params : iterable
+    lr, betas, weight_decay
+        Both parts (defaults: the rule's; note ``weight_decay=0`` unlike torch's AdamW).
+    eps : float
+        AdamW's eps for ordinary parameters (torch's default).
+    metric_eps, factoring, structure, solver, exact, cg_tol, cg_maxiter
+        The adaptive metric of the low-rank layers (:class:`rankopt.rules.RAdamW`; ``metric_eps``
+        is the rule's ``eps``).
+    rank_tol, max_rank, min_rank : optional
+        Rank-adaptive retraction (``rank_tol=None`` keeps the rank fixed).
+    foreach, fused : bool, optional
+        Passed to torch's AdamW for ordinary parameters.
+    stack_layers, check_finite : bool
+        See :class:`RiemannianOptimizer`.
+    """
+
+    spec_class = rules.RAdamW
+    spec_keys = {"eps": "metric_eps"}
+    __init__ = _adamw_init(rules.RAdamW)
 
     def _euclidean_step(self, group, params):
         _adamw_ordinary(self, group, params)
 
 
 class DLRAAdam(RAdamW):
-    r"""Geometry-aware low-rank Adam (after Schotthöfer, Klein, Kusch, NeurIPS 2025).
+    r"""Rank-adaptive low-rank Adam (:class:`rankopt.rules.DLRAAdam`); AdamW elsewhere.
 
-    Manifold parameters: :func:`rankopt.solvers.rules.dlra_adam_step` (RAdamW's rule with the
-    rank-adaptive augmented-basis retraction, truncated at ``rank_tol``: the rank of each layer
-    changes; ``layer.rank`` tells the current one). Ordinary parameters: ``torch.optim.AdamW``.
-    Same parameters as :class:`RAdamW`, with ``weight_decay=0`` and ``rank_tol=1e-3`` by default.
-    Rank changes resize the factor tensors in place (same ``Parameter`` objects), which
+    :class:`RAdamW` with the rank-adaptive retraction, truncated at ``rank_tol`` (default the
+    rule's): each layer's rank changes (``layer.rank`` tells the current one). Rank changes
+    resize the factor tensors in place (same ``Parameter`` objects), which
     DistributedDataParallel does not support.
     """
 
-    def __init__(
-        self,
-        params: Any,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        *,
-        rank_tol: float | None = 1e-3,
-        max_rank: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, eps, weight_decay, rank_tol=rank_tol, max_rank=max_rank, **kwargs
-        )
+    spec_class = rules.DLRAAdam
+    __init__ = _adamw_init(rules.DLRAAdam)
 
-    _init_fn = staticmethod(rules.dlra_adam_init)
-    _step_fn = staticmethod(rules.dlra_adam_step)
+
+_G = rules.RAdaGrad
 
 
 class RAdaGrad(RiemannianOptimizer):
-    r"""Riemannian AdaGrad (Bian et al., NeurIPS 2025) on low-rank layers; Adagrad elsewhere.
+    r"""Riemannian AdaGrad on low-rank layers (:class:`rankopt.rules.RAdaGrad`); Adagrad elsewhere.
 
-    Manifold parameters: :func:`rankopt.solvers.rules.radagrad_step` with the learning rate
-    ``lr / (1 + (t - 1) lr_decay)`` (torch's schedule). Ordinary parameters: exactly
-    ``torch.optim.Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)``
-    (``initial_accumulator_value`` applies to ordinary parameters only).
+    Low-rank layers: step along the exact Riemannian gradient of the metric from the
+    accumulated row/column mean squares, with torch's schedule ``lr / (1 + (t - 1) lr_decay)``.
+    Ordinary parameters: exactly ``torch.optim.Adagrad(lr, lr_decay, weight_decay,
+    initial_accumulator_value, eps)`` (``initial_accumulator_value`` and ``eps`` apply to
+    ordinary parameters only; ``metric_eps`` is the metric's relative floor).
     """
+
+    spec_class = rules.RAdaGrad
+    spec_keys = {"eps": "metric_eps"}
 
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-2,
-        lr_decay: float = 0.0,
-        weight_decay: float = 0.0,
-        initial_accumulator_value: float = 0.0,
-        eps: float = 1e-10,
+        lr: float = _G.lr,
+        lr_decay: float = _G.lr_decay,
+        weight_decay: float = _G.weight_decay,
+        initial_accumulator_value: float = _torch_default(
+            torch.optim.Adagrad, "initial_accumulator_value"
+        ),
+        eps: float = _torch_default(torch.optim.Adagrad, "eps"),
         *,
-        exact: bool = True,
-        cg_tol: float | None = 1e-4,
-        cg_maxiter: int = 20,
-        rank_tol: float | None = None,
-        max_rank: int | None = None,
+        metric_eps: float = _G.eps,
+        factoring: str = _G.factoring,
+        structure: str = _G.structure,
+        solver: str = _G.solver,
+        exact: bool = _G.exact,
+        cg_tol: float | None = _G.cg_tol,
+        cg_maxiter: int = _G.cg_maxiter,
+        rank_tol: float | None = _G.rank_tol,
+        max_rank: int | None = _G.max_rank,
+        min_rank: int = _G.min_rank,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        stack_layers: bool = True,
         check_finite: bool = True,
     ) -> None:
-        _check_hyper(lr, eps, None, weight_decay)
-        if not lr_decay >= 0 or not initial_accumulator_value >= 0:
-            raise ValueError("lr_decay and initial_accumulator_value must be >= 0")
+        _check_torch_eps(eps)
+        if not initial_accumulator_value >= 0:
+            raise ValueError(
+                f"invalid initial_accumulator_value={initial_accumulator_value!r}: must be >= 0"
+            )
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, eps=eps, exact=exact,
-            cg_tol=cg_tol, cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank,
-            foreach=foreach,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, metric_eps=metric_eps,
+            factoring=factoring, structure=structure, solver=solver, exact=exact, cg_tol=cg_tol,
+            cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank, min_rank=min_rank,
+            foreach=foreach, fused=fused, stack_layers=stack_layers,
         )  # fmt: skip
         super().__init__(params, defaults, check_finite)
 
-    def _rule_init(self, manifold, x, group):
-        return rules.radagrad_init(
-            manifold, x, eps=group["eps"], exact=group["exact"], cg_tol=group["cg_tol"],
-            cg_maxiter=group["cg_maxiter"],
-        )  # fmt: skip
-
-    def _rule_step(self, manifold, x, xi, state, group):
-        lr = group["lr"] / (1.0 + state.step * group["lr_decay"])
-        return rules.radagrad_step(
-            manifold, x, xi, state, lr=lr, weight_decay=group["weight_decay"],
-            rank_tol=group["rank_tol"], max_rank=group["max_rank"],
-        )  # fmt: skip
-
     def _euclidean_step(self, group, params):
-        sums, steps = [], []
-        for p in params:
-            st = self.state[p]
-            if len(st) == 0:
-                st["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-                init = group["initial_accumulator_value"]
-                st["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
-            sums.append(st["sum"])
-            steps.append(st["step"])
-        _torch_adagrad(
-            params, [p.grad for p in params], sums, steps, foreach=group["foreach"],
-            has_complex=any(torch.is_complex(p) for p in params), lr=group["lr"],
-            weight_decay=group["weight_decay"], lr_decay=group["lr_decay"], eps=group["eps"],
-            maximize=False,
-        )  # fmt: skip
+        _adagrad_ordinary(self, group, params)
+
+
+_S = rules.RSGD
 
 
 class RSGD(RiemannianOptimizer):
-    r"""Riemannian SGD with (Nesterov) momentum on low-rank layers; ``torch.optim.SGD`` elsewhere.
+    r"""Riemannian SGD with (Nesterov) momentum (:class:`rankopt.rules.RSGD`); SGD elsewhere.
 
-    Manifold parameters: :func:`rankopt.solvers.rules.rsgd_step` (momentum buffer kept as a
-    tangent vector and transported; coupled L2 weight decay as torch's SGD). Ordinary
-    parameters: exactly ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``.
+    Low-rank layers: momentum buffer kept as a tangent vector and transported; coupled L2
+    weight decay as torch's SGD. Ordinary parameters: exactly
+    ``torch.optim.SGD(lr, momentum, dampening, weight_decay, nesterov)``.
     """
+
+    spec_class = rules.RSGD
 
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
+        lr: float = _S.lr,
+        momentum: float = _S.momentum,
+        dampening: float = _S.dampening,
+        weight_decay: float = _S.weight_decay,
+        nesterov: bool = _S.nesterov,
         *,
-        rank_tol: float | None = None,
-        max_rank: int | None = None,
+        rank_tol: float | None = _S.rank_tol,
+        max_rank: int | None = _S.max_rank,
+        min_rank: int = _S.min_rank,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        stack_layers: bool = True,
         check_finite: bool = True,
     ) -> None:
-        _check_hyper(lr, None, None, weight_decay)
-        if not momentum >= 0:
-            raise ValueError(f"invalid momentum={momentum!r}: must be >= 0")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, rank_tol=rank_tol, max_rank=max_rank, foreach=foreach,
+            nesterov=nesterov, rank_tol=rank_tol, max_rank=max_rank, min_rank=min_rank,
+            foreach=foreach, fused=fused, stack_layers=stack_layers,
         )  # fmt: skip
         super().__init__(params, defaults, check_finite)
-
-    _init_fn = staticmethod(rules.rsgd_init)
-
-    def _rule_init(self, manifold, x, group):
-        return self._init_fn(manifold, x)
-
-    def _rule_step(self, manifold, x, xi, state, group):
-        return rules.rsgd_step(
-            manifold, x, xi, state, lr=group["lr"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], rank_tol=group["rank_tol"],
-            max_rank=group["max_rank"],
-        )  # fmt: skip
 
     def _euclidean_step(self, group, params):
         _sgd_ordinary(self, group, params)
 
 
-class DLRAHeavyBall(RSGD):
-    r"""Geometry-aware low-rank heavy ball (after Schotthöfer, Klein, Kusch, NeurIPS 2025).
+_H = rules.DLRAHeavyBall
 
-    Manifold parameters: :func:`rankopt.solvers.rules.dlra_heavyball_step` (tangent momentum,
-    augmented basis, truncation at ``rank_tol``: ranks change). Ordinary parameters:
-    ``torch.optim.SGD(lr, momentum, weight_decay=weight_decay)``. Rank changes resize the factor
-    tensors, which DistributedDataParallel does not support.
+
+class DLRAHeavyBall(RSGD):
+    r"""Rank-adaptive low-rank heavy ball (:class:`rankopt.rules.DLRAHeavyBall`); SGD elsewhere.
+
+    Tangent momentum, augmented basis, truncation at ``rank_tol``: ranks change. Ordinary
+    parameters: ``torch.optim.SGD(lr, momentum, weight_decay=weight_decay)``. Rank changes
+    resize the factor tensors, which DistributedDataParallel does not support.
     """
+
+    spec_class = rules.DLRAHeavyBall
 
     def __init__(
         self,
         params: Any,
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
+        lr: float = _H.lr,
+        momentum: float = _H.momentum,
+        weight_decay: float = _H.weight_decay,
         *,
-        rank_tol: float | None = 1e-3,
-        max_rank: int | None = None,
+        rank_tol: float | None = _H.rank_tol,
+        max_rank: int | None = _H.max_rank,
+        min_rank: int = _H.min_rank,
         foreach: bool | None = None,
+        fused: bool | None = None,
+        stack_layers: bool = True,
         check_finite: bool = True,
     ) -> None:
         super().__init__(
-            params, lr, momentum, 0.0, weight_decay, False, rank_tol=rank_tol,
-            max_rank=max_rank, foreach=foreach, check_finite=check_finite,
-        )  # fmt: skip
-
-    _init_fn = staticmethod(rules.dlra_heavyball_init)
-
-    def _rule_step(self, manifold, x, xi, state, group):
-        return rules.dlra_heavyball_step(
-            manifold, x, xi, state, lr=group["lr"], momentum=group["momentum"],
-            rank_tol=group["rank_tol"], max_rank=group["max_rank"],
-            weight_decay=group["weight_decay"],
+            params, lr, momentum, _H.dampening, weight_decay, _H.nesterov, rank_tol=rank_tol,
+            max_rank=max_rank, min_rank=min_rank, foreach=foreach, fused=fused,
+            stack_layers=stack_layers, check_finite=check_finite,
         )  # fmt: skip
