@@ -3,9 +3,8 @@ r"""Which options each :func:`rankopt.solve` method takes, and the checks ``solv
 ``solve(problem, rank, method=..., **options)`` passes ``options`` to a solver's constructor
 (and, for the fixed-learning-rate rules, on to the rule's spec). This module lists the
 accepted names per method, read from the constructors' signatures and the rule specs'
-``hyperparameters()``, so that a
-wrong or misspelled option fails before the run with a message that names the methods that do
-take it. It also checks the problem, the rank and the starting point (:func:`check_solve_args`).
+``hyperparameters()``, so that a wrong or misspelled option fails before the run with a
+message that names the methods that do take it. It also checks the problem, the rank and the starting point (:func:`check_solve_args`).
 
 Nothing here changes a solver's arithmetic: the checks run once per ``solve`` call and cost
 O(1), plus one orthonormality check of ``x0`` (O((m+n) r^2)) when a start is given.
@@ -34,6 +33,7 @@ __all__ = [
     "option_table",
     "is_rank_adaptive",
     "check_solve_args",
+    "make_solver",
     "solve_keywords",
 ]
 
