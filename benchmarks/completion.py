@@ -83,9 +83,9 @@ RANKOPT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "RAdaGrad(lr=0.01)": ("radagrad", {"lr": 0.01}),
     "DLRAHeavyBall(lr=10, tol=1e-3)": (
         "dlra-heavyball",
-        {"lr": 10.0, "momentum": 0.5, "rank_tol": 1e-3, "max_rank": RANK},
+        {"lr": 10.0, "momentum": 0.5, "rank_tol": 1e-3},  # solve caps the rank at RANK
     ),
-    "DLRAAdam(lr=1e-3, tol=1e-3)": ("dlra-adam", {"lr": 1e-3, "rank_tol": 1e-3, "max_rank": RANK}),
+    "DLRAAdam(lr=1e-3, tol=1e-3)": ("dlra-adam", {"lr": 1e-3, "rank_tol": 1e-3}),
 }
 SECOND_ORDER = ("auto", "rgn")
 

@@ -18,6 +18,7 @@ _LAZY_SUBMODULES = ("diagnostics", "problems", "solvers", "pymanopt", "torch", "
 _LAZY_ATTRS = {
     "solve": ("rankopt.solvers", "solve"),
     "SolverResult": ("rankopt.solvers", "SolverResult"),
+    "RankWarning": ("rankopt.solvers", "RankWarning"),
 }
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "TangentVector",
     "metrics",
     "solve",
+    "RankWarning",
     *_LAZY_SUBMODULES,
 ]
 

@@ -16,7 +16,12 @@ def _demo(args: argparse.Namespace) -> int:
     from rankopt.problems import random_completion
 
     print(f"rankopt {ro.__version__} demo: low-rank matrix completion, solved end to end")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} cores\n")
+    threads = ro.solvers.get_blas_threads()
+    print(
+        f"python {platform.python_version()}, numpy {np.__version__}, {os.cpu_count()} cores; "
+        f"solvers use {threads} BLAS thread{'s' if threads != 1 else ''} "
+        "(rankopt.solvers.set_blas_threads)\n"
+    )
     t = time.perf_counter()
     problem = random_completion(
         args.size,
@@ -32,6 +37,9 @@ def _demo(args: argparse.Namespace) -> int:
         f"{problem.nnz} observed entries (oversampling {args.oversampling:g}), generated in {t_gen:.2f} s\n"
     )
     rows = []
+    budget = {} if args.max_time is None else {"max_time": args.max_time}
+    if args.max_iter is not None:
+        budget["max_iter"] = args.max_iter
     for method in args.methods:
         t = time.perf_counter()
         res = ro.solve(
@@ -41,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
             tol=args.tol,
             seed=args.seed,
             track_error=True,
-            max_time=args.max_time,
+            **budget,
         )
         elapsed = time.perf_counter() - t
         rows.append((method, res, elapsed, problem.relative_error(res.point)))
@@ -91,7 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--oversampling", type=float, default=3.0)
     d.add_argument("--tol", type=float, default=1e-12)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-time", type=float, default=15.0, help="seconds per solver")
+    d.add_argument(
+        "--max-time",
+        type=float,
+        default=None,
+        help="seconds per solver (default: none, so that the iteration counts do not depend "
+        "on the machine's speed or load; each solver stops at its tolerance or max_iter)",
+    )
+    d.add_argument(
+        "--max-iter", type=int, default=None, help="iteration cap per solver (default: solve's)"
+    )
     d.add_argument("--methods", nargs="+", default=["auto", "rcg"], help="solvers to compare")
     d.add_argument("--plot", default="out/demo_convergence.png", help="PNG path ('' to skip)")
     args = parser.parse_args(argv)

@@ -223,6 +223,23 @@ class FixedRankPoint:
             return NotImplemented
         return self * (1.0 / a)
 
+    # Pymanopt-style unpacking: ``u, s, vt = point`` as with Pymanopt's FixedRankEmbedded
+    @property
+    def Vt(self) -> Any:
+        """``V^T`` (r x n), the third factor in Pymanopt's ``(u, s, vt)`` convention."""
+        return self.V.T
+
+    def __iter__(self):
+        """``u, s, vt = point``: yields ``U``, ``s`` and ``V^T`` (Pymanopt's order and layout).
+
+        The third item is ``V^T`` (r x n), not the field ``V`` (n x r), so that
+        ``u @ np.diag(s) @ vt`` is ``X`` as in Pymanopt; use ``point.V`` for ``V``.
+        """
+        return iter((self.U, self.s, self.V.T))
+
+    def __len__(self) -> int:
+        return 3
+
 
 @dataclass(frozen=True, eq=False)
 class TangentVector:

@@ -35,10 +35,14 @@ class CheckResult:
     name : str
     expected_slope : float
     slope : float
-        Fitted slope of log error against log step in the selected window (nan if the error
-        is at round-off level everywhere, which means the model is exact).
+        Fitted slope of log error against log step in the selected window; nan when no window
+        of at least 6 steps above the round-off floor fits a line (then ``ok`` is False and
+        ``extra["reason"]`` says why).
     ok : bool
-        ``slope >= expected_slope - slope_tol`` (or the error is at round-off everywhere).
+        ``slope >= expected_slope - slope_tol`` for a finite fitted slope. Never True without a
+        fit: a check whose errors all lie at round-off level (steps too small for the cost's
+        precision, e.g. at a point with tiny singular values) or never follow a line is
+        inconclusive, not passed.
     steps, errors : numpy arrays
     window : (int, int)
         Index range ``[i, j)`` used for the fit.
@@ -87,8 +91,11 @@ class CheckResult:
         return ax
 
 
+_MIN_WINDOW = 6  # shortest window of steps a slope is fitted on
+
+
 def fit_slope(
-    steps: np.ndarray, errors: np.ndarray, floor: float, min_len: int = 6
+    steps: np.ndarray, errors: np.ndarray, floor: float, min_len: int = _MIN_WINDOW
 ) -> tuple[float, tuple[int, int]]:
     """Slope of log(error) vs log(step) on the most linear window above the noise floor.
 
@@ -117,11 +124,36 @@ def fit_slope(
 
 def _result(name, expected, steps, errors, floor, slope_tol, extra) -> CheckResult:
     slope, window = fit_slope(steps, errors, floor)
-    if math.isnan(slope):
-        ok = bool(np.all(errors <= floor))  # model exact to round-off everywhere
-    else:
+    if math.isfinite(slope):
         ok = slope >= expected - slope_tol
+    else:  # no fit is no evidence: inconclusive checks fail, with the reason
+        ok = False
+        above = int(np.sum(errors > floor))
+        extra = dict(extra)
+        extra["reason"] = (
+            f"no linear window: {above} of {len(errors)} errors lie above the round-off floor "
+            f"{floor:.1e}"
+            + (
+                " (the steps are too small to show the Taylor error at this point: try larger "
+                "steps=, a better-conditioned point, or float64)"
+                if above < 6
+                else " (the error never follows a line over 6 steps: check the cost for noise)"
+            )
+        )
     return CheckResult(name, expected, slope, bool(ok), steps, errors, window, extra)
+
+
+def _check_steps(steps: Any) -> np.ndarray:
+    """User steps: at least 6 (the shortest fitted window), positive, finite, distinct."""
+    ts = np.asarray(steps, dtype=np.float64).ravel()
+    if ts.size < _MIN_WINDOW or not np.all(np.isfinite(ts)) or not np.all(ts > 0):
+        raise ValueError(
+            f"steps must hold at least {_MIN_WINDOW} positive finite step sizes (the fit needs "
+            f"a window of {_MIN_WINDOW}), got {ts.size} values: {ts[:8]}"
+        )
+    if np.unique(ts).size != ts.size:
+        raise ValueError("steps must be distinct")
+    return np.sort(ts)
 
 
 def _default_steps(be, scale: float = 1.0) -> np.ndarray:
@@ -195,7 +227,7 @@ def check_gradient(
     manifold.check_tangent(x, g)
     f0 = _as_float(be, cost(x))
     slope_d = manifold.inner_product(x, g, d)
-    ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else np.asarray(steps)
+    ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else _check_steps(steps)
     errs = np.array(
         [
             abs(_as_float(be, cost(manifold.retraction(x, d * float(t)))) - f0 - t * slope_d)
@@ -237,7 +269,7 @@ def check_hessian(
     f0 = _as_float(be, cost(x))
     gd = manifold.inner_product(x, g, d)
     hdd = manifold.inner_product(x, hess(d), d)
-    ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else np.asarray(steps)
+    ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else _check_steps(steps)
     errs = np.array(
         [
             abs(
@@ -272,10 +304,14 @@ def check_retraction(
     part ``||P_x(R_x(t xi) - X - t xi)||`` O(t^3) (``extra["tangential"]``, a CheckResult).
     ``t`` is scaled by the smallest singular value of x. Also reports the orthonormality of
     the retracted factors (``extra["orthonormality"]``, max over steps of ``|U^T U - I|``).
+
+    At full rank (``r = min(m, n)``) the manifold is open in ``R^{m x n}`` and the retraction
+    is exactly ``X + t xi``: there is no slope to fit, and the check instead requires every
+    error to lie at round-off level (``ok``; ``extra["reason"]`` says so).
     """
     be, xp = manifold.backend, manifold.backend.xp
     x, xi = _setup(manifold, x, xi, seed)
-    ts = _default_steps(be, _step_scale(manifold, x, xi)) if steps is None else np.asarray(steps)
+    ts = _default_steps(be, _step_scale(manifold, x, xi)) if steps is None else _check_steps(steps)
     X = x.to_lowrank()
     E = manifold.embed(x, xi)
     errs, tans, orth = [], [], 0.0
@@ -294,6 +330,11 @@ def check_retraction(
     errs, tans = np.array(errs), np.array(tans)
     nrm = X.fro_norm()
     floor = 100 * be.eps * nrm
+    if manifold.r == min(manifold.m, manifold.n):
+        exact = bool(np.all(errs <= floor))
+        reason = f"full rank: R_x(t xi) = X + t xi exactly; max error {errs.max():.1e} vs floor {floor:.1e}"
+        extra = {"orthonormality": orth, "reason": reason}
+        return CheckResult("retraction", 2.0, math.nan, exact, ts, errs, (0, 0), extra)
     tan_res = _result("retraction (tangential part)", 3.0, ts, tans, floor, slope_tol, {})
     res = _result(
         "retraction",

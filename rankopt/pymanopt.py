@@ -18,6 +18,11 @@ rankopt metric works (the Riemannian gradient is ``G_x^{-1} P_x(egrad)``), the E
 gradient is taken in the ambient space, so no ``1/(s_j^2 - s_i^2)`` factor appears (equal
 singular values are harmless, cf. Pymanopt issue #34), and Pymanopt's ``TrustRegions`` works.
 
+For code written for Pymanopt's ``FixedRankEmbedded`` (costs of ``(u, s, vt)`` and gradients
+with respect to the factors), :func:`from_factor_functions` wraps the cost and the factor
+gradient, and :func:`factor_gradient` converts one factor gradient; points unpack as
+``u, s, vt = point``.
+
 Pymanopt is an optional dependency: ``pip install 'rankopt[pymanopt]'``. ``import rankopt``
 never imports it; importing this module does.
 """
@@ -44,7 +49,7 @@ from ._backend import as_rng, backend_name_of
 from .containers import FixedRankPoint, LowRankMatrix, TangentVector
 from .manifold import FixedRankManifold
 
-__all__ = ["FixedRank", "function", "to_pymanopt"]
+__all__ = ["FixedRank", "function", "to_pymanopt", "factor_gradient", "from_factor_functions"]
 
 if int(str(getattr(pymanopt, "__version__", "0")).split(".")[0]) < 2:  # pragma: no cover
     raise ImportError(
@@ -378,3 +383,118 @@ def function(manifold: FixedRank) -> Callable[[Callable[..., Any]], Any]:
         return decorate(wrapper)
 
     return inner
+
+
+# ----------------------------------------------------------------- factor-style costs
+def factor_gradient(x: FixedRankPoint, gu: Any, gs: Any, gvt: Any) -> LowRankMatrix:
+    r"""The tangent part ``P_X(G)`` of the Euclidean gradient, from gradients w.r.t. the factors.
+
+    Pymanopt's ``FixedRankEmbedded`` takes ``(gu, gs, gvt)``, the partial derivatives of a cost
+    ``F(u, s, vt) = f(u diag(s) vt)`` with respect to the factors. With ``G = grad f(X)`` and
+    ``S = diag(s)`` the chain rule gives ``gu = G V S``, ``gs = diag(U^T G V)`` and
+    ``gvt = S U^T G``, so the three blocks of the tangent projection
+    ``P_X(G) = U M V^T + Up V^T + U Vp^T`` follow with ``1/s_i`` only:
+
+    * ``M = U^T G V = (U^T gu) S^{-1} = S^{-1} (gvt V)`` (the mean of both is used; they agree
+      when ``F`` depends on the factors only through ``X``, and ``diag(M) = gs``),
+    * ``Up = (I - U U^T) G V = (I - U U^T) gu S^{-1}``,
+    * ``Vp = (I - V V^T) G^T U = (I - V V^T) gvt^T S^{-1}``.
+
+    Pymanopt's conversion writes the off-diagonal part of ``M`` through the antisymmetric parts
+    of ``U^T gu`` and ``gvt V`` divided by ``s_j^2 - s_i^2`` (which reduces to the same ``M``
+    for such costs, and is NaN at equal singular values, its issue #34); here no such term
+    appears and equal singular values are harmless.
+
+    What factor gradients cannot give is the *normal* part ``(I - U U^T) G (I - V V^T)``:
+    ``gu`` and ``gvt`` only see ``G V`` and ``U^T G``. The result is therefore exact for every
+    first-order use (Riemannian gradient under any metric, line searches, RGD, RCG, RAdamW,
+    Pymanopt's SteepestDescent and ConjugateGradient), but not for what needs the normal part:
+    the curvature terms of the Riemannian Hessian (``(I - U U^T) G Vp S^{-1}``, needed by
+    trust regions and Newton) and the rank-increasing step of the rank-adaptive solvers.
+
+    Parameters
+    ----------
+    x : FixedRankPoint
+        The point ``(U, s, V)`` (``vt = V^T``).
+    gu : array (m, r)
+    gs : array (r,)
+        Accepted for the signature's sake and used in no formula (it equals ``diag(M)``).
+    gvt : array (r, n)
+
+    Returns
+    -------
+    LowRankMatrix
+        ``[U M + Up, U] [V, Vp]^T`` (rank <= 2r): an ambient matrix whose projection is
+        ``P_X(G)``; pass it wherever rankopt takes a Euclidean gradient. O((m + n) r^2).
+    """
+    U, s, V = x.U, x.s, x.V
+    r = int(s.shape[0])
+    for name, arr, shape in (("gu", gu, U.shape), ("gvt", gvt, (r, V.shape[0]))):
+        if tuple(arr.shape) != tuple(shape):
+            raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {tuple(shape)}")
+    if tuple(gs.shape) != (r,):
+        raise ValueError(f"gs has shape {tuple(gs.shape)}, expected ({r},)")
+    inv_s = 1.0 / s
+    gv = gvt.T  # (n, r) = G^T U S
+    utgu = U.T @ gu  # M S
+    vtgv = V.T @ gv  # M^T S
+    M = 0.5 * (utgu * inv_s[None, :] + (vtgv * inv_s[None, :]).T)
+    Up = (gu - U @ utgu) * inv_s[None, :]
+    Vp = (gv - V @ vtgv) * inv_s[None, :]
+    be_concat = _concat_like(U)
+    return LowRankMatrix(be_concat([U @ M + Up, U]), be_concat([V, Vp]))
+
+
+def _concat_like(a: Any) -> Callable[[list], Any]:
+    from ._backend import backend_like
+
+    be = backend_like(a)
+    return lambda parts: be.concat(parts, axis=1)
+
+
+def from_factor_functions(
+    cost: Callable[..., Any], euclidean_gradient: Callable[..., Any] | None = None
+) -> tuple[Callable[[FixedRankPoint], Any], Callable[[FixedRankPoint], Any] | None]:
+    r"""Wrap a Pymanopt-style cost ``cost(u, s, vt)`` and factor gradient for rankopt.
+
+    Parameters
+    ----------
+    cost : callable(u, s, vt) -> float
+        As written for Pymanopt's ``FixedRankEmbedded`` (``u`` m x r, ``s`` (r,), ``vt`` r x n).
+    euclidean_gradient : callable(u, s, vt) -> (gu, gs, gvt), optional
+        Its gradient with respect to the three factors (what ``FixedRankEmbedded`` takes).
+
+    Returns
+    -------
+    (cost_x, egrad_x)
+        ``cost_x(point)`` and ``egrad_x(point)`` on :class:`rankopt.FixedRankPoint` s:
+        ``egrad_x`` returns :func:`factor_gradient` of the factor gradient, a
+        ``LowRankMatrix`` usable by :class:`FixedRank` (decorate both with
+        :func:`function`), by ``rankopt.problems.Problem(cost_x, egrad_x, shape=(m, n))``
+        and by rankopt's first-order solvers (``method="rcg"``, ``"rgd"``, ``"radamw"``, ...).
+        Not by trust regions, Newton, Gauss-Newton or the rank-adaptive methods ("auto"):
+        see :func:`factor_gradient` for why factor gradients cannot feed them.
+    """
+    if not callable(cost):
+        raise ValueError(f"cost must be callable(u, s, vt), got {type(cost).__name__}")
+    if euclidean_gradient is not None and not callable(euclidean_gradient):
+        raise ValueError("euclidean_gradient must be callable(u, s, vt) -> (gu, gs, gvt)")
+
+    def cost_x(x: FixedRankPoint) -> Any:
+        u, s, vt = x
+        return cost(u, s, vt)
+
+    if euclidean_gradient is None:
+        return cost_x, None
+
+    def egrad_x(x: FixedRankPoint) -> LowRankMatrix:
+        u, s, vt = x
+        parts = euclidean_gradient(u, s, vt)
+        if not (isinstance(parts, (tuple, list)) and len(parts) == 3):
+            raise ValueError(
+                "euclidean_gradient(u, s, vt) must return the three factor gradients "
+                f"(gu, gs, gvt), got {type(parts).__name__}"
+            )
+        return factor_gradient(x, *parts)
+
+    return cost_x, egrad_x

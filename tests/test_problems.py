@@ -295,7 +295,12 @@ def test_random_completion_sizes_kappa_rank(spectrum):
 def test_random_completion_same_seed_same_problem():
     a, b = random_completion(20, 20, 2, seed=5), random_completion(20, 20, 2, seed=5)
     np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.cols, b.cols)
     np.testing.assert_array_equal(a.vals, b.vals)
+    np.testing.assert_array_equal(a.truth.to_dense(), b.truth.to_dense())
+    c = random_completion(20, 20, 2, seed=6)  # and another seed gives another problem
+    assert not (np.array_equal(a.rows, c.rows) and np.array_equal(a.cols, c.cols))
+    assert not np.allclose(a.truth.to_dense(), c.truth.to_dense())
 
 
 def test_sample_entries_huge_matrix_without_dense_array():

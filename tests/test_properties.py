@@ -83,17 +83,33 @@ def test_retraction_stays_on_manifold(case, t):
 @example((12, 1, 1, 0))
 @example((9, 6, 3, 0))
 def test_dim_is_rank_of_projection(case):
-    """dim = (m + n - r) r equals the rank of the projection as a linear map on R^{m x n}."""
+    """The projection, as a linear map on R^{m x n}, is an orthogonal projector (P^2 = P,
+    P^T = P) whose rank and trace equal ``M.dim``; it kills the normal space
+    ``(I - UU^T) R^{m x n} (I - VV^T)`` (of dimension (m - r)(n - r), so ``dim`` is what is
+    left of m n) and fixes tangent vectors built from random ``(M, Up, Vp)``."""
     m, n, r, seed = case
     M = ro.FixedRankManifold(m, n, r)
     x = M.random_point(seed)
-    assert M.dim == (m + n - r) * r
     cols = []
     for k in range(m * n):
         E = np.zeros(m * n)
         E[k] = 1.0
         cols.append(_tangent_dense(x, M.projection(x, E.reshape(m, n))).ravel())
     P = np.array(cols).T
+    np.testing.assert_allclose(P @ P, P, atol=1e-12)
+    np.testing.assert_allclose(P, P.T, atol=1e-12)
     assert np.linalg.matrix_rank(P, tol=1e-8) == M.dim
-    # and the tangent-vector count of parameters matches: r^2 + (m - r) r + (n - r) r
-    assert M.dim == r * r + (m - r) * r + (n - r) * r
+    assert abs(np.trace(P) - M.dim) < 1e-9
+    assert M.dim == m * n - (m - r) * (n - r)
+    rng = np.random.default_rng(seed)
+    U, V = x.U, x.V
+    N = (np.eye(m) - U @ U.T) @ rng.standard_normal((m, n)) @ (np.eye(n) - V @ V.T)
+    np.testing.assert_allclose(P @ N.ravel(), 0.0, atol=1e-12)
+    Mc, Up, Vp = (
+        rng.standard_normal((r, r)),
+        rng.standard_normal((m, r)),
+        rng.standard_normal((n, r)),
+    )
+    Up, Vp = Up - U @ (U.T @ Up), Vp - V @ (V.T @ Vp)
+    T = U @ Mc @ V.T + Up @ V.T + U @ Vp.T
+    np.testing.assert_allclose(P @ T.ravel(), T.ravel(), atol=1e-12)

@@ -156,6 +156,30 @@ def test_rsgd_without_momentum_is_a_retraction_step():
     np.testing.assert_allclose(y.to_dense(), M.retraction(x, g * -0.3).to_dense(), atol=1e-13)
 
 
+def test_first_radamw_step_is_sign_like():
+    """Adam's first step is lr * sign(g) entrywise (m_hat = g, v_hat = g^2). RAdamW's metric
+    normalizes by row and column statistics instead of entries, so its first step is
+    sign-*like*: per entry about lr in size (RMS within a factor 2 of lr), against the
+    gradient (cosine < -0.9, signs opposite to g's on > 90% of entries), and independent of
+    the gradient's scale over 12 orders of magnitude."""
+    M = _manifold("numpy")
+    x = M.random_point(0)
+    g = _grad(M, x, 0)
+    G = M.embed(x, g).to_dense()
+    lr = 1e-3
+    steps = {}
+    for scale in (1e-6, 1.0, 1e6):
+        spec = rules.RAdamW(lr=lr, weight_decay=0.0)
+        y, _ = spec.step(M, x, g * scale, spec.init(M, x))
+        D = (y.to_dense() - x.to_dense()) / lr
+        steps[scale] = D
+        assert 0.5 < np.sqrt(np.mean(D**2)) < 2.0, scale
+        assert np.sum(D * G) / (np.linalg.norm(D) * np.linalg.norm(G)) < -0.9
+        assert np.mean(np.sign(D) == -np.sign(G)) > 0.9
+    np.testing.assert_allclose(steps[1e6], steps[1.0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(steps[1e-6], steps[1.0], rtol=0.1, atol=0.1)  # eps = 1e-8 shows
+
+
 @pytest.mark.parametrize("scale", [1e-150, 1e-6, 1e8])
 def test_radamw_trajectory_is_invariant_to_the_gradient_scale(scale):
     """With the relative eps of the Adafactor-factored metric, scaling every gradient by any

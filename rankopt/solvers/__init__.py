@@ -7,12 +7,24 @@ history, callbacks, progress bar); the stochastic-style ones call the update rul
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
-from .base import History, IterationInfo, Solver, SolverResult, StopReason
+from .base import (
+    History,
+    IterationInfo,
+    RankWarning,
+    Solver,
+    SolverResult,
+    StopReason,
+    blas_threads,
+    get_blas_threads,
+    set_blas_threads,
+)
 from .gradient import RCG, RGD
 from .newton import RGN
+from .options import check_solve_args, is_rank_adaptive, make_solver, method_options
 from .rank_adaptive import Auto, RankAdaptive
 
 __all__ = [
@@ -33,8 +45,14 @@ __all__ = [
     "RankAdaptive",
     "Auto",
     "METHODS",
+    "RankWarning",
+    "method_options",
+    "blas_threads",
+    "set_blas_threads",
+    "get_blas_threads",
 ]
 
+#: method name -> solver factory (``solve`` builds solvers through :mod:`.options`)
 METHODS = {
     "rgd": RGD,
     "rcg": RCG,
@@ -46,19 +64,6 @@ METHODS = {
     "dlra-heavyball": DLRAHeavyBall,
     "dlra-adam": DLRAAdam,
 }
-
-
-def _make(method: str, kw: dict) -> Solver:
-    key = method.lower()
-    if key == "auto":
-        return Auto(**kw)
-    if key.startswith("adaptive-"):  # e.g. "adaptive-rcg": rank-adaptive around another solver
-        return RankAdaptive(_make(key[len("adaptive-") :], {}), **kw)
-    if key not in METHODS:
-        raise ValueError(
-            f"unknown method {method!r}; choose 'auto', 'adaptive-<method>' or one of {sorted(METHODS)}"
-        )
-    return METHODS[key](**kw)
 
 
 def solve(
@@ -73,48 +78,122 @@ def solve(
     callback: Any = None,
     **options: Any,
 ) -> SolverResult:
-    """Minimize a problem over matrices of rank (at most) ``rank``.
+    """Minimize a problem over matrices of rank ``rank`` (at most ``rank`` for rank-adaptive methods).
 
     Parameters
     ----------
     problem : rankopt.problems.Problem
-        e.g. ``MatrixCompletion``, ``MatrixSensing`` or ``Problem(cost, egrad, ehess)``.
+        e.g. ``MatrixCompletion``, ``MatrixSensing`` or ``Problem(cost, egrad, ehess)``
+        (not an array: wrap data in a problem first).
     rank : int
-        Target rank (the largest rank for rank-adaptive methods).
+        Target rank, ``1 <= rank <= min(m, n)``. For rank-adaptive methods (``"auto"``,
+        ``"adaptive-<method>"``, ``"dlra-heavyball"``, ``"dlra-adam"``, and the rules given a
+        ``rank_tol``) it is the largest rank: the result has rank at most ``rank``.
     method : str
         ``"auto"`` (default, :class:`Auto`): Riemannian Gauss-Newton/Newton-CG from the spectral
         start at full rank; if that does not converge within a small budget, rank-adaptive
         Gauss-Newton from rank 1 (adding the top singular pair of the normal part of the
-        gradient at each stage). Robust to the condition number of the target. Others: ``"rgd"``, ``"rcg"``, ``"rgn"``, ``"newton"``,
-        ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``, ``"dlra-adam"``,
-        or ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them.
+        gradient at each stage). Robust to the condition number of the target; needs the
+        problem's Hessian (``problem.has_hessian``). Others: ``"rgd"``, ``"rcg"``, ``"rgn"``,
+        ``"newton"``, ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``,
+        ``"dlra-adam"``, or ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of
+        them. See "Which solver when" in the docs.
     tol : float
         Relative gradient tolerance (``||grad|| <= tol ||grad(x0)||``).
     max_iter : int, optional
-        Iteration limit (default 200 for "auto"/"rgn", 2000 otherwise).
+        Iteration limit (default 200 for "auto"/"rgn"/"newton", 2000 otherwise).
     seed : int, Generator or None
         For the spectral start / random start (no global random state is used).
     verbose : bool
         Progress bar.
     x0 : FixedRankPoint, optional
-        Starting point (default: the problem's spectral start, else random).
+        Starting point (default: the problem's spectral start, else random). It is checked
+        (real, finite, ``s > 0``, orthonormal factors). Of rank above ``rank``: its best
+        rank-``rank`` truncation is used, with a :class:`RankWarning`. Of rank below ``rank``:
+        rank-adaptive methods start from it and grow; fixed-rank methods raise ``ValueError``.
     callback : callable(IterationInfo) -> bool, optional
         Called after every iteration; returning True stops the run.
     **options
-        Passed to the solver (e.g. ``metric=``, ``lr=``, ``max_time=``, ``track_error=True``).
+        Passed to the solver (e.g. ``metric=``, ``lr=``, ``max_time=``, ``track_error=True``);
+        :func:`method_options` lists what each method takes, and an option the method does not
+        take raises ``TypeError`` naming the methods that do. ``threads=`` sets the number of
+        BLAS threads for this call (default :func:`get_blas_threads`, which is 1; ``None``
+        leaves the BLAS settings alone). ``max_rank`` may only repeat ``rank``.
 
     Returns
     -------
     SolverResult
+        Of rank ``rank``; a rank-adaptive method may return a lower rank (it found nothing
+        worth adding), which is reported by a :class:`RankWarning`.
     """
+    threads = options.pop("threads", "default")
+    rank, x0 = check_solve_args(problem, rank, method, x0, options)
     if max_iter is None:
+        key = method.lower()
         max_iter = (
-            200
-            if method.lower() in ("auto", "rgn", "newton") or method.startswith("adaptive-rgn")
-            else 2000
+            200 if key in ("auto", "rgn", "newton") or key.startswith("adaptive-rgn") else 2000
         )
-    kw = dict(options, tol=tol, max_iter=max_iter, verbose=verbose)
-    solver = _make(method, kw)
-    if isinstance(solver, RankAdaptive):
-        solver.max_rank = rank
-    return solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
+    solver = make_solver(method, dict(options, tol=tol, max_iter=max_iter, verbose=verbose), rank)
+    with blas_threads(threads):
+        if x0 is None and rank == min(problem.shape):
+            x0 = _full_rank_start(problem, rank, seed)
+        res = solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
+    _check_result_rank(res, rank, method, is_rank_adaptive(method, options))
+    return res
+
+
+def _check_result_rank(res: SolverResult, rank: int, method: str, adaptive: bool) -> None:
+    """Warn (``RankWarning``) when the result's rank is not the one asked for."""
+    if res.rank == rank:
+        return
+    if adaptive and res.rank < rank:
+        msg = (
+            f"method {method!r} returned rank {res.rank} < rank={rank}: the rank-adaptive method "
+            f"stopped growing (or truncated) at rank {res.rank}; rank is an upper bound for it"
+        )
+    else:  # a fixed-rank method must keep the rank: this would be a bug
+        msg = f"method {method!r} returned rank {res.rank}, not the rank={rank} asked for"
+    res.info["rank_asked"] = rank
+    warnings.warn(msg, RankWarning, stacklevel=3)
+
+
+def _full_rank_start(problem: Any, rank: int, seed: Any) -> Any:
+    """A start at ``rank = min(m, n)``, where a problem's truncated spectral start may refuse.
+
+    Uses ``problem.spectral_init(rank)`` when the problem gives one; otherwise the rank-(r-1)
+    spectral start plus the missing pair: the top singular pair ``(u, sigma, v)`` of the normal
+    part of ``-egrad`` (the steepest direction that raises the rank; ``v`` spans the one
+    direction left), entered with the exact line-search step when the problem has one. Cost:
+    one spectral start, one gradient and one randomized SVD of rank 1.
+    """
+    import numpy as np
+
+    from ..containers import LowRankMatrix
+    from .rank_adaptive import normal_top_singular
+
+    try:
+        return problem.spectral_init(rank, seed=seed)
+    except ValueError:
+        if rank < 2:
+            raise
+    x = problem.spectral_init(rank - 1, seed=seed)
+    if x is None:
+        return None
+    M = problem.manifold(rank - 1)
+    _, Z = problem.cost_and_egrad(x)
+    negZ = tuple(-1.0 * z for z in Z) if isinstance(Z, tuple) else -1.0 * Z
+    u, s, v = normal_top_singular(M, x, negZ, 1, seed=seed)
+    sigma = float(M.backend.to_numpy(s)[0])
+    if not sigma > 0:  # nothing outside the manifold: a tiny new singular value keeps rank r
+        sigma = float(M.backend.to_numpy(x.s)[-1]) * _FULL_RANK_NEW_SIGMA
+        t = 1.0
+    else:
+        t = problem.exact_step(x, LowRankMatrix(u * s[None, :1], v))
+        t = float(t) if t is not None and np.isfinite(t) and t > 0 else 1.0
+    grown = x.to_lowrank() + LowRankMatrix(u * (t * sigma), v)
+    return problem.manifold(rank).from_matrix(grown)
+
+
+# new singular value, relative to the last one, when the gradient has no normal part at
+# rank - 1 (the data are fit exactly there): small enough not to disturb the fit
+_FULL_RANK_NEW_SIGMA = 1e-6

@@ -6,8 +6,11 @@ A solver subclasses :class:`Solver` and implements ``init`` and ``step``; ``run`
 from __future__ import annotations
 
 import math
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -16,7 +19,107 @@ import numpy as np
 
 from ..containers import FixedRankPoint, TangentVector
 
-__all__ = ["StopReason", "History", "SolverResult", "Solver", "IterationInfo"]
+__all__ = [
+    "StopReason",
+    "History",
+    "SolverResult",
+    "Solver",
+    "IterationInfo",
+    "RankWarning",
+    "blas_threads",
+    "set_blas_threads",
+    "get_blas_threads",
+]
+
+
+class RankWarning(UserWarning):
+    """A result or a start has another rank than the one asked for (see :func:`rankopt.solve`)."""
+
+
+# ---------------------------------------------------------------------------
+# BLAS threads: solvers run their small dense kernels (QR of (m+n) x 2r, SVD of 2r x 2r,
+# products with r columns) with one BLAS thread by default. On a machine whose cores are busy,
+# a multi-threaded BLAS makes such calls up to 100x slower (threads wait for each other);
+# with idle cores they are too small to gain from threads (measured in
+# benchmarks/threads.py). threadpoolctl sets the limit of every loaded BLAS for the duration
+# of a run and restores it afterwards.
+# ---------------------------------------------------------------------------
+
+_default_threads: int | None = 1
+_LIMIT_ACTIVE = threading.local()
+# threadpoolctl's scan of the loaded libraries costs ~0.5-2 ms, as much as 100 iterations of a
+# small solve: keep the controller, and rescan when modules were imported since (a new import
+# may have loaded another BLAS, e.g. torch's)
+_controller: list[Any] = [None, -1]
+
+
+def _blas_controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    if _controller[0] is None or _controller[1] != len(sys.modules):
+        _controller[0], _controller[1] = ThreadpoolController(), len(sys.modules)
+    return _controller[0]
+
+
+def _check_threads(threads: Any) -> None:
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+
+
+def set_blas_threads(threads: int | None) -> None:
+    """Default number of BLAS threads inside solver runs (``None``: leave the BLAS settings alone).
+
+    The default is 1. ``solve(..., threads=...)`` overrides it for one call.
+    """
+    global _default_threads
+    _check_threads(threads)
+    _default_threads = threads
+
+
+def get_blas_threads() -> int | None:
+    """The default set by :func:`set_blas_threads` (1 unless changed)."""
+    return _default_threads
+
+
+@contextmanager
+def blas_threads(threads: int | None | str = "default") -> Iterator[None]:
+    """Context manager: limit every loaded BLAS library to ``threads`` threads (threadpoolctl).
+
+    ``"default"`` uses :func:`get_blas_threads`; ``None`` changes nothing. Nested uses inside an
+    active block do nothing (the outer setting, ``None`` included, holds for the solvers a
+    solver runs). Setting and restoring the limit costs about 20 us (the threadpoolctl
+    controller is kept between calls and rebuilt only after new imports).
+    """
+    if threads == "default":
+        threads = get_blas_threads()
+    _check_threads(threads)
+    if getattr(_LIMIT_ACTIVE, "on", False):
+        yield
+        return
+    _LIMIT_ACTIVE.on = True  # also for None: an outer "leave alone" holds for inner runs
+    try:
+        if threads is None:
+            yield
+        else:
+            with _blas_controller().limit(limits=threads, user_api="blas"):
+                yield
+    finally:
+        _LIMIT_ACTIVE.on = False
+
+
+def _check_real(Z: Any) -> None:
+    """Raise on a complex gradient (rankopt works over the reals; casting would drop Im)."""
+    parts = Z if isinstance(Z, tuple) else (Z,)
+    for part in parts:
+        arrays = (part.A, part.B) if hasattr(part, "A") and hasattr(part, "B") else (part,)
+        for a in arrays:
+            if "complex" in str(getattr(a, "dtype", "")):
+                raise TypeError(
+                    f"the problem's Euclidean gradient is complex ({a.dtype}); rankopt optimizes "
+                    "over real matrices only (split a complex problem into real and imaginary parts)"
+                )
 
 
 class StopReason(str, Enum):
@@ -220,43 +323,42 @@ class Solver:
         seed: Any = None,
         callback: Callable[[IterationInfo], Any] | None = None,
     ) -> SolverResult:
-        """Minimize ``problem`` from ``x0`` (or its spectral start / a random point of ``rank``)."""
+        """Minimize ``problem`` from ``x0`` (or its spectral start / a random point of ``rank``).
+
+        Runs with the default number of BLAS threads (:func:`get_blas_threads`, 1 unless changed
+        by :func:`set_blas_threads`).
+        """
         t0 = time.perf_counter()
-        if x0 is None:
-            if rank is None:
-                raise ValueError("give a starting point x0 or a rank")
-            x0 = problem.spectral_init(rank, seed=seed)
+        with blas_threads():
             if x0 is None:
-                x0 = problem.manifold(rank).random_point(seed)
-        manifold = self._manifold(problem, x0.rank)
-        manifold.validate = True
-        manifold.check_point(x0)
-        manifold.validate = False
+                if rank is None:
+                    raise ValueError("give a starting point x0 or a rank")
+                x0 = problem.spectral_init(rank, seed=seed)
+                if x0 is None:
+                    x0 = problem.manifold(rank).random_point(seed)
+            manifold = self._manifold(problem, x0.rank)
+            manifold.validate = True
+            manifold.check_point(x0)
+            manifold.validate = False
+            return self._loop(problem, manifold, x0, t0, callback)
+
+    def _loop(self, problem, manifold, x, t0: float, callback) -> SolverResult:
+        """The iteration: stopping tests, one ``step``, evaluation of the new point, history."""
         hist = History()
-        x = x0
         f, Z = problem.cost_and_egrad(x)
+        _check_real(Z)
         g = manifold.geometry.project(x, Z)
         gn = math.sqrt(max(manifold.backend.to_float(manifold.euclidean_inner(g, g)), 0.0))
         if not (math.isfinite(f) and math.isfinite(gn)):
             raise ValueError("cost or gradient is not finite at the starting point")
         gstop = max(self.gtol, self.tol * gn)
         state = self.init(problem, manifold, x)
-        err = self._err(problem, x)
-        hist.append(0, f, gn, time.perf_counter() - t0, 0.0, x.rank, err)
+        hist.append(0, f, gn, time.perf_counter() - t0, 0.0, x.rank, self._err(problem, x))
         bar = self._bar()
         reason, it, small = StopReason.MAX_ITER, 0, 0
         while True:
-            if gn <= gstop:
-                reason = StopReason.GRADIENT
-                break
-            if self.target_cost is not None and f <= self.target_cost:
-                reason = StopReason.TARGET_COST
-                break
-            if it >= self.max_iter:
-                reason = StopReason.MAX_ITER
-                break
-            if time.perf_counter() - t0 >= self.max_time:
-                reason = StopReason.MAX_TIME
+            reason = self._stop_before(f, gn, gstop, it, t0)
+            if reason is not None:
                 break
             x_new, state_new, step = self.step(problem, manifold, x, f, Z, g, state)
             if step == 0.0 or step < self.min_step:
@@ -295,18 +397,22 @@ class Solver:
                 break
         if bar is not None:
             bar.close()
+        elapsed = time.perf_counter() - t0
         return SolverResult(
-            x,
-            f,
-            gn,
-            it,
-            reason,
-            reason.converged,
-            hist,
-            time.perf_counter() - t0,
-            self.name,
-            {"state": state},
+            x, f, gn, it, reason, reason.converged, hist, elapsed, self.name, {"state": state}
         )
+
+    def _stop_before(self, f: float, gn: float, gstop: float, it: int, t0: float):
+        """The tests made before each step (in this order), or None to go on."""
+        if gn <= gstop:
+            return StopReason.GRADIENT
+        if self.target_cost is not None and f <= self.target_cost:
+            return StopReason.TARGET_COST
+        if it >= self.max_iter:
+            return StopReason.MAX_ITER
+        if time.perf_counter() - t0 >= self.max_time:
+            return StopReason.MAX_TIME
+        return None
 
     def _err(self, problem, x) -> float:
         if not self.track_error:

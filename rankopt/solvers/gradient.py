@@ -106,9 +106,10 @@ class RGD(_LineSearchSolver):
         Initial step of the backtracking search: the exact minimizer along ``X + t d`` when the
         problem offers one (``"auto"`` uses it when available), Barzilai-Borwein, or twice the
         previous step; Armijo backtracking always guards descent.
-    metric : rankopt.metrics.Metric, optional
-        Descend along ``-G_x^{-1} P_x(egrad)`` (preconditioned RGD).
-    **kw : see :class:`rankopt.solvers.base.Solver`
+    **kw
+        The loop's options, see :class:`rankopt.solvers.base.Solver`; with ``metric=`` (a
+        :mod:`rankopt.metrics` metric) it descends along ``-G_x^{-1} P_x(egrad)``
+        (preconditioned RGD).
     """
 
     name = "RGD"
