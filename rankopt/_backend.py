@@ -257,6 +257,16 @@ class Backend:
             return a.get()
         return np.asarray(a)
 
+    @staticmethod
+    def is_complex(a: Any) -> bool:
+        """Whether ``a`` (dense or sparse array of any backend) has a complex dtype."""
+        dt = getattr(a, "dtype", None)
+        if dt is None:
+            return False
+        if getattr(dt, "is_complex", None) is not None:  # torch dtypes
+            return bool(dt.is_complex)
+        return getattr(np.dtype(dt), "kind", "") == "c"
+
     # -- ambient matrices ------------------------------------------------------
     def is_sparse(self, z: Any) -> bool:
         if self.name == "numpy":

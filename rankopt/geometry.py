@@ -179,43 +179,34 @@ class Geometry:
 
     # ------------------------------------------------------------- retraction
     def _omega(self, m: int, r: int) -> Any:
-        """A fixed m x r Gaussian matrix (seed 0), cached per shape: see :meth:`sum_svd`."""
+        """A fixed m x r Gaussian matrix with unit-norm columns (seed 0), cached per shape:
+        see :meth:`_complement_qr`."""
         key = (m, r)
         cache = self.__dict__.setdefault("_omegas", {})
         if key not in cache:
-            cache[key] = self.backend.asarray(np.random.default_rng(0).standard_normal((m, r)))
+            g = np.random.default_rng(0).standard_normal((m, r))
+            cache[key] = self.backend.asarray(g / np.linalg.norm(g, axis=0))
         return cache[key]
 
-    def _complement_qr(self, F: Any, P: Any, tau: Any) -> tuple[Any, Any]:
+    def _complement_qr(self, F: Any, P: Any) -> tuple[Any, Any]:
         r"""``Q R = P + tau Omega`` with ``Q`` orthonormal and orthogonal to ``F`` (``P`` nearly in
         ``F^perp``).
 
-        ``P + tau Omega`` (``Omega`` a fixed Gaussian matrix, ``tau`` at rounding level of the
-        retraction, see :meth:`sum_svd`) is re-orthogonalized against ``F`` and factored by
-        Householder QR. The perturbation makes ``P`` of full rank, so that ``Q`` is orthogonal to
-        ``F`` even where ``P`` is rank-deficient (there Householder QR alone returns coordinate
-        vectors, which are not). O(m r^2): three passes over m x r arrays plus the QR.
-        """
-        mm = self.backend.mm
-        be = self.backend
-        P = be.axpy(tau, self._omega(*P.shape[-2:]), P)  # a new array: updated in place
-        return be.qr(be.addmm_(P, F, mm(_t(F), P), -1.0))
-
-    def _qr_regularization(self, x: FixedRankPoint, xi: TangentVector, t: Any) -> Any:
-        """``tau = eps (max|s| / |t| + tiny)`` per item: rounding level of ``X`` in units of ``t``
-        (so ``t tau Omega`` moves ``X + t xi`` by about eps of ``||X||``).
-
-        ``tiny`` (1e-280 in float64, 1e-25 in float32) keeps ``tau Omega`` far above the subnormal
-        range, where numbers carry too few digits. O(r^2), no pass over m x r arrays.
+        ``P + tau Omega`` (``Omega`` a fixed Gaussian matrix with unit-norm columns) is
+        re-orthogonalized against ``F`` and factored by Householder QR. The perturbation makes
+        ``P`` of full rank, so that ``Q`` is orthogonal to ``F`` even where ``P`` is rank-deficient
+        (there Householder QR alone returns coordinate vectors, which are not). ``tau = 16 eps
+        (||P||_F + tiny)``: above the rounding noise of ``P`` (so the completed directions are
+        clean) and at rounding level of the step (so ``X + t xi`` moves by about 16 eps
+        ``t ||xi||``, far below what a line search resolves); ``tiny`` (1e-280 in float64, 1e-25
+        in float32) keeps it above the subnormal range, where numbers carry too few digits.
+        O(m r^2): four passes over m x r arrays plus the QR.
         """
         be = self.backend
-        xp = be.xp
         tiny = 1e-25 if be.is_float32 else 1e-280
-        if getattr(t, "ndim", 0) > 0:
-            abs_t = xp.clip(xp.abs(t), tiny, None)
-        else:
-            abs_t = max(abs(float(t)), tiny)
-        return be.eps * (xp.max(xp.abs(x.s), axis=-1) / abs_t + tiny)
+        tau = (be.xp.sqrt(be.sum_sq(P)) + tiny) * (16.0 * be.eps)
+        P = be.axpy(tau, self._omega(*P.shape[-2:]), P)  # a new array: updated in place
+        return be.qr(be.addmm_(P, F, be.mm(_t(F), P), -1.0))
 
     def sum_svd(self, x: FixedRankPoint, xi: TangentVector, t: Any = 1.0) -> tuple[Any, ...]:
         r"""The SVD of ``X + t xi`` in factored form, ``(U, Qu, A, s2, B, V, Qv)``.
@@ -231,9 +222,8 @@ class Geometry:
         """
         be = self.backend
         U, V = x.U, x.V
-        tau = self._qr_regularization(x, xi, t)
-        qu, ru = self._complement_qr(U, xi.Up, tau)
-        qv, rv = self._complement_qr(V, xi.Vp, tau)
+        qu, ru = self._complement_qr(U, xi.Up)
+        qv, rv = self._complement_qr(V, xi.Vp)
         tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
         top = be.concat([be.diag(x.s) + tt * xi.M, tt * _t(rv)], -1)
         bottom = be.concat([tt * ru, be.xp.zeros_like(ru)], -1)

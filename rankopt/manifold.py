@@ -130,6 +130,11 @@ class FixedRankManifold:
             raise ValueError(
                 f"{what} is on device {be.device_of(a)} but the manifold is on {be.device}"
             )
+        if be.is_complex(a):
+            raise ValueError(
+                f"{what} is complex ({a.dtype}); rankopt works with real matrices only: pass "
+                "the real part (A.real) if that is what you mean"
+            )
         if shape is None:
             return
         got = tuple(a.shape)

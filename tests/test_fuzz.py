@@ -691,10 +691,6 @@ def test_numpy_radamw_cg_maxiter_zero_is_refused_or_moves(p):
 
 # =========================================================================== 12. manifold / backend (lead)
 
-LEAD = pytest.mark.xfail(reason="complex check in the backend layer (lead)", strict=False)
-
-
-@LEAD
 @pytest.mark.parametrize("op", ["from_matrix", "projection"])
 def test_complex_matrix_into_manifold_is_refused(op):
     M = ro.FixedRankManifold(8, 6, 2)

@@ -109,20 +109,22 @@ class RiemannianOptimizer(torch.optim.Optimizer):
     finite check (or GradScaler's inf check); rank-adaptive rules read the new ranks, and the
     first step of adapters reads which layers got a gradient.
 
-    Parameters
-    ----------
-    params : iterable of parameters or of dicts (param groups)
-    defaults : dict
-    check_finite : bool
-        Raise ``ValueError`` on non-finite gradients before anything changes (one device
-        synchronization per step). Under ``torch.amp.GradScaler`` the scaler's own inf check is
-        used instead, and a step with inf/NaN gradients is skipped with a ``RuntimeWarning``.
-
     Every optimizer also takes two param-group options: ``stack_layers`` (default True; False
     moves each layer by its own call of the rule: the per-layer path, same results to rounding,
     slower when many layers share a shape) and ``compile`` (default False; True, a backend name
     or ``torch.compile`` keyword arguments: each stack's fixed-rank rule step is compiled, see
     :mod:`rankopt.torch.compiled`).
+
+    Parameters
+    ----------
+    params : iterable
+        Parameters, or dicts defining param groups (as for any ``torch.optim`` optimizer).
+    defaults : dict
+        Default hyperparameters of the param groups.
+    check_finite : bool
+        Raise ``ValueError`` on non-finite gradients before anything changes (one device
+        synchronization per step). Under ``torch.amp.GradScaler`` the scaler's own inf check is
+        used instead, and a step with inf/NaN gradients is skipped with a ``RuntimeWarning``.
     """
 
     _rankopt_riemannian = True

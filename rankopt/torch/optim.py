@@ -185,18 +185,45 @@ class RAdamW(RiemannianOptimizer):
     Parameters
     ----------
     params : iterable
-    lr, betas, weight_decay
-        Both parts (defaults: the rule's; note ``weight_decay=0`` unlike torch's AdamW).
+        Parameters or param-group dicts; low-rank layers' factors and ordinary parameters.
+    lr : float
+        Learning rate of both parts (default: the rule's).
+    betas : tuple of float
+        Adam's ``(beta1, beta2)`` for both parts.
     eps : float
         AdamW's eps for ordinary parameters (torch's default).
-    metric_eps, factoring, structure, solver, exact, cg_tol, cg_maxiter
-        The adaptive metric of the low-rank layers (:class:`rankopt.rules.RAdamW`; ``metric_eps``
-        is the rule's ``eps``).
-    rank_tol, max_rank, min_rank : optional
-        Rank-adaptive retraction (``rank_tol=None`` keeps the rank fixed).
-    foreach, fused : bool, optional
+    weight_decay : float
+        Decoupled weight decay of both parts (default: the rule's, 0, unlike torch's AdamW).
+    metric_eps : float
+        The rule's ``eps``: relative floor of the adaptive metric
+        (:func:`rankopt.metrics.adaptive_diagonals`).
+    factoring : str
+        How the metric's weights come from the statistics (``"adafactor"``, ``"quartic"``).
+    structure : str
+        ``"full"`` (the metric restricted to the tangent space) or ``"block"``.
+    solver : str
+        ``"direct"`` (exact closed form) or ``"pcg"``.
+    exact : bool
+        False applies only the metric's preconditioner (``structure="full"``).
+    cg_tol : float or None
+        PCG's relative tolerance (``solver="pcg"``).
+    cg_maxiter : int
+        PCG's most iterations (``solver="pcg"``).
+    rank_tol : float or None
+        Rank-adaptive retraction tolerance (None keeps the rank fixed).
+    max_rank : int or None
+        Largest rank of a rank-adaptive step.
+    min_rank : int
+        Smallest rank of a rank-adaptive step.
+    foreach : bool or None
         Passed to torch's AdamW for ordinary parameters.
-    stack_layers, compile, check_finite
+    fused : bool or None
+        Passed to torch's AdamW for ordinary parameters.
+    stack_layers : bool
+        See :class:`RiemannianOptimizer`.
+    compile : bool, str or dict
+        See :class:`RiemannianOptimizer`.
+    check_finite : bool
         See :class:`RiemannianOptimizer`.
     """
 
