@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--reps", type=int, default=25, help="interleaved rounds per set")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or the stepping thread's CPU time (less sensitive to other load; CPU only)",
+    )
     p.add_argument("--variants", action="store_true", help="also other rankopt settings/rules")
     p.add_argument("--compile", action="store_true", help="also RAdamW(compile=True)")
     p.add_argument("--solves", action="store_true", help="part 2: metric solves")
@@ -136,11 +142,12 @@ def state_bytes(opt) -> int:
     )
 
 
-def time_interleaved(opts: dict, reps: int, device: str) -> dict[str, list[float]]:
+def time_interleaved(opts: dict, reps: int, device: str, clock: str = "wall") -> dict:
     """Round-robin: every round steps each optimizer once; seconds per step, per method."""
     import torch
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    now = time.thread_time if clock == "cpu" and device == "cpu" else time.perf_counter
     for opt in opts.values():  # warm-up (adapter start, compilation, caches)
         for _ in range(2):
             opt.step()
@@ -148,10 +155,10 @@ def time_interleaved(opts: dict, reps: int, device: str) -> dict[str, list[float
     times: dict[str, list[float]] = {k: [] for k in opts}
     for _ in range(reps):
         for name, opt in opts.items():
-            t = time.perf_counter()
+            t = now()
             opt.step()
             sync()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(now() - t)
     return times
 
 
@@ -162,7 +169,7 @@ def run_set(name: str, r: int, dtype_name: str, args) -> list[dict]:
     dtype = getattr(torch, dtype_name)
     mods, lora = make_layers(shapes, r, dtype, args.device)
     opts = make_optimizers(mods, lora, args.variants, args.compile, args.device)
-    times = time_interleaved(opts, args.reps, args.device)
+    times = time_interleaved(opts, args.reps, args.device, args.clock)
     base = statistics.median(times["AdamW foreach"])
     base_state = state_bytes(opts["AdamW foreach"])
     rows = []
@@ -388,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"  [{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    header = machine_info() + f"\ndevice {args.device}; torch threads {torch.get_num_threads()}"
+    header = machine_info() + (
+        f"\ndevice {args.device}; torch threads {torch.get_num_threads()}; clock {args.clock}"
+        + (" (CPU time of the stepping thread)" if args.clock == "cpu" else "")
+    )
     print(header)
     rows = []
     for name in args.sets:
