@@ -232,14 +232,19 @@ def test_bad_input_messages():
         rt.LowRankLinear(5, 8, 2, base=torch.zeros(4, 4))
     with pytest.raises(ValueError, match="base has shape"):
         rt.LowRankConv2d(3, 4, 3, 2, base=torch.zeros(4, 3, 2, 2))
-    with pytest.raises(ValueError, match="exceeds min"):
-        rt.apply_low_rank(_mlp(), rank=4)  # the last layer is 16 -> 3
+    with pytest.raises(ValueError, match=r"module '7': rank=4 exceeds min\(out, in\) = 3"):
+        rt.apply_low_rank(_mlp(), rank=4, target_modules=["3", "7"])  # the last layer is 16 -> 3
+    with pytest.warns(UserWarning, match=r"left 1 module\(s\) as they are: '7' \(rank=4 exceeds"):
+        rt.apply_low_rank(_mlp(), rank=4)  # target_modules=None: skipped, listed
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"rank must be a positive integer.*got {bad!r}"):
+            rt.apply_low_rank(_mlp(), rank=bad)
     with pytest.raises(ValueError, match="no nn.Linear, nn.Conv2d or nn.Embedding module matches"):
         rt.apply_low_rank(_mlp(), rank=2, target_modules=["nope"])
     with pytest.raises(ValueError, match="mode must be"):
         rt.apply_low_rank(_mlp(), rank=2, mode="lora")
     with pytest.raises(ValueError, match="grouped convolutions"):
-        rt.apply_low_rank(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), rank=2)
+        rt.apply_low_rank(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), rank=2, target_modules=["0"])
     layer = rt.LowRankLinear(5, 8, 2, seed=0)
     with pytest.raises(ValueError, match="factors must be given together"):
         rt.RAdamW([layer.U, layer.V])
