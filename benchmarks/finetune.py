@@ -34,13 +34,16 @@ r x r core) against rankopt's ``radamw``, ``radagrad`` and ``dlraadam`` (``mode=
 Protocol: each method's learning rate is chosen on the validation split (seed 0) from its own
 grid of the same size (3 values, a factor sqrt(10) apart, centred on values usual for that
 method); the chosen rate is then run with more seeds (model init and batch order), and the test
-accuracy is reported as mean +- standard error over seeds. Also: ms per step (forward +
-backward + step) and per optimizer step (medians after 3 warm-up steps, 1 torch thread), and
-the optimizer's state in bytes (every tensor it holds).
+accuracy is reported as mean +- standard error over seeds. Timing is measured apart, in a
+short stage after the accuracy runs (``--timing-task``, default ``tweets``): every method at its
+chosen learning rate, 3 rounds of 10 steps each, interleaved, under ``flock
+/tmp/rankopt-bench.lock`` so that no other timing benchmark runs at the same time; medians of
+ms per step (forward + backward + step) and per optimizer step, 1 torch thread. Also: the
+optimizer's state in bytes (every tensor it holds) and the trainable parameter count.
 
 Every finished run is written to ``<out>/runs/<task>__<method>__<lr>__s<seed>.json``; a second
-call skips runs already there (resumable). Each run takes ``/tmp/rankopt-bench.lock`` (flock)
-while it trains, so timing runs of other benchmarks do not overlap it.
+call skips runs already there (resumable), as does the timing stage (``timing_<task>.json``).
+The accuracy runs do not take the lock (``--lock-runs`` makes them).
 
 Run::
 
@@ -496,7 +499,7 @@ def train_run(task_name, method: Method, lr, seed, data, template, args) -> dict
             status = f"diverged: {str(e).split(';')[0]}"
             break
         t2 = time.perf_counter()
-        losses.append(float(loss))
+        losses.append(loss.item())
         t_step.append(t2 - t0)
         t_opt.append(t2 - t1)
         if not math.isfinite(losses[-1]):
@@ -555,7 +558,8 @@ class Runner:
         data = self.task_data(data_task)
         template = self.tok_enc[1].encoder.layer[BOTTOM:]
         t0 = time.perf_counter()
-        with bench_lock(self.args.lock), warnings.catch_warnings():
+        lock = self.args.lock if self.args.lock_runs else None
+        with bench_lock(lock), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             res = train_run(task, method, lr, seed, data, template, self.args)
         res.update(method=key, label=method.label, wall_s=time.perf_counter() - t0)
@@ -605,21 +609,66 @@ def summarize(res: dict) -> dict:
                 diverged=sum(r["status"] != "ok" for r in res["tune"] + res["finals"]))  # fmt: skip
 
 
+def timing_stage(runner: Runner, task: str, results: dict, rounds: int, steps: int) -> dict:
+    """ms per step and per optimizer step of each method at its chosen lr, measured apart from
+    the accuracy runs: all models built first, then ``rounds`` rounds of ``steps`` steps per
+    method, interleaved, under the benchmark lock; medians over all timed steps."""
+    path = runner.dir.parent / f"timing_{task}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    data = runner.task_data(task)
+    template = runner.tok_enc[1].encoder.layer[BOTTOM:]
+    h, m, y = data["train"]
+    n_classes = int(y.max()) + 1
+    models = {}
+    for key, res in results.items():
+        torch.manual_seed(0)
+        model = TopClassifier(copy.deepcopy(template), n_classes)
+        models[key] = METHODS[key].build(model, res["best_lr"], 0)
+    times = {k: ([], []) for k in models}
+    rng = np.random.default_rng(0)
+    with bench_lock(runner.args.lock):
+        for _ in range(rounds):
+            for key, (model, opt) in models.items():
+                for _ in range(steps):
+                    b = torch.as_tensor(rng.choice(len(y), runner.args.batch, replace=False))
+                    t0 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(model(h[b], m[b]), y[b]).backward()
+                    t1 = time.perf_counter()
+                    opt.step()
+                    t2 = time.perf_counter()
+                    times[key][0].append(t2 - t0)
+                    times[key][1].append(t2 - t1)
+    out = {k: dict(ms_step=1e3 * statistics.median(a[1:]), ms_opt=1e3 * statistics.median(b[1:]),
+                   n=len(a) - 1) for k, (a, b) in times.items()}  # fmt: skip
+    path.write_text(json.dumps(out))
+    for k, v in out.items():
+        print(
+            f"  timing {task} {k:17s} {v['ms_step']:.0f} ms/step, {v['ms_opt']:.1f} ms/opt step",
+            flush=True,
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
-def table(all_results: dict, args) -> str:
+def table(all_results: dict, args, timing: dict | None = None) -> str:
     lines = [
         "| task | method | best lr | test acc (mean ± s.e.) | val acc | ms/step | ms/opt step | "
         "optimizer state | trainable |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for task, results in all_results.items():
-        for res in results.values():
+        for _key, res in results.items():
             s = summarize(res)
             edge = " (grid edge)" if res["at_grid_edge"] else ""
             div = f"; {s['diverged']} run(s) diverged" if s["diverged"] else ""
             name = f"**{res['label']}**" if res["rankopt"] else res["label"]
+            tm = (timing or {}).get(task, {}).get(_key)
+            if tm is not None:  # the locked, interleaved timing stage
+                s = dict(s, ms_step=tm["ms_step"], ms_opt=tm["ms_opt"])
             lines.append(
                 f"| {task} | {name} | {res['best_lr']:g}{edge} | {s['mean']:.3f} ± {s['se']:.3f} "
                 f"(n={s['n']}{div}) | {s['val']:.3f} | {s['ms_step']:.0f} | {s['ms_opt']:.1f} | "
@@ -681,11 +730,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--data-seed", type=int, default=0, help="the train/val/test split")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--lock", default=LOCK, help="flock file held during each run ('' for none)")
+    ap.add_argument(
+        "--lock", default=LOCK, help="flock file held during the timing stage ('' for none)"
+    )
+    ap.add_argument(
+        "--lock-runs", action="store_true", help="also hold the lock in every accuracy run"
+    )
+    ap.add_argument("--timing-task", default="tweets", help="task of the timing stage ('' to skip)")
+    ap.add_argument("--timing-rounds", type=int, default=3)
+    ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--out", default="out/finetune")
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.seeds, args.lock = 3, 4, [0, 1], ""
+        args.timing_rounds, args.timing_steps = 1, 2
     torch.set_num_threads(args.threads)
     print(machine_info(("numpy", "torch", "transformers", "peft", "galore-torch", "rankopt")))
     print(f"steps {args.steps}, batch {args.batch}, seeds {args.seeds}, out {args.out}", flush=True)
@@ -705,7 +763,15 @@ def main(argv=None) -> dict:
                                          args.seeds, grids)  # fmt: skip
         else:
             all_results[task] = run_task(runner, task, pick(METHODS), task, args.seeds, grids)
-    md = table(all_results, args)
+    timing = {}
+    if args.timing_task in all_results:
+        print(
+            f"== timing ({args.timing_task}, {args.timing_rounds} x {args.timing_steps} steps per method, interleaved)",
+            flush=True,
+        )
+        timing[args.timing_task] = timing_stage(runner, args.timing_task, all_results[args.timing_task],
+                                                args.timing_rounds, args.timing_steps)  # fmt: skip
+    md = table(all_results, args, timing)
     print(md)
     out = Path(args.out)
     (out / "finetune.md").write_text(

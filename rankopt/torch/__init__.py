@@ -10,6 +10,15 @@ mixed precision) and measured results.
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "rankopt.torch needs PyTorch, which is not installed: pip install 'rankopt[torch]' "
+        "(or torch itself, see https://pytorch.org for the CUDA/CPU builds)"
+    ) from _err
+
+from .adapters import load_adapters, save_adapters
 from .convert import (
     apply_low_rank,
     energy_rank,
@@ -17,6 +26,7 @@ from .convert import (
     merge,
     ordinary_parameters,
     parameter_counts,
+    saved_module_names,
     trainable_parameters,
 )
 from .embedding import LowRankEmbedding
@@ -36,6 +46,7 @@ from .optim import (
     RiemannianOptimizer,
     allow_plain_optimizers,
 )
+from .peft import from_peft, to_peft
 
 __all__ = [
     "LowRankLinear",
@@ -51,6 +62,11 @@ __all__ = [
     "ordinary_parameters",
     "parameter_counts",
     "energy_rank",
+    "saved_module_names",
+    "save_adapters",
+    "load_adapters",
+    "from_peft",
+    "to_peft",
     "RiemannianOptimizer",
     "RAdamW",
     "RAdaGrad",

@@ -45,6 +45,7 @@ __all__ = [
     "ordinary_parameters",
     "parameter_counts",
     "energy_rank",
+    "saved_module_names",
 ]
 
 
@@ -409,6 +410,21 @@ def _plain_module(layer: _LowRankBase) -> nn.Module:
         layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
         layer.dilation, bias=layer.bias is not None, **kw,
     )  # fmt: skip
+
+
+def saved_module_names(model: nn.Module) -> list[str]:
+    """Full names of the ``modules_to_save`` recorded by :func:`apply_low_rank` (suffix match,
+    outermost module when several nest), e.g. ``["classifier"]``."""
+    wanted = (getattr(model, "rankopt_config", None) or {}).get("modules_to_save") or []
+    found: list[str] = []
+    for name, _ in model.named_modules():
+        if (
+            name
+            and _matches(name, list(wanted))
+            and not any(name.startswith(f + ".") for f in found)
+        ):
+            found.append(name)
+    return found
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
