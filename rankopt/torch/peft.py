@@ -142,6 +142,8 @@ def from_peft(
             saved.append(name)
     if not factors:
         raise ValueError(f"no LoRA layer of adapter {adapter!r} found")
+    if "peft_config" in vars(root):  # PEFT's bookkeeping on the base model: no longer true
+        del root.peft_config
     _convert(root, factors, saved)
     return root
 
