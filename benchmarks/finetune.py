@@ -89,6 +89,7 @@ RANK = 8  # adapter rank
 COMPRESS_RANK = 32  # rank of every compressed layer in the compression task
 TARGETS = ["query", "value"]
 LOCK = "/tmp/rankopt-bench.lock"
+EXTEND = 2  # at most this many grid extensions when the best lr is at an end of the grid
 
 # --------------------------------------------------------------------------- tasks
 
@@ -578,12 +579,37 @@ def _best(runs: list[dict]) -> dict:
     return max(ok, key=lambda r: (r["val_acc"], -r["val_loss"]))
 
 
+def _next_lr(lr: float, up: bool) -> float:
+    """The next point of the grid 1, 3, 10, 30, ... (times a power of 10) above or below lr."""
+    e = math.floor(math.log10(lr) + 1e-9)
+    one = abs(lr / 10**e - 1) < 1e-6
+    if up:
+        return float(f"{(3 if one else 10) * 10**e:.1g}")
+    return float(f"{(0.3 if one else 1) * 10**e:.1g}")
+
+
 def run_task(runner: Runner, task: str, methods: dict, data_task: str, seeds, grids) -> dict:
-    """Tune on seed ``seeds[0]`` (validation accuracy, then loss), then the other seeds."""
+    """Tune on seed ``seeds[0]`` (validation accuracy, then loss), then the other seeds.
+
+    Every method starts from its 3-point grid; when the best rate is at an end of the grid,
+    the grid is extended by one point (1, 3, 10, ... times a power of 10) beyond it, at most ``EXTEND`` times:
+    the same rule for every method, so no method is judged at the edge of its range."""
     results = {}
     for key, method in methods.items():
+        grid = list(grids(method))
         try:
-            tune = [runner.run(task, key, method, lr, seeds[0], data_task) for lr in grids(method)]
+            tune = [runner.run(task, key, method, lr, seeds[0], data_task) for lr in grid]
+            for _ in range(EXTEND if len(grid) > 1 else 0):
+                best = _best(tune)
+                if best["lr"] not in (grid[0], grid[-1]):
+                    break
+                lr = (
+                    _next_lr(grid[-1], up=True)
+                    if best["lr"] == grid[-1]
+                    else _next_lr(grid[0], up=False)
+                )
+                grid = [*grid, lr] if best["lr"] == grid[-1] else [lr, *grid]
+                tune.append(runner.run(task, key, method, lr, seeds[0], data_task))
         except NotImplementedError as e:
             print(f"  {task:8s} {key:17s} skipped: {e}", flush=True)
             continue
@@ -591,10 +617,9 @@ def run_task(runner: Runner, task: str, methods: dict, data_task: str, seeds, gr
         finals = [best] + [
             runner.run(task, key, method, best["lr"], s, data_task) for s in seeds[1:]
         ]
-        grid = grids(method)
         edge = len(grid) > 1 and best["lr"] in (grid[0], grid[-1])
         results[key] = dict(label=method.label, rankopt=method.rankopt, tune=tune, finals=finals,
-                            best_lr=best["lr"], at_grid_edge=edge)  # fmt: skip
+                            best_lr=best["lr"], at_grid_edge=edge, grid=sorted(grid))  # fmt: skip
     return results
 
 
