@@ -35,7 +35,7 @@ Protocol: each method's learning rate is chosen on the validation split (seed 0)
 grid of the same size (3 values, a factor sqrt(10) apart, centred on values usual for that
 method); the chosen rate is then run with more seeds (model init and batch order), and the test
 accuracy is reported as mean +- standard error over seeds. Timing is measured apart, in a
-short stage after the accuracy runs (``--timing-task``, default ``tweets``): every method at its
+short stage after the accuracy runs (``--timing-task``, default ``tweets,compress``): every method at its
 chosen learning rate, 3 rounds of 10 steps each, interleaved, under ``flock
 /tmp/rankopt-bench.lock`` so that no other timing benchmark runs at the same time; medians of
 ms per step (forward + backward + step) and per optimizer step, 1 torch thread. Also: the
@@ -642,7 +642,8 @@ def timing_stage(runner: Runner, task: str, results: dict, rounds: int, steps: i
     path = runner.dir.parent / f"timing_{task}.json"
     if path.exists():
         return json.loads(path.read_text())
-    data = runner.task_data(task)
+    methods = COMPRESS_METHODS if task == "compress" else METHODS
+    data = runner.task_data(COMPRESS_DATA if task == "compress" else task)
     template = runner.tok_enc[1].encoder.layer[BOTTOM:]
     h, m, y = data["train"]
     n_classes = int(y.max()) + 1
@@ -650,7 +651,7 @@ def timing_stage(runner: Runner, task: str, results: dict, rounds: int, steps: i
     for key, res in results.items():
         torch.manual_seed(0)
         model = TopClassifier(copy.deepcopy(template), n_classes)
-        models[key] = METHODS[key].build(model, res["best_lr"], 0)
+        models[key] = methods[key].build(model, res["best_lr"], 0)
     times = {k: ([], []) for k in models}
     rng = np.random.default_rng(0)
     with bench_lock(runner.args.lock):
@@ -762,7 +763,8 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--lock-runs", action="store_true", help="also hold the lock in every accuracy run"
     )
-    ap.add_argument("--timing-task", default="tweets", help="task of the timing stage ('' to skip)")
+    ap.add_argument("--timing-task", default="tweets,compress",
+                    help="comma-separated tasks of the timing stage ('' to skip)")  # fmt: skip
     ap.add_argument("--timing-rounds", type=int, default=3)
     ap.add_argument("--timing-steps", type=int, default=10)
     ap.add_argument("--out", default="out/finetune")
@@ -790,13 +792,13 @@ def main(argv=None) -> dict:
         else:
             all_results[task] = run_task(runner, task, pick(METHODS), task, args.seeds, grids)
     timing = {}
-    if args.timing_task in all_results:
-        print(
-            f"== timing ({args.timing_task}, {args.timing_rounds} x {args.timing_steps} steps per method, interleaved)",
-            flush=True,
-        )
-        timing[args.timing_task] = timing_stage(runner, args.timing_task, all_results[args.timing_task],
-                                                args.timing_rounds, args.timing_steps)  # fmt: skip
+    for ttask in args.timing_task.split(","):
+        if ttask not in all_results:
+            continue
+        print(f"== timing ({ttask}, {args.timing_rounds} x {args.timing_steps} steps per "
+              "method, interleaved)", flush=True)  # fmt: skip
+        timing[ttask] = timing_stage(runner, ttask, all_results[ttask], args.timing_rounds,
+                                     args.timing_steps)  # fmt: skip
     md = table(all_results, args, timing)
     print(md)
     out = Path(args.out)

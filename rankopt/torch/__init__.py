@@ -4,6 +4,10 @@
 >>> model = rt.apply_low_rank(model, rank=8, target_modules=["query", "value"])   # doctest: +SKIP
 >>> opt = rt.RAdamW(rt.trainable_parameters(model), lr=1e-3)                    # doctest: +SKIP
 
+Adapters travel as small files (:func:`save_adapters` / :func:`load_adapters`) or as PEFT
+LoRA adapters (:func:`from_peft` / :func:`to_peft`); converted models work with
+``transformers.Trainer`` checkpoints and ``save_pretrained``.
+
 See ``docs/torch.md`` for the design (what the backward stores, the adapter start, DDP/FSDP,
 mixed precision) and measured results.
 """
