@@ -771,7 +771,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.seeds, args.lock = 3, 4, [0, 1], ""
-        args.timing_rounds, args.timing_steps = 1, 2
+        args.timing_rounds, args.timing_steps, args.timing_task = 1, 2, "tweets"
     torch.set_num_threads(args.threads)
     print(machine_info(("numpy", "torch", "transformers", "peft", "galore-torch", "rankopt")))
     print(f"steps {args.steps}, batch {args.batch}, seeds {args.seeds}, out {args.out}", flush=True)
