@@ -682,25 +682,31 @@ def timing_stage(runner: Runner, task: str, results: dict, rounds: int, steps: i
 
 
 def table(all_results: dict, args, timing: dict | None = None) -> str:
+    """Markdown: accuracy and memory per task and method; then the timing-stage table."""
     lines = [
-        "| task | method | best lr | test acc (mean ± s.e.) | val acc | ms/step | ms/opt step | "
-        "optimizer state | trainable |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| task | method | lr (grid) | test acc (mean ± s.e.) | val acc | optimizer state | "
+        "trainable |",
+        "|---|---|---|---|---|---|---|",
     ]
     for task, results in all_results.items():
-        for _key, res in results.items():
+        for res in results.values():
             s = summarize(res)
-            edge = " (grid edge)" if res["at_grid_edge"] else ""
-            div = f"; {s['diverged']} run(s) diverged" if s["diverged"] else ""
+            edge = ", at the grid's end" if res["at_grid_edge"] else ""
+            grid = ", ".join(f"{v:g}" for v in res.get("grid", []))
+            div = f"; {s['diverged']} run(s) flagged" if s["diverged"] else ""
             name = f"**{res['label']}**" if res["rankopt"] else res["label"]
-            tm = (timing or {}).get(task, {}).get(_key)
-            if tm is not None:  # the locked, interleaved timing stage
-                s = dict(s, ms_step=tm["ms_step"], ms_opt=tm["ms_opt"])
             lines.append(
-                f"| {task} | {name} | {res['best_lr']:g}{edge} | {s['mean']:.3f} ± {s['se']:.3f} "
-                f"(n={s['n']}{div}) | {s['val']:.3f} | {s['ms_step']:.0f} | {s['ms_opt']:.1f} | "
-                f"{s['state'] / 1024:.0f} KiB | {s['trainable']:,} |"
+                f"| {task} | {name} | {res['best_lr']:g} ({grid}{edge}) | {s['mean']:.3f} ± "
+                f"{s['se']:.3f} (n={s['n']}{div}) | {s['val']:.3f} | {s['state'] / 1024:.0f} KiB | "
+                f"{s['trainable']:,} |"
             )
+    if timing:
+        lines += ["", "| task | method | ms per step (fwd + bwd + step) | ms per optimizer step |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for task, tm in timing.items():
+            for key, v in tm.items():
+                label = all_results[task][key]["label"]
+                lines.append(f"| {task} | {label} | {v['ms_step']:.0f} | {v['ms_opt']:.1f} |")
     return "\n".join(lines)
 
 
@@ -713,7 +719,7 @@ def plot(all_results: dict, args, path: Path) -> None:
     tasks = list(all_results)
     ncol = 2 if len(tasks) > 1 else 1
     nrow = math.ceil(len(tasks) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 3.6 * nrow + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(7.0 * ncol, 3.6 * nrow + 0.8), squeeze=False)
     for ax in axes.flat[len(tasks) :]:
         ax.set_visible(False)
     for ax, task in zip(axes.flat, tasks, strict=False):
@@ -722,23 +728,24 @@ def plot(all_results: dict, args, path: Path) -> None:
         s = [summarize(res[k]) for k in keys]
         y = np.arange(len(keys))
         colors = ["tab:red" if res[k]["rankopt"] else "tab:gray" for k in keys]
-        ax.barh(y, [v["mean"] for v in s], xerr=[0 if math.isnan(v["se"]) else v["se"] for v in s],
-                color=colors, capsize=3)  # fmt: skip
+        se = [0.0 if math.isnan(v["se"]) else v["se"] for v in s]
+        for yi, v, e, c in zip(y, s, se, colors, strict=True):
+            ax.errorbar(v["mean"], yi, xerr=e, fmt="o", color=c, capsize=4, ms=6)
         ax.set_yticks(y, [f"{res[k]['label']} (lr {res[k]['best_lr']:g})" for k in keys],
                       fontsize=8)  # fmt: skip
         ax.invert_yaxis()
         chance = 1.0 / len(TASKS[COMPRESS_DATA if task == "compress" else task].classes)
-        ax.axvline(chance, color="k", ls=":", lw=1, label="chance")
-        top = max(v["mean"] + (0 if math.isnan(v["se"]) else v["se"]) for v in s)
-        low = min([chance] + [v["mean"] for v in s])
-        ax.set_xlim(max(0.0, low - 0.05), min(1.0, top + 0.03))
+        lo = min(v["mean"] - e for v, e in zip(s, se, strict=True))
+        hi = max(v["mean"] + e for v, e in zip(s, se, strict=True))
+        pad = max(0.01, 0.15 * (hi - lo))
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.grid(axis="x", alpha=0.3)
         ax.set_xlabel("test accuracy (mean ± s.e. over seeds)", fontsize=8)
-        what = (f"rank-{COMPRESS_RANK} compression, {COMPRESS_DATA} data" if task == "compress"
-                else f"{len(TASKS[task].classes)} classes, adapters of rank {RANK}")  # fmt: skip
-        ax.set_title(f"{task}: {what}", fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
-    title = (f"MiniLM-L6 fine-tuning, {args.steps} steps, {len(args.seeds)} seed(s); "
-             "red: rankopt, gray: PEFT / GaLore / SVD+AdamW")  # fmt: skip
+        what = (f"rank {COMPRESS_RANK}, {COMPRESS_DATA} data" if task == "compress"
+                else f"{len(TASKS[task].classes)} classes, rank {RANK}")  # fmt: skip
+        ax.set_title(f"{task}: {what} (chance {chance:.2f})", fontsize=9)
+    title = (f"MiniLM-L6 fine-tuning, {args.steps} steps, {len(args.seeds)} seed(s), each "
+             "method at its best lr on validation; red: rankopt, gray: PEFT / GaLore / SVD+AdamW")  # fmt: skip
     if args.quick:
         title = "SMOKE RUN (--quick: tiny data, few steps; numbers mean nothing)\n" + title
     fig.suptitle(title, fontsize=10)
