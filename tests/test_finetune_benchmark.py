@@ -43,8 +43,11 @@ def quick(tmp_path_factory):
 def test_table_has_every_task_and_method(quick):
     stdout, out = quick
     assert "CPU:" in stdout and "versions:" in stdout
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()
+    acc_table = stdout[stdout.index("| task | method | lr (grid)") :].split("\n\n")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in acc_table.splitlines()
             if line.startswith("| ") and not line.startswith("| task")]  # fmt: skip
+    timing = stdout[stdout.index("| task | method | ms per step") :].split("\n\n")[0]
+    assert len([ln for ln in timing.splitlines() if ln.startswith("| tweets |")]) == 8
     by_task: dict[str, list[str]] = {}
     for r in rows:
         by_task.setdefault(r[0], []).append(r[1].strip("*"))

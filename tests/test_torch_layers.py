@@ -499,6 +499,11 @@ def test_target_none_skips_grouped_conv_and_lists_it_once():
     )
     assert torch.equal(model(x), y0)
     assert model.rankopt_config["exclude_modules"] == ["5"]
+    # modules_to_save are trained whole, never converted (the classifier head, as in PEFT)
+    other = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    rt.apply_low_rank(other, rank=2, modules_to_save=["2"])
+    assert isinstance(other[0], rt.LowRankLinear) and type(other[2]) is nn.Linear
+    assert other[2].weight.requires_grad and not other[0].base_weight.requires_grad
 
 
 def test_import_without_torch_gives_install_hint():
