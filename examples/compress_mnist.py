@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +49,32 @@ def mlp(seed: int) -> nn.Module:
     )
 
 
-def train(model, opt, data, epochs: int, batch: int, seed: int):
+def train(model, opt, data, epochs: int, batch: int, seed: int, label: str):
+    """Mini-batch training with one line per epoch (mean loss, seconds); warns when the loss
+    becomes non-finite (and stops) or when an epoch ends above the first epoch's loss."""
     X, y = data
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
+    first, t0 = None, time.perf_counter()
+    for epoch in range(epochs):
+        total, n = 0.0, 0
         for idx in torch.randperm(len(y), generator=g).split(batch):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+            loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+            loss.backward()
+            if not math.isfinite(loss.item()):
+                warnings.warn(f"{label}: non-finite loss in epoch {epoch + 1}; stopped (lower "
+                              "the learning rate)", RuntimeWarning, stacklevel=2)  # fmt: skip
+                return
             opt.step()
+            total, n = total + loss.item() * len(idx), n + len(idx)
+        mean = total / n
+        first = mean if first is None else first
+        print(f"  {label}: epoch {epoch + 1}/{epochs}  loss {mean:.4f}  "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        if epoch > 0 and mean > first:
+            warnings.warn(f"{label}: epoch {epoch + 1} ended with loss {mean:.3f} above the first "
+                          f"epoch's {first:.3f}: diverging? lower the learning rate",
+                          RuntimeWarning, stacklevel=2)  # fmt: skip
 
 
 @torch.no_grad()
@@ -87,6 +107,7 @@ def main(argv=None):
         args.epochs,
         64,
         args.seed,
+        "dense MLP (AdamW)",
     )
     rows = [
         dict(rank="dense", params=rt.parameter_counts(dense)["total"], manifold_dim=None,
@@ -98,7 +119,8 @@ def main(argv=None):
         )
         acc_svd = accuracy(model, test_set)
         opt = rt.RAdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        train(model, opt, train_set, args.finetune_epochs, 64, args.seed + 1)
+        train(model, opt, train_set, args.finetune_epochs, 64, args.seed + 1,
+              f"rank {r} (RAdamW fine-tuning)")  # fmt: skip
         counts = rt.parameter_counts(model)
         rows.append(dict(rank=r, params=counts["total"], manifold_dim=counts["manifold_dim"],
                          acc_svd=acc_svd, acc_finetuned=accuracy(model, test_set)))  # fmt: skip
@@ -139,7 +161,10 @@ def main(argv=None):
     ax.set_xscale("log")
     ax.set_xlabel("stored parameters")
     ax.set_ylabel("test accuracy (1,000 MNIST digits)")
-    ax.set_title("MLP 784-256-256-10: low-rank compression of the hidden layers")
+    title = "MLP 784-256-256-10: low-rank compression of the hidden layers"
+    if args.quick:
+        title = f"SMOKE RUN (--quick: {args.epochs} + {args.finetune_epochs} epochs; not a result)\n{title}"
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(out / "compress_mnist.png", dpi=120)

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 import rankopt.torch as rt  # noqa: E402
 
@@ -157,18 +159,40 @@ def train_run(method, lr, args, data, tok_enc):
     ids, mask, y = data["train"]
     rng = np.random.default_rng(args.seed)  # same batches for every run
     losses, t0 = [], time.perf_counter()
-    for _ in range(args.steps):
+    bar = tqdm(range(args.steps), desc=f"{method} lr={lr:.0e}", leave=False, mininterval=2)
+    for _ in bar:
         b = torch.as_tensor(rng.choice(len(y), args.batch, replace=False))
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(ids[b], mask[b]), y[b])
         loss.backward()
+        if not torch.isfinite(loss):
+            break  # rankopt's optimizers would refuse the step anyway (non-finite gradients)
         opt.step()
         losses.append(loss.item())
-    sec = (time.perf_counter() - t0) / args.steps
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    sec = (time.perf_counter() - t0) / max(1, len(losses))
+    warn_if_diverged(losses, args.steps, f"{method} at lr={lr:.0e}")
     val_acc, val_loss = evaluate(model, *data["val"])
     test_acc, test_loss = evaluate(model, *data["test"])
     return dict(method=method, lr=lr, losses=losses, val_acc=val_acc, val_loss=val_loss,
                 test_acc=test_acc, test_loss=test_loss, sec_per_step=sec)  # fmt: skip
+
+
+def warn_if_diverged(losses: list[float], steps: int, label: str) -> None:
+    """Warn when a run stopped on a non-finite loss, or when its loss did not go down (mean of
+    the last tenth of the steps at or above the mean of the first tenth): a learning rate too
+    high, not a result to read. Runs under 10 steps (smoke runs) are not judged."""
+    if len(losses) < steps:
+        warnings.warn(f"{label}: the loss became non-finite at step {len(losses) + 1}; the run "
+                      "stopped (lower the learning rate)", RuntimeWarning, stacklevel=2)  # fmt: skip
+        return
+    k = len(losses) // 10
+    if k and np.mean(losses[-k:]) >= np.mean(losses[:k]):
+        warnings.warn(
+            f"{label}: the training loss did not decrease (first {k} steps {np.mean(losses[:k]):.3f}, "
+            f"last {k} steps {np.mean(losses[-k:]):.3f}): diverged or stuck, lower the learning rate",
+            RuntimeWarning, stacklevel=2,
+        )  # fmt: skip
 
 
 def smooth(v, k):
@@ -206,9 +230,12 @@ def main(argv=None):
         ids, mask = encode(tok_enc[0], [t for t, _ in rows], args.max_len)
         data[name] = (ids, mask, torch.tensor([c for _, c in rows]))
     runs = []
+    n_runs, done = sum(len(g) for g in grids.values()), 0
     for method, grid in grids.items():
         for lr in grid:
             res = train_run(method, lr, args, data, tok_enc)
+            done += 1
+            print(f"[{done}/{n_runs}, {time.perf_counter() - t_start:.0f} s]", end=" ")
             runs.append(res)
             print(f"{method:7s} lr={lr:.0e}  val acc {res['val_acc']:.3f}  test acc {res['test_acc']:.3f}  "
                   f"test loss {res['test_loss']:.3f}  {res['sec_per_step'] * 1e3:.0f} ms/step", flush=True)  # fmt: skip
@@ -236,10 +263,14 @@ def main(argv=None):
     k = max(1, args.steps // 15)
     for m, r in best.items():
         label = f"{'RAdamW' if m == 'radamw' else 'LoRA + AdamW'} (lr {r['lr']:.0e}, test acc {r['test_acc']:.3f})"
-        ax.plot(np.arange(k, len(r["losses"]) + 1), smooth(r["losses"], k), label=label)
+        kk = max(1, min(k, len(r["losses"])))
+        ax.plot(np.arange(kk, len(r["losses"]) + 1), smooth(r["losses"], kk), label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (moving average of {k})")
-    ax.set_title(f"MiniLM-L6 fine-tuning, tweet source (3 classes), rank {args.rank}")
+    title = f"MiniLM-L6 fine-tuning, tweet source (3 classes), rank {args.rank}"
+    if args.quick:
+        title = f"SMOKE RUN (--quick: {args.steps} steps, tiny data; not a result)\n{title}"
+    ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "finetune_minilm.png", dpi=120)

@@ -232,14 +232,19 @@ def test_bad_input_messages():
         rt.LowRankLinear(5, 8, 2, base=torch.zeros(4, 4))
     with pytest.raises(ValueError, match="base has shape"):
         rt.LowRankConv2d(3, 4, 3, 2, base=torch.zeros(4, 3, 2, 2))
-    with pytest.raises(ValueError, match="exceeds min"):
-        rt.apply_low_rank(_mlp(), rank=4)  # the last layer is 16 -> 3
+    with pytest.raises(ValueError, match=r"module '7': rank=4 exceeds min\(out, in\) = 3"):
+        rt.apply_low_rank(_mlp(), rank=4, target_modules=["3", "7"])  # the last layer is 16 -> 3
+    with pytest.warns(UserWarning, match=r"left 1 module\(s\) as they are: '7' \(rank=4 exceeds"):
+        rt.apply_low_rank(_mlp(), rank=4)  # target_modules=None: skipped, listed
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"rank must be a positive integer.*got {bad!r}"):
+            rt.apply_low_rank(_mlp(), rank=bad)
     with pytest.raises(ValueError, match="no nn.Linear, nn.Conv2d or nn.Embedding module matches"):
         rt.apply_low_rank(_mlp(), rank=2, target_modules=["nope"])
     with pytest.raises(ValueError, match="mode must be"):
         rt.apply_low_rank(_mlp(), rank=2, mode="lora")
     with pytest.raises(ValueError, match="grouped convolutions"):
-        rt.apply_low_rank(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), rank=2)
+        rt.apply_low_rank(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), rank=2, target_modules=["0"])
     layer = rt.LowRankLinear(5, 8, 2, seed=0)
     with pytest.raises(ValueError, match="factors must be given together"):
         rt.RAdamW([layer.U, layer.V])
@@ -344,3 +349,171 @@ def test_embedding_backward_and_conversion(adapter):
     y = model(idx)
     rt.merge(model)
     assert type(model[0]) is nn.Embedding and torch.allclose(model(idx), y, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- issue 11 items
+
+
+def test_half_precision_policy_enforce_and_upcast():
+    """Factors are float32/float64: dtype=float16/bfloat16 is refused with a hint (enforce);
+    adapters on a half-precision model get float32 factors (upcast) and compute in the input's
+    dtype; RAdamW keeps U, V orthonormal and finite over steps (it produced an SVD of
+    non-finite values at step 3 with float16 factors); model.half() after conversion refuses
+    to train but still runs under no_grad."""
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match="half-precision factors cannot be trained"):
+            rt.LowRankLinear(16, 12, 3, dtype=dt)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4)).to(torch.bfloat16)
+    rt.apply_low_rank(model, rank=3, target_modules=["0"], modules_to_save=["2"], seed=0)
+    layer = model[0]
+    assert layer.U.dtype == torch.float32 and layer.base_weight.dtype == torch.bfloat16
+    x = torch.randn(32, 16, dtype=torch.bfloat16)
+    y0 = model(x)
+    assert y0.dtype == torch.bfloat16
+    opt = rt.RAdamW(rt.trainable_parameters(model), lr=1e-2)
+    for _ in range(6):
+        opt.zero_grad()
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+    U, s, V = layer.factors()
+    assert bool(torch.isfinite(s).all()) and float(s.max()) > 0
+    assert torch.dist(U.T @ U, torch.eye(3)) < 1e-5 and torch.dist(V.T @ V, torch.eye(3)) < 1e-5
+    model.half()
+    with pytest.raises(ValueError, match=r"factors are torch.float16 \(model.half\(\)"):
+        model(x.half())
+    with torch.no_grad():
+        assert model(x.half()).dtype == torch.float16
+    with pytest.raises(ValueError, match="input dtype torch.float64 does not match"):
+        rt.LowRankLinear(4, 3, 2, dtype=torch.float32)(torch.zeros(2, 4, dtype=D))
+
+
+def test_set_factors_validates_the_point():
+    """2 U (not orthonormal), negative s, NaN in U, rank 0 or wrong shapes: ValueError; a thin
+    SVD in float32 or float64 passes."""
+    layer = rt.LowRankLinear(8, 6, 2, seed=0)
+    x = ro.FixedRankManifold(6, 8, 2, backend="torch").random_point(seed=1)
+    U, s, V = x.U.float(), x.s.float(), x.V.float()
+    with pytest.raises(
+        ValueError, match=r"U must have orthonormal columns: \|\|U\^T U - I\|\|_F = 4.24"
+    ):
+        layer.set_factors(2 * U, s, V)
+    with pytest.raises(ValueError, match="V must have orthonormal columns"):
+        layer.set_factors(U, s, V + 0.01)
+    with pytest.raises(ValueError, match=r"s must hold singular values >= 0, got min\(s\) = -1"):
+        layer.set_factors(U, torch.tensor([1.0, -1.0]), V)
+    bad = U.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="U has non-finite entries"):
+        layer.set_factors(bad, s, V)
+    with pytest.raises(ValueError, match="rank r=0"):
+        layer.set_factors(U[:, :0], s[:0], V[:, :0])
+    with pytest.raises(ValueError, match="factors must have shapes"):
+        layer.set_factors(U.T, s, V)
+    U0 = layer.U.detach().clone()
+    assert torch.equal(layer.U.detach(), U0)  # nothing changed by the refused calls
+    layer.set_factors(x.U, x.s, x.V)  # float64 input into float32 factors
+    layer.set_factors(U, s, V)
+
+
+def test_wrong_input_width_names_the_layer_not_the_factors():
+    lin = rt.LowRankLinear(16, 4, 2, seed=0)
+    with pytest.raises(ValueError, match=r"LowRankLinear\(in_features=16, out_features=4\) got an "
+                       r"input of shape \(4, 15\): its last dimension must be 16"):  # fmt: skip
+        lin(torch.zeros(4, 15))
+    conv = rt.LowRankConv2d(3, 5, 3, 2, seed=0)
+    with pytest.raises(ValueError, match=r"needs \(batch, 3, height, width\)"):
+        conv(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="integer indices"):
+        rt.LowRankEmbedding(10, 4, 2, seed=0)(torch.zeros(3))
+
+
+class _Tied(nn.Module):
+    """A language-model shape: the output head is tied to the embedding (one Parameter), and
+    one block is shared by two positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 8)
+        self.block = nn.Linear(8, 8)
+        self.again = self.block  # the same module under a second name
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx):
+        h = torch.tanh(self.again(torch.tanh(self.block(self.emb(idx)))))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "compress"])
+def test_tied_weights_and_shared_modules_stay_tied(mode):
+    """Converting both the embedding and the tied head shares one set of factors: after
+    RAdamW steps their dense weights are equal (they differed by 0.27-0.52 before); a shared
+    module stays one module; merge keeps the tie; converting one side alone raises."""
+    model = _Tied().double()
+    idx = torch.tensor([[1, 5, 7], [3, 3, 19]])
+    rt.apply_low_rank(model, rank=3, target_modules=["emb", "head", "block"], mode=mode, seed=0)
+    assert model.head.U is model.emb.U and model.again is model.block
+    if mode == "adapter":
+        assert model.head.base_weight is model.emb.base_weight
+    opt = rt.RAdamW(rt.trainable_parameters(model), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(model(idx)).backward()
+        opt.step()
+    assert model.emb.started and float(model.emb.factors()[1].min()) > 0
+    assert torch.equal(model.emb.dense_weight(), model.head.dense_weight())
+    y = model(idx)
+    rt.merge(model)
+    assert model.head.weight is model.emb.weight and model.again is model.block
+    assert torch.allclose(model(idx), y, rtol=1e-12, atol=1e-12)
+    with pytest.raises(
+        ValueError, match="'head': its weight is tied to 'emb', which is not converted"
+    ):
+        rt.apply_low_rank(_Tied(), rank=2, target_modules=["head"])
+    with pytest.warns(UserWarning, match=r"'head' \(its weight is tied to 'emb'"):
+        m = rt.apply_low_rank(_Tied(), rank=2)  # target_modules=None: nn.Embedding is not a target
+    assert isinstance(m.block, rt.LowRankLinear) and type(m.head) is nn.Linear
+
+
+def test_target_none_skips_grouped_conv_and_lists_it_once():
+    """apply_low_rank(target_modules=None) on a model with a grouped convolution converts the
+    rest and warns once, listing what it skipped (and why); exclude_modules keeps the head."""
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, groups=2, padding=1),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(8 * 16, 10),
+        nn.Linear(10, 3),
+    ).double()  # fmt: skip
+    x = torch.randn(2, 4, 4, 4, dtype=D)
+    y0 = model(x)
+    with pytest.warns(UserWarning) as rec:
+        rt.apply_low_rank(model, rank=2, exclude_modules=["5"])
+    msgs = [str(w.message) for w in rec if "apply_low_rank" in str(w.message)]
+    assert len(msgs) == 1
+    assert "left 2 module(s)" in msgs[0] and "'1' (grouped convolutions (groups=2)" in msgs[0]
+    assert "'2' (padding_mode='reflect'" in msgs[0]
+    assert isinstance(model[0], rt.LowRankConv2d) and isinstance(model[4], rt.LowRankLinear)
+    assert (
+        type(model[1]) is nn.Conv2d and type(model[2]) is nn.Conv2d and type(model[5]) is nn.Linear
+    )
+    assert torch.equal(model(x), y0)
+    assert model.rankopt_config["exclude_modules"] == ["5"]
+    # modules_to_save are trained whole, never converted (the classifier head, as in PEFT)
+    other = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    rt.apply_low_rank(other, rank=2, modules_to_save=["2"])
+    assert isinstance(other[0], rt.LowRankLinear) and type(other[2]) is nn.Linear
+    assert other[2].weight.requires_grad and not other[0].base_weight.requires_grad
+
+
+def test_import_without_torch_gives_install_hint():
+    """``import rankopt.torch`` without PyTorch: an ImportError that says how to install it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "try:\n    import rankopt.torch\nexcept ImportError as e:\n    print('IMPORTERROR:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "IMPORTERROR:" in out.stdout and "pip install 'rankopt[torch]'" in out.stdout, out

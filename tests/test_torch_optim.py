@@ -139,7 +139,10 @@ def test_grouped_step_equals_per_layer_path(name, extra):
     with gradient clipping, GradScaler, and layers dropping out of a step (regrouping)."""
     cls, kw = OPTS[name]
     models = [_Mixed(), _Mixed()]
-    opts = [cls(models[0].parameters(), **kw), cls(models[1].parameters(), stack_layers=False, **kw)]
+    opts = [
+        cls(models[0].parameters(), **kw),
+        cls(models[1].parameters(), stack_layers=False, **kw),
+    ]
     for model, opt in zip(models, opts, strict=True):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if extra == "scaler" else None
         freeze = {2: model.a[1], 3: model.b[0]} if extra == "regroup" else None
@@ -163,8 +166,12 @@ def test_state_dict_roundtrip_across_regrouping(name):
     twin = copy.deepcopy(model)
     opt2 = cls(twin.parameters(), stack_layers=False, **kw)
     sd = opt.state_dict()
-    opt2.load_state_dict({**copy.deepcopy(sd), "state": {
-        k: (v if "count" in v else copy.deepcopy(v)) for k, v in sd["state"].items()}})
+    opt2.load_state_dict(
+        {
+            **copy.deepcopy(sd),
+            "state": {k: (v if "count" in v else copy.deepcopy(v)) for k, v in sd["state"].items()},
+        }
+    )
     ptrs = {t.data_ptr() for st in opt.state.values() for t in st.values() if torch.is_tensor(t)}
     for p in twin.parameters():
         if getattr(p, "role", None) == "U" and p.requires_grad:
@@ -177,7 +184,9 @@ def test_state_dict_roundtrip_across_regrouping(name):
 def test_optimizer_state_is_findable_and_small():
     """A plain walk of optimizer.state finds every tensor the optimizer holds; RAdamW keeps
     O((m + n) r) per layer, less than AdamW on LoRA factors of the same rank."""
-    model = nn.ModuleList(rt.LowRankLinear(64, 48, 8, bias=False, dtype=D, seed=i) for i in range(4))
+    model = nn.ModuleList(
+        rt.LowRankLinear(64, 48, 8, bias=False, dtype=D, seed=i) for i in range(4)
+    )
     opt = rt.RAdamW(model.parameters(), lr=1e-3)
     x = torch.randn(16, 64, dtype=D)
     sum(m(x).square().sum() for m in model).backward()
@@ -201,7 +210,10 @@ def test_loading_mismatched_state_raises_clearly():
     opt_s = rt.RSGD(a.parameters(), lr=0.01, momentum=0.9)
     _loss(a(_data(0)[0]), _data(0)[1]).backward()
     opt_s.step()
-    with pytest.raises(ValueError, match=r"does not match the rule RAdamW: missing \['col_stats'.*unexpected \['momentum_buf"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not match the rule RAdamW: missing \['col_stats'.*unexpected \['momentum_buf",
+    ):
         rt.RAdamW(a.parameters(), lr=0.01).load_state_dict(opt_s.state_dict())
 
 

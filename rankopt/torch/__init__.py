@@ -4,12 +4,25 @@
 >>> model = rt.apply_low_rank(model, rank=8, target_modules=["query", "value"])   # doctest: +SKIP
 >>> opt = rt.RAdamW(rt.trainable_parameters(model), lr=1e-3)                    # doctest: +SKIP
 
+Adapters travel as small files (:func:`save_adapters` / :func:`load_adapters`) or as PEFT
+LoRA adapters (:func:`from_peft` / :func:`to_peft`); converted models work with
+``transformers.Trainer`` checkpoints and ``save_pretrained``.
+
 See ``docs/torch.md`` for the design (what the backward stores, the adapter start, DDP/FSDP,
 mixed precision) and measured results.
 """
 
 from __future__ import annotations
 
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "rankopt.torch needs PyTorch, which is not installed: pip install 'rankopt[torch]' "
+        "(or torch itself, see https://pytorch.org for the CUDA/CPU builds)"
+    ) from _err
+
+from .adapters import load_adapters, save_adapters
 from .convert import (
     apply_low_rank,
     energy_rank,
@@ -17,6 +30,7 @@ from .convert import (
     merge,
     ordinary_parameters,
     parameter_counts,
+    saved_module_names,
     trainable_parameters,
 )
 from .embedding import LowRankEmbedding
@@ -36,6 +50,7 @@ from .optim import (
     RiemannianOptimizer,
     allow_plain_optimizers,
 )
+from .peft import from_peft, to_peft
 
 __all__ = [
     "LowRankLinear",
@@ -51,6 +66,11 @@ __all__ = [
     "ordinary_parameters",
     "parameter_counts",
     "energy_rank",
+    "saved_module_names",
+    "save_adapters",
+    "load_adapters",
+    "from_peft",
+    "to_peft",
     "RiemannianOptimizer",
     "RAdamW",
     "RAdaGrad",

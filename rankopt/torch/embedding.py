@@ -69,11 +69,15 @@ class LowRankEmbedding(_LowRankBase):
         self._register_base(base)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        out = _LowRankEmbeddingFn.apply(
-            idx, self.U, self.S, self.V, self.U.link.started, self.padding_idx
-        )
+        if idx.is_floating_point() or idx.is_complex():
+            raise ValueError(f"LowRankEmbedding takes integer indices, got dtype {idx.dtype}")
+        with self._precision(idx):
+            out = _LowRankEmbeddingFn.apply(
+                idx, self.U, self.S, self.V, self.U.link.started, self.padding_idx
+            )
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros
-            return F.embedding(idx, self.base_weight, self.padding_idx) + out
+            base = F.embedding(idx, self.base_weight, self.padding_idx)
+            return base + out.to(base.dtype)
         return out
 
     def extra_repr(self) -> str:

@@ -45,6 +45,7 @@ own update rule once at the degenerate point ``X0 = U0 0 V0^T`` with the tangent
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -157,9 +158,12 @@ def _seed_rng(seed: Any) -> np.random.Generator:
     return as_rng(seed)
 
 
-def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
-    q, rr = np.linalg.qr(rng.standard_normal((rows, cols)))
-    return q * np.sign(np.diag(rr))[None, :]
+def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> torch.Tensor:
+    """Haar-random ``rows x cols`` orthonormal columns (float64): QR of a Gaussian matrix with
+    the signs of ``diag(R)`` fixed. The QR runs in torch (its thread setting), not NumPy: a
+    multi-threaded OpenBLAS spinning on a loaded machine made a 1536 x 32 QR take ~1 s."""
+    q, rr = torch.linalg.qr(torch.from_numpy(rng.standard_normal((rows, cols))))
+    return q * torch.sign(torch.diagonal(rr))[None, :]
 
 
 class _LowRankBase(nn.Module):
@@ -184,14 +188,12 @@ class _LowRankBase(nn.Module):
             raise ValueError(
                 f"rank={rank} must satisfy 1 <= rank <= min(out, in) = min({m}, {n}) = {min(m, n)}"
             )
-        if dtype is None:
-            dtype = base.dtype if base is not None and base.is_floating_point() else None
-        dtype = dtype or torch.get_default_dtype()
+        dtype = _factor_dtype(dtype, base)
         if base is not None and device is None:
             device = base.device
         rng = _seed_rng(seed)
-        U = torch.as_tensor(_orthonormal(rng, m, rank), dtype=dtype, device=device)
-        V = torch.as_tensor(_orthonormal(rng, n, rank), dtype=dtype, device=device)
+        U = _orthonormal(rng, m, rank).to(dtype=dtype, device=device)
+        V = _orthonormal(rng, n, rank).to(dtype=dtype, device=device)
         started = base is None
         # Standalone layer: the expected ||W||_F^2 of torch's default init (m/3 for nn.Linear and
         # nn.Conv2d, m n for nn.Embedding), spread evenly over the r singular values.
@@ -203,6 +205,9 @@ class _LowRankBase(nn.Module):
         self.U = ManifoldParameter(U, "U", link)
         self.S = ManifoldParameter(S, "S", link)
         self.V = ManifoldParameter(V, "V", link)
+        # the adapter flag as a tensor (checkpoints: safetensors / save_pretrained / Trainer);
+        # the optimizers read link.started, the buffer mirrors it when a state dict is taken
+        self.register_buffer("adapter_started", torch.tensor(started, device=device))
         self._rng_for_bias = rng
 
     def _init_bias(self, m: int, fan_in: int, bias: bool, dtype, device) -> None:
@@ -255,14 +260,19 @@ class _LowRankBase(nn.Module):
         )
 
     def set_factors(self, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> None:
-        """Overwrite the point (any rank; shapes checked). Marks an adapter as started."""
+        """Overwrite the point ``U diag(s) V^T`` (any rank; checked). Marks an adapter as started.
+
+        Raises ``ValueError`` unless ``U`` (m x r) and ``V`` (n x r) have orthonormal columns
+        (``||U^T U - I||_F <= sqrt(eps)`` of their dtype, :data:`ORTHONORMAL_TOL`), ``s`` has
+        ``1 <= r <= min(m, n)`` finite entries ``>= 0`` and nothing is NaN or inf.
+        """
         m, n = self.U.shape[0], self.V.shape[0]
-        r = int(s.shape[0])
-        if tuple(U.shape) != (m, r) or tuple(V.shape) != (n, r) or s.dim() != 1:
+        if s.dim() != 1 or tuple(U.shape) != (m, s.shape[0]) or tuple(V.shape) != (n, s.shape[0]):
             raise ValueError(
                 f"factors must have shapes ({m}, r), (r,), ({n}, r); got U{tuple(U.shape)}, "
                 f"s{tuple(s.shape)}, V{tuple(V.shape)}"
             )
+        check_factors(U, s, V)
         with torch.no_grad():
             for p, new in ((self.U, U), (self.S, torch.diag(s)), (self.V, V)):
                 new = new.to(dtype=p.dtype, device=p.device)
@@ -272,15 +282,18 @@ class _LowRankBase(nn.Module):
                     resize_parameter_(p, new.clone())
         self.U.link.started = True
 
-    def get_extra_state(self) -> dict:
-        return {"started": self.U.link.started}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.U.link.started = bool(state["started"])
+    # -- checkpoints: the adapter flag travels as a bool tensor --------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.adapter_started.fill_(self.U.link.started)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors
     ):
+        # checkpoints of rankopt <= 0.1 kept the flag as extra state {'started': bool}
+        old = state_dict.pop(prefix + "_extra_state", None)
+        if isinstance(old, dict) and prefix + "adapter_started" not in state_dict:
+            state_dict[prefix + "adapter_started"] = torch.tensor(bool(old.get("started", True)))
         # a rank-adaptive optimizer may have changed the rank: take the saved factor shapes
         keys = [prefix + k for k in ("U", "S", "V")]
         if all(k in state_dict for k in keys):
@@ -293,6 +306,102 @@ class _LowRankBase(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing, unexpected, errors
         )
+        if prefix + "adapter_started" in state_dict:
+            self.U.link.started = bool(self.adapter_started)
+
+    # -- forward helpers ---------------------------------------------------------------------
+    def _precision(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Where the factors' products run: the factors' dtype, or the input's half dtype.
+
+        float16/bfloat16 inputs with float32 factors (adapters on a half-precision model) run
+        under ``torch.autocast`` in the input's dtype, like an ``nn.Linear`` of that dtype; the
+        factors and their tangent-space gradients stay float32. Half-precision factors cannot
+        be trained (see :func:`_factor_dtype`); they are accepted for inference only.
+        """
+        fd = self.U.dtype
+        if fd in HALF_DTYPES and torch.is_grad_enabled() and self.U.requires_grad:
+            raise ValueError(
+                f"this low-rank layer's factors are {fd} (model.half() / .to({fd})?): half-"
+                "precision factors cannot be trained (U, V lose orthonormality, the manifold "
+                "math overflows). Keep the factors float32 (e.g. convert the model after "
+                ".half(): apply_low_rank keeps adapters in float32) and use torch.autocast; "
+                "half factors work under torch.no_grad() for inference."
+            )
+        if not x.is_floating_point() or x.dtype == fd or torch.is_autocast_enabled(x.device.type):
+            return contextlib.nullcontext()
+        if x.dtype in HALF_DTYPES:
+            return torch.autocast(x.device.type, dtype=x.dtype)
+        raise ValueError(
+            f"input dtype {x.dtype} does not match this low-rank layer's factors ({fd}); cast "
+            f"the input or the layer (layer.to({x.dtype}))"
+        )
+
+
+#: float dtypes whose factors cannot be trained (kept float32 by conversion, see _factor_dtype)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _factor_dtype(dtype: torch.dtype | None, base: torch.Tensor | None) -> torch.dtype:
+    """The factors' dtype: ``dtype``, else the base's (float32 for a half base), else torch's.
+
+    Policy (issue 11): factors are float32 or float64. Half-precision factors lose
+    orthonormality at the first write-back (``||U^T U - I||`` ~ 1e-3) and overflow in the
+    manifold step, so an explicit ``dtype=torch.float16/bfloat16`` is refused, and adapters
+    on a half-precision base are *upcast* to float32 factors (as PEFT's
+    ``autocast_adapter_dtype``); their forward runs in the input's dtype.
+    """
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or dtype not in (torch.float32, torch.float64):
+            hint = (
+                " (half-precision factors cannot be trained: keep them float32 and use "
+                "torch.autocast; a half-precision base is fine)"
+                if dtype in HALF_DTYPES
+                else ""
+            )
+            raise ValueError(
+                f"dtype of the factors must be torch.float32 or torch.float64, got {dtype}{hint}"
+            )
+        return dtype
+    if base is not None and base.is_floating_point():
+        return torch.float32 if base.dtype in HALF_DTYPES else base.dtype
+    default = torch.get_default_dtype()
+    return torch.float32 if default in HALF_DTYPES else default
+
+
+#: ``||Q^T Q - I||_F`` allowed for ``set_factors``: sqrt of the machine epsilon of Q's dtype
+#: (3.5e-4 for float32, 1.5e-8 for float64): a factor computed in that precision passes.
+ORTHONORMAL_TOL = {torch.float32: 3.5e-4, torch.float64: 1.5e-8}
+
+
+def check_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> None:
+    """``ValueError`` unless ``(U, s, V)`` is a valid point: finite, ``s >= 0``, ``1 <= r <=
+    min(m, n)``, ``U``, ``V`` with orthonormal columns (:data:`ORTHONORMAL_TOL`). O((m + n) r^2)."""
+    r = int(s.shape[0])
+    if not 1 <= r <= min(U.shape[0], V.shape[0]):
+        raise ValueError(
+            f"rank r={r} must satisfy 1 <= r <= min(m, n) = {min(U.shape[0], V.shape[0])}"
+        )
+    for name, t in (("U", U), ("s", s), ("V", V)):
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} has non-finite entries (NaN or inf)")
+    if bool((s < 0).any()):
+        raise ValueError(
+            f"s must hold singular values >= 0, got min(s) = {float(s.min()):.3g} (move the "
+            "sign into U or V)"
+        )
+    for name, Q in (("U", U), ("V", V)):
+        tol = ORTHONORMAL_TOL.get(Q.dtype, ORTHONORMAL_TOL[torch.float32])
+        Qd = Q.detach().double()
+        err = float(
+            torch.linalg.matrix_norm(Qd.T @ Qd - torch.eye(r, dtype=torch.float64, device=Q.device))
+        )
+        if not err <= tol:
+            raise ValueError(
+                f"{name} must have orthonormal columns: ||{name}^T {name} - I||_F = {err:.3g} > "
+                f"{tol:.1e}; pass the factors of a thin SVD (W = U diag(s) V^T)"
+            )
 
 
 def _positive_ints(**sizes: Any) -> tuple[int, ...]:
@@ -365,7 +474,14 @@ class LowRankLinear(_LowRankBase):
         self._register_base(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _LowRankLinearFn.apply(x, self.U, self.S, self.V, self.U.link.started)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"LowRankLinear(in_features={self.in_features}, out_features="
+                f"{self.out_features}) got an input of shape {tuple(x.shape)}: its last "
+                f"dimension must be {self.in_features}"
+            )
+        with self._precision(x):
+            out = _LowRankLinearFn.apply(x, self.U, self.S, self.V, self.U.link.started)
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros
             return F.linear(x, self.base_weight, self.bias) + out
         return out if self.bias is None else out + self.bias.to(out.dtype)
@@ -436,10 +552,17 @@ class LowRankConv2d(_LowRankBase):
         self._register_base(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _LowRankConv2dFn.apply(
-            x, self.U, self.S, self.V, self.U.link.started,
-            self.kernel_size, self.stride, self.padding, self.dilation,
-        )  # fmt: skip
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"LowRankConv2d(in_channels={self.in_channels}, out_channels="
+                f"{self.out_channels}) got an input of shape {tuple(x.shape)}: it needs "
+                f"(batch, {self.in_channels}, height, width)"
+            )
+        with self._precision(x):
+            out = _LowRankConv2dFn.apply(
+                x, self.U, self.S, self.V, self.U.link.started,
+                self.kernel_size, self.stride, self.padding, self.dilation,
+            )  # fmt: skip
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros
             base = F.conv2d(
                 x, self.base_weight, self.bias, self.stride, self.padding, self.dilation
