@@ -72,13 +72,6 @@ def test_compiled_model_and_step_train_like_eager():
     assert not torch.equal(ref["3.S"], _model().get_parameter("3.S"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="graph breaks in the optimizer step (rankopt/torch/_riemannian.py, the lead's): "
-    "dataclasses.fields(self.spec_class) in RiemannianOptimizer._spec (_riemannian.py:181) and "
-    "fields(cls) in rules.base.state_from_arrays (base.py:116, via StateStack.state) - Dynamo "
-    "cannot take fields() of a class object",
-)
 def test_optimizer_step_has_no_graph_break():
     """With ``check_finite=False`` and started layers, ``opt.step`` is one graph (no host
     synchronization, nothing Dynamo cannot trace)."""
