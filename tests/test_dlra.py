@@ -166,3 +166,120 @@ def test_step_equals_dense_augmented_bug(backend, kind, tol):
             np.testing.assert_allclose(_np(a), b, rtol=rtol, atol=1e-14)
     if tol is not None:
         assert len(set(ranks)) > 1 or ranks[0] != r, ranks  # the rank did change
+
+
+def regression(m=60, n=50, r=4, kappa=100.0, samples=400, seed=0):
+    """Problem (i) of benchmarks/optimizers.py: W* (m x n, rank r, singular values geometric
+    from 1 to 1/kappa), Gaussian inputs; loss 0.5 ||(W - W*) L||^2 / f(0), Sigma = L L^T."""
+    rng = np.random.default_rng(seed)
+    U = np.linalg.qr(rng.standard_normal((m, r)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, r)))[0]
+    W = (U * np.geomspace(1, 1 / kappa, r)) @ V.T
+    X = rng.standard_normal((samples, n))
+    H = X.T @ X / samples
+    f0 = 0.5 * np.trace(W @ H @ W.T)
+    return (lambda A: 0.5 * np.trace((A - W) @ H @ (A - W).T) / f0), (lambda A: (A - W) @ H / f0)
+
+
+def _train(spec, cost, grad, x, steps):
+    st = spec.init(ro.FixedRankManifold(*x.shape, x.rank, validate=False), x)
+    losses, ranks = [], []
+    for _ in range(steps):
+        M = ro.FixedRankManifold(*x.shape, x.rank, validate=False)
+        G = grad(x.to_dense())
+        x, st = spec.step(M, x, M.geometry.project(x, G), st, normal=rules.normal_block_of(M, G))
+        losses.append(cost(x.to_dense()))
+        ranks.append(x.rank)
+    return x, np.array(losses), np.array(ranks)
+
+
+@pytest.mark.parametrize("kind", ["adam", "hb"])
+def test_rank_10_start_finds_the_rank_4_target(kind):
+    """Started at rank 10 on a rank-4 target with rank_tol=1e-3, the DLRA rules end at rank 4
+    with loss < 1e-8, and the rank never exceeds the budget (the starting rank)."""
+    cost, grad = regression()
+    x = ro.FixedRankManifold(60, 50, 10, validate=False).random_point(7)
+    x = FixedRankPoint(x.U, 0.1 * x.s, x.V)
+    spec = rules.DLRAAdam(lr=5e-3) if kind == "adam" else rules.DLRAHeavyBall(lr=0.05)
+    assert spec.rank_tol == 1e-3 and spec.max_rank is None
+    y, losses, ranks = _train(spec, cost, grad, x, 500)
+    assert y.rank == 4 and losses[-1] < 1e-8, (y.rank, losses[-1])
+    assert ranks.max() <= 10 and ranks[0] <= 10
+
+
+def test_rank_budget_min_rank_and_growth():
+    """The rank grows (normal-normal block) up to max_rank, never below min_rank, and with
+    max_rank=None never above the starting rank."""
+    M = ro.FixedRankManifold(30, 24, 2, validate=False)
+    x = M.random_point(0)
+    G = np.random.default_rng(0).standard_normal((30, 24)) * 10
+    nb = rules.normal_block_of(M, G)
+    for cap, want in ((None, 2), (3, 3), (8, 4)):
+        spec = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-8, max_rank=cap)
+        y, st = spec.step(M, x, M.geometry.project(x, G), spec.init(M, x), normal=nb)
+        assert y.rank == want, (cap, y.rank)  # 2r = 4 at most per step
+    tiny = FixedRankPoint(x.U, np.array([1.0, 1e-6]), x.V)
+    for lo, want in ((1, 1), (2, 2)):
+        spec = rules.DLRAHeavyBall(lr=0.0, rank_tol=1e-3, min_rank=lo)
+        y, _ = spec.step(M, tiny, M.zero_vector(tiny), spec.init(M, tiny), normal=nb)
+        assert y.rank == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["hb", "adam", "adam-core"])
+def test_stacked_step_equals_single_steps(backend, name):
+    """One call on a stack of 3 points equals 3 single calls (float64, 1e-12), also when the
+    items end at different ranks (a list of points and states comes back)."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    spec = {
+        "hb": rules.DLRAHeavyBall(lr=0.1, rank_tol=1e-2, max_rank=5),
+        "adam": rules.DLRAAdam(lr=0.02, rank_tol=1e-2, max_rank=5),
+        "adam-core": rules.DLRAAdam(lr=0.02, rank_tol=1e-2, max_rank=5, second_moment="core"),
+    }[name]
+    M = ro.FixedRankManifold(20, 16, 3, backend=backend, validate=False)
+    xs = M.random_point(0, batch_shape=(3,))
+    scale = M.backend.asarray(np.array([[1.0, 0.5, 0.3], [1.0, 0.5, 1e-4], [1.0, 1.0, 1.0]]))
+    xs = FixedRankPoint(xs.U, xs.s * scale, xs.V)
+    rng = np.random.default_rng(1)
+    # item 0: a large gradient (the rank grows), item 1: none and a tiny singular value (it
+    # shrinks), item 2: a small gradient
+    Z = M.backend.asarray(rng.standard_normal((3, 20, 16)) * np.array([10.0, 0.0, 1e-3])[:, None, None])
+    ys, sts = spec.step(M, xs, M.geometry.project(xs, Z), spec.init(M, xs), normal=rules.normal_block_of(M, Z))
+    for k in range(3):
+        xk = FixedRankPoint(xs.U[k], xs.s[k], xs.V[k])
+        y, st = spec.step(M, xk, M.geometry.project(xk, Z[k]), spec.init(M, xk), normal=rules.normal_block_of(M, Z[k]))
+        yk = ys[k] if isinstance(ys, list) else FixedRankPoint(ys.U[k], ys.s[k], ys.V[k])
+        np.testing.assert_allclose(_np(yk.to_dense()), _np(y.to_dense()), atol=1e-12)
+        got = rules.state_arrays(sts[k]) if isinstance(ys, list) else {
+            n: (v if np.ndim(v) == 0 else v[k]) for n, v in rules.state_arrays(sts).items()
+        }
+        ref = rules.state_arrays(st)
+        assert set(got) == set(ref)
+        for key in ref:
+            if key in ("exp_avg", "momentum_buffer"):  # compare as ambient matrices
+                a = _np(yk.U) @ _np(got[key]) @ _np(yk.V).T
+                b = _np(y.U) @ _np(ref[key]) @ _np(y.V).T
+            else:
+                a, b = _np(got[key]), _np(ref[key])
+            np.testing.assert_allclose(a, b, atol=1e-12, err_msg=key)
+    assert isinstance(ys, list)  # the items' ranks differ here
+
+
+def test_needs_the_normal_block_and_state_roundtrip():
+    M = ro.FixedRankManifold(20, 16, 3, validate=False)
+    x = M.random_point(0)
+    for spec in (rules.DLRAHeavyBall(), rules.DLRAAdam(), rules.DLRAAdam(second_moment="core")):
+        assert rules.gradient_input(spec) == "normal"
+        with pytest.raises(ValueError, match="normal-normal block"):
+            spec.step(M, x, M.zero_vector(x), spec.init(M, x))
+        st = spec.init(M, x)
+        back = rules.state_from_arrays(type(st), rules.state_arrays(st))
+        assert set(rules.state_arrays(back)) == set(rules.state_arrays(st))
+        # O(r^2) on the core, plus O(m + n) ambient statistics for the factored second moment
+        size = sum(np.size(v) for v in rules.state_arrays(st).values())
+        assert size <= 2 * 9 + 20 + 16 + 2
+    with pytest.raises(ValueError, match="second_moment"):
+        rules.DLRAAdam(second_moment="diag")
+    with pytest.raises(ValueError, match="exceeds max_rank"):
+        rules.DLRAAdam(min_rank=3, max_rank=2)
