@@ -94,27 +94,35 @@ def _omega(be, m: int, r: int) -> Any:
     return _OMEGAS[key]
 
 
-def complement_basis(be, F: Any, P: Any) -> tuple[Any, Any]:
-    r"""An orthonormal basis ``Q`` of ``span(P)`` completed to r columns, orthogonal to ``F``.
+def complement_basis(be, F: Any, P: Any, k: int | None = None) -> tuple[Any, Any]:
+    r"""An orthonormal basis ``Q`` (..., m, k) of (the dominant part of) ``span(P)``, orthogonal to
+    ``F``, completed to k columns.
 
-    ``P`` (..., m, r) is (nearly) orthogonal to the orthonormal ``F`` (a tangent piece). With
-    ``tau = eps max|P|``: ``Q R = qr((I - F F^T)(P + tau Omega))`` (``Omega`` a fixed Gaussian
-    matrix, so that ``Q`` has r independent columns even where ``P`` is rank-deficient), then
-    ``Q`` is projected against ``F`` and orthonormalized once more ("twice is enough"), which
-    makes ``F^T Q`` rounding-level also for the completing columns. Returns ``Q`` and a 0/1
-    array (..., r) marking the columns that lie in ``span(P)`` (``|R_jj| > SPAN_FACTOR tau
-    sqrt(m)``). O(m r^2): two QRs and four products of size m x r x r.
+    ``P`` (..., m, r) is (nearly) orthogonal to the orthonormal ``F`` (m x r, a tangent piece);
+    ``k`` defaults to r and is at most ``m - r`` (the room left next to ``F``). With
+    ``tau = eps max|P|``, ``P_t = (I - F F^T)(P + tau Omega)`` (``Omega`` a fixed Gaussian
+    matrix, so that ``Q`` has k independent columns even where ``P`` is rank-deficient); ``Q`` is
+    its QR factor (k = r) or its top-k left singular vectors (k < r), projected against ``F``
+    and orthonormalized once more ("twice is enough"), which makes ``F^T Q`` rounding-level also
+    for the completing columns. Returns ``Q`` and a 0/1 array (..., k) marking the columns that
+    lie in ``span(P)`` (QR diagonal or singular value above ``SPAN_FACTOR tau sqrt(m)``).
+    O(m r^2): two factorizations and four products of size m x r x r.
     """
     xp = be.xp
     m, r = P.shape[-2], P.shape[-1]
+    k = r if k is None else k
     tiny = 1e-25 if be.is_float32 else 1e-280
     tau = be.eps * (xp.max(xp.abs(P), axis=(-2, -1)) + tiny)
     Pt = P + tau[..., None, None] * _omega(be, m, r)
     Pt = Pt - F @ (_t(F) @ Pt)
-    Q, R = be.qr(Pt)
+    if k == r:
+        Q, R = be.qr(Pt)
+        d = xp.abs(be.diagonal(R))
+    else:
+        W, sv, _ = be.svd(Pt)
+        Q, d = W[..., :, :k], sv[..., :k]
     Q = Q - F @ (_t(F) @ Q)
     Q, _ = be.qr(Q)
-    d = xp.abs(be.diagonal(R))
     keep = d > (SPAN_FACTOR * float(np.sqrt(m))) * tau[..., None]
     return Q, xp.astype(keep, P.dtype)
 
@@ -145,10 +153,15 @@ class DLRAAdamState:
     col_stats: Any = None
 
 
-def _pad(be, a: Any) -> Any:
-    """``[[a, 0], [0, 0]]``: an r x r core matrix in the augmented 2r x 2r bases."""
-    z = be.xp.zeros_like(a)
-    return be.concat([be.concat([a, z], -1), be.concat([z, z], -1)], -2)
+def _pad(be, a: Any, rows: int, cols: int) -> Any:
+    """``[[a, 0], [0, 0]]`` of shape (..., rows, cols): an r x r core matrix in the augmented
+    bases."""
+    xp = be.xp
+    r = a.shape[-1]
+    right = xp.zeros((*a.shape[:-1], cols - r), dtype=a.dtype, device=be.device_of(a))
+    top = be.concat([a, right], -1)
+    bottom = xp.zeros((*a.shape[:-2], rows - r, cols), dtype=a.dtype, device=be.device_of(a))
+    return be.concat([top, bottom], -2)
 
 
 def _cap_init(manifold, x: FixedRankPoint) -> Any:
@@ -183,13 +196,14 @@ class _BUG(Rule):
             )
         be = manifold.backend
         U, V = x.U, x.V
-        qu, ku = complement_basis(be, U, grad.Up)
-        qv, kv = complement_basis(be, V, grad.Vp)
+        (m, n), r = x.shape, x.rank
+        qu, ku = complement_basis(be, U, grad.Up, min(r, m - r))
+        qv, kv = complement_basis(be, V, grad.Vp, min(r, n - r))
         Ru = (_t(qu) @ grad.Up) * ku[..., :, None]
         Rv = (_t(qv) @ grad.Vp) * kv[..., :, None]
         N = normal(qu, qv) * (ku[..., :, None] * kv[..., None, :])
         G = be.concat([be.concat([grad.M, _t(Rv)], -1), be.concat([Ru, N], -1)], -2)
-        return U, qu, V, qv, G, _pad(be, be.diag(x.s))
+        return U, qu, V, qv, G, _pad(be, be.diag(x.s), *G.shape[-2:])
 
     def _ranks(self, manifold, x: FixedRankPoint, d: Any, cap: Any) -> list[int]:
         """The kept rank of each item (one host read of the singular values)."""
@@ -284,7 +298,7 @@ class DLRAHeavyBall(_BUG):
             G = G + self.weight_decay * S
         on = started(state.count, be.xp)
         on = on[..., None, None] if getattr(on, "ndim", 0) > 0 else on
-        buf = (on * self.momentum) * _pad(be, state.momentum_buffer) + G
+        buf = (on * self.momentum) * _pad(be, state.momentum_buffer, *G.shape[-2:]) + G
         core = S - _lr(lr) * buf
         fields = {"count": state.count + 1, "momentum_buffer": buf, "rank_cap": state.rank_cap}
         return self._finish(manifold, x, (U, qu, V, qv), core, fields, DLRAState)
@@ -354,10 +368,10 @@ class DLRAAdam(_BUG):
         U, qu, V, qv, G, S = self._augment(manifold, x, grad, normal)
         t = state.count + 1
         tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
-        m = b1 * _pad(be, state.exp_avg) + (1.0 - b1) * G
+        m = b1 * _pad(be, state.exp_avg, *G.shape[-2:]) + (1.0 - b1) * G
         fields = {"count": t, "exp_avg": m, "rank_cap": state.rank_cap}
         if self.second_moment == "core":
-            v = b2 * _pad(be, state.exp_avg_sq) + (1.0 - b2) * G * G
+            v = b2 * _pad(be, state.exp_avg_sq, *G.shape[-2:]) + (1.0 - b2) * G * G
             direction = (m / (1.0 - b1**tt)) / (be.xp.sqrt(v / (1.0 - b2**tt)) + self.eps)
             fields["exp_avg_sq"] = v
         else:

@@ -35,9 +35,11 @@ only) but forms m x n matrices every step. Cost per step O(m n r) for both.
 
 In both modes the rank never grows (the authors' truncation keeps at most the current rank).
 
-Not reproduced, in either mode (documented in ``docs/optimizers.md``): the code's first step,
-which truncates a *dense* layer by SVD after a dense AdamW/SGD step (here the start is a point
-of the manifold, as for every rankopt rule); in the MNIST code, a ``momentum`` buffer and a
+The code's first step truncates the *dense* layer by SVD after a dense AdamW/SGD step; from
+``X = 0`` (every ``s`` zero, e.g. an adapter's start, for which the torch optimizers pass
+``U0 0 V0^T``) these rules do the same, ``X_1 = H_r(W')``, by a dense SVD. From a nonzero
+point they step on the manifold as described. Not reproduced, in either mode (documented in
+``docs/optimizers.md``): in the MNIST code, a ``momentum`` buffer and a
 coupled weight decay that are computed but never used by the update (dead code); and the case
 ``rank < minimum_rank``, where the code skips the retraction and leaves the weight dense.
 """
@@ -120,6 +122,18 @@ def _truncated(spec: Any, manifold, x: FixedRankPoint, xi: TangentVector) -> Any
     return points if batch else points[0]
 
 
+def _is_zero(manifold, x: FixedRankPoint) -> bool:
+    """Whether every item of ``x`` is the zero matrix (``s = 0``: an adapter's start ``X = 0``).
+    One host read."""
+    return not bool(manifold.backend.xp.any(x.s != 0))
+
+
+def _dense_truncation(manifold, W: Any, r: int) -> FixedRankPoint:
+    """``H_r(W)`` of a dense (stack of) m x n matrices by a full SVD: O(m n min(m, n))."""
+    U, s, Vh = manifold.backend.svd(W)
+    return FixedRankPoint(U[..., :, :r], s[..., :r], _t(Vh[..., :r, :]))
+
+
 def _need_dense(egrad: Any, x: FixedRankPoint, name: str) -> None:
     if egrad is None:
         raise ValueError(
@@ -193,11 +207,13 @@ class ReferenceRAdamW(Rule):
         D = -step * m / (xp.sqrt(v) + self.eps)  # W' - X
         # W'' - X = (1 - lr wd)(X + D) - X = (1 - lr wd) D - lr wd X; X is tangent at X
         decay = 1.0 - lr * self.weight_decay
+        new = ReferenceAdamState(t, m, v)
+        if _is_zero(manifold, x):  # the code's first step from a dense zero weight: H_r(W'')
+            return _dense_truncation(manifold, D * decay, x.rank), new
         xi = manifold.geometry.project(x, D * decay)
         if self.weight_decay != 0:
             xi = TangentVector(xi.M - (lr * self.weight_decay) * manifold.backend.diag(x.s), xi.Up, xi.Vp)
         y = _truncated(self, manifold, x, xi)
-        new = ReferenceAdamState(t, m, v)
         return _split_items(
             x, y, new, lambda k: ReferenceAdamState(t if np.ndim(t) == 0 else t[k], m[k], v[k])
         )
@@ -244,12 +260,17 @@ class ReferenceRAdaGrad(Rule):
         dl = (self.epsilon + xp.sum(sq, axis=-1)) ** 0.25  # (..., m)
         dr = (self.epsilon + xp.sum(sq, axis=-2)) ** 0.25  # (..., n)
         D = (-lr) * egrad / (dl[..., :, None] * dr[..., None, :])  # W' - X
+        t = state.count + 1
+        if _is_zero(manifold, x):  # the code's first step from a dense zero weight: H_r(W')
+            y = _dense_truncation(manifold, D, x.rank)
+            if self.faithful:  # then its weighted formula at that point (as the code does)
+                y = manifold.geometry.retract(y, self._weighted(manifold, y, 0.0 * D, dl, dr))
+            return y, ReferenceState(t)
         if self.faithful:
             xi = self._weighted(manifold, x, D, dl, dr)
         else:
             xi = manifold.geometry.project(x, D)
         y = _truncated(self, manifold, x, xi)
-        t = state.count + 1
         return _split_items(
             x, y, ReferenceState(t), lambda k: ReferenceState(t if np.ndim(t) == 0 else t[k])
         )

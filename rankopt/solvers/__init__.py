@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
+from .adaptive import (
+    DLRAAdam,
+    DLRAHeavyBall,
+    RAdaGrad,
+    RAdamW,
+    RAdamWElementwise,
+    ReferenceRAdaGrad,
+    ReferenceRAdamW,
+    RHeavyBall,
+)
 from .base import History, IterationInfo, Solver, SolverResult, StopReason
 from .gradient import RCG, RGD
 from .newton import RGN
@@ -28,8 +37,11 @@ __all__ = [
     "RHeavyBall",
     "RAdaGrad",
     "RAdamW",
+    "RAdamWElementwise",
     "DLRAHeavyBall",
     "DLRAAdam",
+    "ReferenceRAdamW",
+    "ReferenceRAdaGrad",
     "RankAdaptive",
     "Auto",
     "METHODS",
@@ -45,6 +57,9 @@ METHODS = {
     "radamw": RAdamW,
     "dlra-heavyball": DLRAHeavyBall,
     "dlra-adam": DLRAAdam,
+    "radamw-elementwise": RAdamWElementwise,
+    "reference-radamw": ReferenceRAdamW,
+    "reference-radagrad": ReferenceRAdaGrad,
 }
 
 
@@ -87,7 +102,8 @@ def solve(
         Gauss-Newton from rank 1 (adding the top singular pair of the normal part of the
         gradient at each stage). Robust to the condition number of the target. Others: ``"rgd"``, ``"rcg"``, ``"rgn"``, ``"newton"``,
         ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``, ``"dlra-adam"``,
-        or ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them.
+        ``"radamw-elementwise"``, ``"reference-radamw"``, ``"reference-radagrad"`` (the authors'
+        code, dense m x n state), or ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them.
     tol : float
         Relative gradient tolerance (``||grad|| <= tol ||grad(x0)||``).
     max_iter : int, optional

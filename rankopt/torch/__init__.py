@@ -27,15 +27,15 @@ from .layers import (
     ManifoldParameter,
     is_manifold_parameter,
 )
+from .dlra import DLRAAdam, DLRAHeavyBall
 from .optim import (
     RSGD,
-    DLRAAdam,
-    DLRAHeavyBall,
     RAdaGrad,
     RAdamW,
     RiemannianOptimizer,
     allow_plain_optimizers,
 )
+from .reference import RAdamWElementwise, ReferenceRAdaGrad, ReferenceRAdamW
 
 __all__ = [
     "LowRankLinear",
@@ -57,5 +57,8 @@ __all__ = [
     "RSGD",
     "DLRAHeavyBall",
     "DLRAAdam",
+    "RAdamWElementwise",
+    "ReferenceRAdamW",
+    "ReferenceRAdaGrad",
     "allow_plain_optimizers",
 ]
