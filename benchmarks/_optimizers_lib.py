@@ -62,10 +62,15 @@ PROBLEMS = {
     "i": ProblemSpec("i", "(i) rank 4, kappa 100, Gaussian inputs, from W = 0"),
     "ii": ProblemSpec("ii", "(ii) as (i), features scaled 1 .. 1e-2 (ill-conditioned)", ill=True),
     "iii": ProblemSpec(
-        "iii", "(iii) rank 8 fit to a rank-2 target (kappa 10), from W = 0",
-        target_rank=2, kappa=10.0, fit_rank=8,
+        "iii",
+        "(iii) rank 8 fit to a rank-2 target (kappa 10), from W = 0",
+        target_rank=2,
+        kappa=10.0,
+        fit_rank=8,
     ),  # fmt: skip
-    "iv": ProblemSpec("iv", "(iv) as (i), imbalanced start B0 = 10 B1, A0 = 0.1 A1", start="imbalanced"),
+    "iv": ProblemSpec(
+        "iv", "(iv) as (i), imbalanced start B0 = 10 B1, A0 = 0.1 A1", start="imbalanced"
+    ),
 }
 
 
@@ -304,7 +309,9 @@ def run_rule(method: Method, prob: Regression, lr: float, steps: int) -> Run:
             u, sg, vt = np.linalg.svd(G)
             x = FixedRankPoint(u[:, :r], np.zeros(r), vt[:r].T)
             st = spec.init(man(r), x)
-            xi = TangentVector(np.diag(sg[:r]), np.zeros((prob.spec.m, r)), np.zeros((prob.spec.n, r)))
+            xi = TangentVector(
+                np.diag(sg[:r]), np.zeros((prob.spec.m, r)), np.zeros((prob.spec.n, r))
+            )
             losses, ranks = [1.0], [r]
         else:
             x = man(r).from_matrix(prob.B0 @ prob.A0)
@@ -342,7 +349,7 @@ class ScaledGD:
         self.lr = lr
         self.pairs = []
         self.others = []
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
                 self.pairs.append((mod.lora_B["default"].weight, mod.lora_A["default"].weight))
         paired = {id(p) for pair in self.pairs for p in pair}
@@ -632,7 +639,15 @@ def timing_setups(prob: Regression, data: Digits, start_parts: tuple) -> dict:
 
     def regression_setup(method: Method, lr: float):
         if method.kind == "rule":
-            model = rt.LowRankLinear(s.n, s.m, s.fit_rank, bias=False, base=torch.zeros(s.m, s.n, dtype=torch.float64), dtype=torch.float64, seed=0)
+            model = rt.LowRankLinear(
+                s.n,
+                s.m,
+                s.fit_rank,
+                bias=False,
+                base=torch.zeros(s.m, s.n, dtype=torch.float64),
+                dtype=torch.float64,
+                seed=0,
+            )
             opt = method.torch(list(model.parameters()), lr)
         else:
             model = lora_model(s.m, s.n, s.fit_rank, seed=0)
@@ -649,7 +664,11 @@ def timing_setups(prob: Regression, data: Digits, start_parts: tuple) -> dict:
 
     def digits_setup(method: Method, lr: float):
         model = digits_model(method.kind, start_parts, 8)
-        opt = method.torch(list(model.parameters()), lr) if method.kind == "rule" else method.make(model, lr)
+        opt = (
+            method.torch(list(model.parameters()), lr)
+            if method.kind == "rule"
+            else method.make(model, lr)
+        )
         idx = torch.arange(64)
 
         def step():
@@ -670,7 +689,7 @@ def time_methods(methods: list[Method], setups: dict, rounds: int, steps: int, w
     out: dict = {}
     for shape, setup in setups.items():
         made = {m.name: setup(m, lr_of(m)) for m in methods}
-        for name, (step, _) in made.items():
+        for step, _ in made.values():
             for _ in range(warmup):
                 step()
         samples: dict[str, list[float]] = {m.name: [] for m in methods}

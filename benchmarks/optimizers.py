@@ -76,13 +76,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, default=10, help="epochs on (v)")
     ap.add_argument("--methods", nargs="*", default=None, help="subset of method names")
     ap.add_argument("--skip-digits", action="store_true")
-    ap.add_argument("--only-timing", action="store_true",
-                    help="only the timing pass (short: run it under flock), writes optimizers_timing.json")
-    ap.add_argument("--timing-json", type=Path, default=None,
-                    help="take the timings from an --only-timing run instead of measuring "
-                    "(if the file does not exist yet, the table has no timings)")
-    ap.add_argument("--from-json", type=Path, default=None,
-                    help="rebuild table and figure from a saved optimizers_results.json")
+    ap.add_argument(
+        "--only-timing",
+        action="store_true",
+        help="only the timing pass (short: run it under flock), writes optimizers_timing.json",
+    )
+    ap.add_argument(
+        "--timing-json",
+        type=Path,
+        default=None,
+        help="take the timings from an --only-timing run instead of measuring "
+        "(if the file does not exist yet, the table has no timings)",
+    )
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="rebuild table and figure from a saved optimizers_results.json",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.seeds, args.lrs, args.steps, args.epochs = 1, 2, 60, 1
@@ -123,10 +134,13 @@ def run_regressions(methods, args, log) -> dict:
                             best[crit] = (key, lr, run)
                 for crit, (_, lr, run) in best.items():
                     per[f"best_{crit}"] = {
-                        "lr": lr, "curve": [_fin(v) for v in run.losses],
+                        "lr": lr,
+                        "curve": [_fin(v) for v in run.losses],
                         "ranks": [int(v) for v in run.ranks],
                     }
-            log(f"({pk}) seed {seed}: {len(methods)} methods x {args.lrs} lrs in {time.perf_counter() - t0:.0f} s")
+            log(
+                f"({pk}) seed {seed}: {len(methods)} methods x {args.lrs} lrs in {time.perf_counter() - t0:.0f} s"
+            )
     return out
 
 
@@ -152,7 +166,9 @@ def run_digits(methods, args, log) -> dict:
                     except ValueError as e:  # a rankopt optimizer refusing a non-finite gradient
                         res = {"val_acc": 0.0, "test_acc": 0.0, "error": str(e)[:200]}
                     per[f"{lr:.6g}"] = res
-            log(f"(v) {start} seed {seed}: {len(methods)} methods in {time.perf_counter() - t0:.0f} s")
+            log(
+                f"(v) {start} seed {seed}: {len(methods)} methods in {time.perf_counter() - t0:.0f} s"
+            )
     return out
 
 
@@ -192,7 +208,9 @@ def summarize(methods, reg: dict, dig: dict, timing: dict, args) -> dict:
             }  # fmt: skip
         for start, per_m in dig.items():
             per = per_m[m.name]
-            best = [max(per[s].items(), key=lambda kv: (kv[1]["val_acc"], -float(kv[0]))) for s in per]
+            best = [
+                max(per[s].items(), key=lambda kv: (kv[1]["val_acc"], -float(kv[0]))) for s in per
+            ]
             row[f"v-{start}"] = {
                 "test_acc_median": _median([b[1]["test_acc"] for b in best]),
                 "test_accs": [b[1]["test_acc"] for b in best],
@@ -267,9 +285,12 @@ def table(rows: dict, args, header: str) -> str:
         for pk in REG_PROBLEMS:
             c = r[pk]
             st = c["steps_median"]
-            cells.append(f"{_fmt(c['final_median'])} / {'–' if not math.isfinite(st) else int(st)}{'*' if c['edge'] else ''}")
+            cells.append(
+                f"{_fmt(c['final_median'])} / {'–' if not math.isfinite(st) else int(st)}{'*' if c['edge'] else ''}"
+            )
         lines.append(
-            f"| {name} | {r['family']} | " + " | ".join(cells)
+            f"| {name} | {r['family']} | "
+            + " | ".join(cells)
             + f" | {r['iii']['final_rank']:g} | {r['ii']['max_rank_any_lr']} |"
         )
     lines += ["", "`*`: a best learning rate at the edge of its grid.", ""]
@@ -282,13 +303,17 @@ def table(rows: dict, args, header: str) -> str:
         acc = []
         for start in DIGIT_STARTS:
             c = r.get(f"v-{start}")
-            acc.append("–" if c is None else f"{c['test_acc_median']:.3f}{'*' if c['edge'] else ''}")
+            acc.append(
+                "–" if c is None else f"{c['test_acc_median']:.3f}{'*' if c['edge'] else ''}"
+            )
         comp = r.get("v-compressed")
         rank = "–" if comp is None else "/".join(str(v) for v in comp["final_rank"])
         t = r["timing"]
         ms = [f"{t[k]['ms_median']:.2f}" if k in t else "–" for k in ("(i) layer", "(v) MLP")]
         se = [str(t[k]["state_elements"]) if k in t else "–" for k in ("(i) layer", "(v) MLP")]
-        lines.append(f"| {name} | {acc[0]} | {acc[1]} | {rank} | {ms[0]} | {ms[1]} | {se[0]} | {se[1]} |")
+        lines.append(
+            f"| {name} | {acc[0]} | {acc[1]} | {rank} | {ms[0]} | {ms[1]} | {se[0]} | {se[1]} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -385,7 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())
-        reg, dig, header = saved["regressions"], saved["digits"], saved["machine"].split("\ntimings from")[0]
+        reg, dig, header = (
+            saved["regressions"],
+            saved["digits"],
+            saved["machine"].split("\ntimings from")[0],
+        )
         for k in ("seeds", "lrs", "steps", "epochs", "quick"):
             setattr(args, k, saved["args"][k])
         methods = [m for m in methods if m.name in reg["i"]]
@@ -396,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.timing_json.exists():
             saved_t = json.loads(args.timing_json.read_text())
             timing = saved_t["timing"]
-            header += "\ntimings from " + str(args.timing_json) + ", measured on:\n" + saved_t["machine"]
+            header += (
+                "\ntimings from " + str(args.timing_json) + ", measured on:\n" + saved_t["machine"]
+            )
         else:
             log(f"no {args.timing_json} yet: the table has no timings")
             timing = {}

@@ -13,7 +13,7 @@ import pytest
 
 import rankopt as ro
 from rankopt import rules
-from rankopt.containers import FixedRankPoint, TangentVector
+from rankopt.containers import FixedRankPoint
 
 BACKENDS = ["numpy", "torch"]
 
@@ -143,10 +143,14 @@ def test_step_equals_dense_augmented_bug(backend, kind, tol):
     mom = _zero_moments(kind, r, m, n)
     ranks = []
     for k in range(3):
-        G = rng.standard_normal((m, n)) + 3.0 * np.outer(rng.standard_normal(m), rng.standard_normal(n))
+        G = rng.standard_normal((m, n)) + 3.0 * np.outer(
+            rng.standard_normal(m), rng.standard_normal(n)
+        )
         Mk = M.with_rank(x.rank)
         Gb = Mk.backend.asarray(G)
-        x, st = spec.step(Mk, x, Mk.geometry.project(x, Gb), st, normal=rules.normal_block_of(Mk, Gb))
+        x, st = spec.step(
+            Mk, x, Mk.geometry.project(x, Gb), st, normal=rules.normal_block_of(Mk, Gb)
+        )
         U, s, V, mom = dense_bug_step(
             U, s, V, G, mom, k, kind=kind, lr=0.05, tol=tol, hi=5, eps=EPS[kind]
         )
@@ -244,16 +248,28 @@ def test_stacked_step_equals_single_steps(backend, name):
     rng = np.random.default_rng(1)
     # item 0: a large gradient (the rank grows), item 1: none and a tiny singular value (it
     # shrinks), item 2: a small gradient
-    Z = M.backend.asarray(rng.standard_normal((3, 20, 16)) * np.array([10.0, 0.0, 1e-3])[:, None, None])
-    ys, sts = spec.step(M, xs, M.geometry.project(xs, Z), spec.init(M, xs), normal=rules.normal_block_of(M, Z))
+    Z = M.backend.asarray(
+        rng.standard_normal((3, 20, 16)) * np.array([10.0, 0.0, 1e-3])[:, None, None]
+    )
+    ys, sts = spec.step(
+        M, xs, M.geometry.project(xs, Z), spec.init(M, xs), normal=rules.normal_block_of(M, Z)
+    )
     for k in range(3):
         xk = FixedRankPoint(xs.U[k], xs.s[k], xs.V[k])
-        y, st = spec.step(M, xk, M.geometry.project(xk, Z[k]), spec.init(M, xk), normal=rules.normal_block_of(M, Z[k]))
+        y, st = spec.step(
+            M,
+            xk,
+            M.geometry.project(xk, Z[k]),
+            spec.init(M, xk),
+            normal=rules.normal_block_of(M, Z[k]),
+        )
         yk = ys[k] if isinstance(ys, list) else FixedRankPoint(ys.U[k], ys.s[k], ys.V[k])
         np.testing.assert_allclose(_np(yk.to_dense()), _np(y.to_dense()), atol=1e-12)
-        got = rules.state_arrays(sts[k]) if isinstance(ys, list) else {
-            n: (v if np.ndim(v) == 0 else v[k]) for n, v in rules.state_arrays(sts).items()
-        }
+        got = (
+            rules.state_arrays(sts[k])
+            if isinstance(ys, list)
+            else {n: (v if np.ndim(v) == 0 else v[k]) for n, v in rules.state_arrays(sts).items()}
+        )
         ref = rules.state_arrays(st)
         assert set(got) == set(ref)
         for key in ref:

@@ -97,7 +97,9 @@ def test_radamw_elementwise_rule():
     v = st.exp_avg_sq / (1 - spec.betas[1])
     Mg = M.with_metric(metrics.ElementwiseDiagonal(metrics.elementwise_weights(v, spec.eps, np)))
     A = np.random.default_rng(3).standard_normal((12, 10))
-    res = diagnostics.check_gradient(Mg, lambda p: 0.5 * np.sum((p.to_dense() - A) ** 2), lambda p: p.to_dense() - A, y)
+    res = diagnostics.check_gradient(
+        Mg, lambda p: 0.5 * np.sum((p.to_dense() - A) ** 2), lambda p: p.to_dense() - A, y
+    )
     assert res.ok and abs(res.slope - 2) < 0.15, res
     with pytest.raises(ValueError, match="cg_maxiter"):
         rules.RAdamWElementwise(cg_maxiter=0)

@@ -118,7 +118,10 @@ def test_conv_and_embedding_layers_follow_the_rule():
     conv = rt.LowRankConv2d(3, 8, 3, 3, padding=1, bias=False, dtype=D, seed=0)
     emb = rt.LowRankEmbedding(12, 9, 3, padding_idx=0, dtype=D, seed=1)
     g = _gen(0)
-    img, tgt = torch.randn(4, 3, 6, 6, dtype=D, generator=g), torch.randn(4, 8, 6, 6, dtype=D, generator=g)
+    img, tgt = (
+        torch.randn(4, 3, 6, 6, dtype=D, generator=g),
+        torch.randn(4, 8, 6, 6, dtype=D, generator=g),
+    )
     idx = torch.randint(0, 12, (5, 7), generator=g)
     etgt = torch.randn(5, 7, 9, dtype=D, generator=g)
     for layer, inp, tgt_, kind in ((conv, img, tgt, "conv"), (emb, idx, etgt, "emb")):
@@ -134,7 +137,9 @@ def test_conv_and_embedding_layers_follow_the_rule():
             loss(layer(inp)).backward()
             x, state = _rule_step(spec, x, _tangent(layer), state, G)
             opt.step()
-            np.testing.assert_allclose(layer.delta_weight().numpy(), x.to_dense().numpy(), atol=1e-11)
+            np.testing.assert_allclose(
+                layer.delta_weight().numpy(), x.to_dense().numpy(), atol=1e-11
+            )
         assert layer.rank > 3
 
 
@@ -178,7 +183,9 @@ def test_gradient_accumulation_and_clipping(name):
                 G, xi = G * c, xi * c
             x, state = _rule_step(spec, x, xi, state, G)
             opt.step()
-            np.testing.assert_allclose(layer.delta_weight().numpy(), x.to_dense().numpy(), atol=1e-12)
+            np.testing.assert_allclose(
+                layer.delta_weight().numpy(), x.to_dense().numpy(), atol=1e-12
+            )
         results.append(layer.delta_weight())
     assert torch.allclose(results[0], results[1], atol=1e-12)
 
@@ -233,7 +240,9 @@ def test_compression_never_exceeds_the_starting_rank():
     """A compressed MLP trained with DLRAAdam/DLRAHeavyBall (default max_rank: the starting
     rank): ranks may fall, never rise above the start."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)
+    ).double()
     rt.apply_low_rank(model, rank=6, target_modules=["2"], mode="compress", seed=0)
     layer = model[2]
     x, y = torch.randn(64, 16, dtype=D), torch.randint(0, 4, (64,))

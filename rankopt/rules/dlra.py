@@ -288,7 +288,9 @@ class DLRAHeavyBall(_BUG):
     def init(self, manifold, x: FixedRankPoint) -> DLRAState:
         be = manifold.backend
         r = x.rank
-        return DLRAState(count_init(manifold, x), be.zeros((*x.batch_shape, r, r)), _cap_init(manifold, x))
+        return DLRAState(
+            count_init(manifold, x), be.zeros((*x.batch_shape, r, r)), _cap_init(manifold, x)
+        )
 
     def step(self, manifold, x, grad, state: DLRAState, *, lr: Any = None, normal: Any = None):
         lr = self.lr if lr is None else lr

@@ -116,7 +116,9 @@ def _truncated(spec: Any, manifold, x: FixedRankPoint, xi: TangentVector) -> Any
         k = np.unravel_index(i, batch) if batch else ()
         points.append(
             FixedRankPoint(
-                g.combine(U[k], qu[k], A[k], j)[0], s2[k][..., :j], g.combine(V[k], qv[k], B[k], j)[0]
+                g.combine(U[k], qu[k], A[k], j)[0],
+                s2[k][..., :j],
+                g.combine(V[k], qv[k], B[k], j)[0],
             )
         )
     return points if batch else points[0]
@@ -141,7 +143,9 @@ def _need_dense(egrad: Any, x: FixedRankPoint, name: str) -> None:
             f"(..., {x.shape[0]}, {x.shape[1]}) (the authors' code works on the dense gradient)"
         )
     if tuple(egrad.shape[-2:]) != tuple(x.shape):
-        raise ValueError(f"egrad has shape {tuple(egrad.shape)}, expected (..., {x.shape[0]}, {x.shape[1]})")
+        raise ValueError(
+            f"egrad has shape {tuple(egrad.shape)}, expected (..., {x.shape[0]}, {x.shape[1]})"
+        )
 
 
 def _split_items(x: FixedRankPoint, points: Any, state: Any, make) -> tuple[Any, Any]:
@@ -192,7 +196,9 @@ class ReferenceRAdamW(Rule):
         dense = be.zeros((*x.batch_shape, *x.shape))
         return ReferenceAdamState(count_init(manifold, x), dense, be.xp.zeros_like(dense))
 
-    def step(self, manifold, x, grad, state: ReferenceAdamState, *, lr: Any = None, egrad: Any = None):
+    def step(
+        self, manifold, x, grad, state: ReferenceAdamState, *, lr: Any = None, egrad: Any = None
+    ):
         _need_dense(egrad, x, type(self).__name__)
         lr = self.lr if lr is None else lr
         xp = manifold.backend.xp
@@ -212,7 +218,9 @@ class ReferenceRAdamW(Rule):
             return _dense_truncation(manifold, D * decay, x.rank), new
         xi = manifold.geometry.project(x, D * decay)
         if self.weight_decay != 0:
-            xi = TangentVector(xi.M - (lr * self.weight_decay) * manifold.backend.diag(x.s), xi.Up, xi.Vp)
+            xi = TangentVector(
+                xi.M - (lr * self.weight_decay) * manifold.backend.diag(x.s), xi.Up, xi.Vp
+            )
         y = _truncated(self, manifold, x, xi)
         return _split_items(
             x, y, new, lambda k: ReferenceAdamState(t if np.ndim(t) == 0 else t[k], m[k], v[k])

@@ -19,6 +19,7 @@ from .convert import (
     parameter_counts,
     trainable_parameters,
 )
+from .dlra import DLRAAdam, DLRAHeavyBall
 from .embedding import LowRankEmbedding
 from .layers import (
     LowRankConv2d,
@@ -27,7 +28,6 @@ from .layers import (
     ManifoldParameter,
     is_manifold_parameter,
 )
-from .dlra import DLRAAdam, DLRAHeavyBall
 from .optim import (
     RSGD,
     RAdaGrad,

@@ -48,7 +48,13 @@ from ._riemannian import RiemannianOptimizer
 from .optim import RSGD, RAdamW
 from .stacks import StateStack, write_point
 
-__all__ = ["CapturingOptimizer", "DLRAHeavyBall", "DLRAAdam", "consistency_tolerance", "torch_default"]
+__all__ = [
+    "CapturingOptimizer",
+    "DLRAHeavyBall",
+    "DLRAAdam",
+    "consistency_tolerance",
+    "torch_default",
+]
 
 
 def torch_default(cls: type, name: str) -> Any:
@@ -142,9 +148,7 @@ class CapturingOptimizer:
         if kind == "normal":
 
             def normal(Qu, Qv):
-                return torch.stack(
-                    [s * c.normal(Qu[k], Qv[k]) for k, (c, s) in enumerate(caps)]
-                )
+                return torch.stack([s * c.normal(Qu[k], Qv[k]) for k, (c, s) in enumerate(caps)])
 
             return {"normal": normal}
         if kind == "dense":
