@@ -56,6 +56,7 @@ class ProblemSpec:
     fit_rank: int = 4
     ill: bool = False
     start: str = "zero"
+    start_scale: float = 0.1
 
 
 PROBLEMS = {
@@ -74,6 +75,13 @@ PROBLEMS = {
 }
 
 
+#: the DLRA scenario (tests/test_dlra.py, paper_figures/fig_dlra.py): problem (i)'s target from a
+#: random rank-10 point (Haar factors, singular values of rankopt's random point times 0.1)
+DLRA_START = ProblemSpec(
+    "i-r10", "(i)'s rank-4 target from a random rank-10 start", fit_rank=10, start="random"
+)
+
+
 @dataclass
 class Regression:
     spec: ProblemSpec
@@ -83,6 +91,7 @@ class Regression:
     f0: float
     B0: np.ndarray | None = None
     A0: np.ndarray | None = None
+    seed: int = 0
 
     def cost(self, W: np.ndarray) -> float:
         E = (W - self.Wstar) @ self.L
@@ -105,7 +114,7 @@ def regression(spec: ProblemSpec, seed: int) -> Regression:
     Sigma = X.T @ X / SAMPLES
     L = np.linalg.cholesky(Sigma)
     E = Wstar @ L
-    out = Regression(spec, Wstar, L, Sigma, 0.5 * float(np.vdot(E, E)))
+    out = Regression(spec, Wstar, L, Sigma, 0.5 * float(np.vdot(E, E)), seed=seed)
     if spec.start == "imbalanced":
         r = spec.fit_rank
         B1 = rng.standard_normal((m, r)) * 0.3 / math.sqrt(m)
@@ -314,7 +323,11 @@ def run_rule(method: Method, prob: Regression, lr: float, steps: int) -> Run:
             )
             losses, ranks = [1.0], [r]
         else:
-            x = man(r).from_matrix(prob.B0 @ prob.A0)
+            if prob.spec.start == "random":
+                x = man(r).random_point(prob.seed + 100)
+                x = FixedRankPoint(x.U, prob.spec.start_scale * x.s, x.V)
+            else:
+                x = man(r).from_matrix(prob.B0 @ prob.A0)
             st = spec.init(man(r), x)
             W = x.to_dense()
             G = prob.grad(W)
