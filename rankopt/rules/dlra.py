@@ -8,9 +8,10 @@ as the group's public training layers implement it for optimizers with state. On
 1. **K- and L-steps (basis augmentation).** The K-step moves ``K = U S`` along
    ``-dL/dK = -G V``, the L-step ``L = V S^T`` along ``-G^T U``; the new bases span
    ``[U, G V]`` and ``[V, G^T U]``: ``U_hat = [U, Q_u]``, ``V_hat = [V, Q_v]`` with
-   ``Q_u R_u = (I - U U^T) G V = U.grad`` and ``Q_v R_v = (I - V V^T) G^T U`` (QR of the
-   tangent pieces, regularized where they are rank-deficient:
-   :meth:`rankopt.geometry.Geometry.sum_svd`). Rank ``2r``.
+   ``Q_u`` an orthonormal basis of ``U.grad = (I - U U^T) G V`` and ``Q_v`` of
+   ``V.grad = (I - V V^T) G^T U`` (:func:`complement_basis`: at most ``min(r, m - r)`` and
+   ``min(r, n - r)`` columns; columns that only complete a rank-deficient tangent piece get no
+   gradient, so the step never moves along them). Rank at most ``2r``.
 2. **Moments carried over.** The core ``S_hat = U_hat^T X V_hat = [[S, 0], [0, 0]]``; the
    optimizer's moments live on the core, in the current bases, and are carried the same way
    (zero blocks for the new directions).
@@ -20,9 +21,11 @@ as the group's public training layers implement it for optimizers with state. On
    (the callers pass it: ``step(..., normal=f)`` with ``f(Q_u, Q_v) = Q_u^T G Q_v``).
    DLRAHeavyBall: ``b <- mu b + (G_hat + wd S_hat)``, ``S_hat <- S_hat - lr b`` (torch.SGD's
    heavy ball, first step ``b = G_hat + wd S_hat``). DLRAAdam: Adam on the core entries
-   (``m``, ``v`` elementwise on the 2r x 2r core, bias-corrected), decoupled decay
-   ``S_hat <- (1 - lr wd) S_hat - lr m_hat / (sqrt(v_hat) + eps)``.
-4. **Truncation.** ``S_hat = P diag(d) Q^T`` (SVD, 2r x 2r); keep the smallest ``j`` with
+   with the first moment on the core and, by default, the Galerkin step under the
+   Adafactor-factored metric (``second_moment="factored"``), or elementwise Adam on the core
+   (``second_moment="core"``, what the group's layers do), decoupled decay; see
+   :class:`DLRAAdam`.
+4. **Truncation.** ``S_hat = P diag(d) Q^T`` (SVD of the augmented core); keep the smallest ``j`` with
    ``||d_{j:}|| <= rank_tol ||d||`` (:func:`rankopt.geometry.truncation_rank`), clipped to
    ``[min_rank, max_rank]`` (``max_rank=None``: the rank at ``init``, a budget that never
    grows) and never keeping exact zeros; ``rank_tol=None`` keeps the rank ``r`` (fixed-rank
@@ -34,8 +37,9 @@ This differs from a step in the tangent space followed by a (rank-adaptive) retr
 is what rankopt's ``RSGD``/``RAdamW`` with ``rank_tol`` do: at fixed rank the two agree to
 O(lr^2), but the normal-normal block ``N`` enters at O(lr) and is what lets the rank grow
 towards the gradient's normal directions. The state is O(r^2) per matrix (moments on the
-core). Cost per step: the two QRs and two basis combinations, O((m + n) r^2), the SVD of the
-2r x 2r core, O(r^3), plus the normal block (O((m + n) r^2) products from a dense or factored
+core; plus O(m + n) row/column statistics for DLRAAdam's default). Cost per step: the basis
+augmentation and two basis combinations, O((m + n) r^2), the SVD of the (at most) 2r x 2r core,
+O(r^3), plus the normal block (O((m + n) r^2) products from a dense or factored
 gradient, or O(b (m + n) r) from a layer's captured batch). One host read per step (the
 singular values, for the truncation).
 """
@@ -225,7 +229,7 @@ class _BUG(Rule):
     def _finish(self, manifold, x, bases, core, fields: dict[str, Any], make_state):
         """Truncate the stepped core, rotate the bases and the core moments.
 
-        ``fields`` maps state names to 2r x 2r core matrices (or per-item numbers);
+        ``fields`` maps state names to augmented core matrices or per-item arrays;
         ``make_state(**fields)`` builds the state. For a stack whose items end at different
         ranks: a list of points and a list of states (one per item, C order); otherwise a point
         (a stack of the new common rank) and a state.
@@ -324,7 +328,7 @@ class DLRAAdam(_BUG):
     * ``"factored"`` (default): the Galerkin step under rankopt's adaptive metric
       ``<xi, D_L eta D_R>`` (:func:`rankopt.metrics.adaptive_diagonals`, Adafactor factoring,
       relative ``eps``), ``d = A_L^{-1} m_hat A_R^{-1}`` with ``A_L = U_hat^T D_L U_hat`` and
-      ``A_R = V_hat^T D_R V_hat`` (2r x 2r), i.e. the gradient of the loss with respect to the
+      ``A_R = V_hat^T D_R V_hat`` (at most 2r x 2r), i.e. the gradient of the loss with respect to the
       core under that metric. ``D_L``, ``D_R`` come from exponential moving averages of the row
       and column mean squares of ``U_hat G_hat V_hat^T`` (bias-corrected): ambient statistics,
       which need no rotation when the bases change. State O(m + n + r^2).
@@ -386,14 +390,13 @@ class DLRAAdam(_BUG):
         r"""``A_L^{-1} m_hat A_R^{-1}`` and the new row/column statistics.
 
         The ambient matrix of the core gradient is ``U_hat G_hat V_hat^T``; with orthonormal
-        ``V_hat`` its row squares are those of ``U_hat G_hat`` (m x 2r), its column squares
+        ``V_hat`` its row squares are those of ``U_hat G_hat`` (m x <= 2r), its column squares
         those of ``V_hat G_hat^T``. O((m + n) r^2).
         """
         be = manifold.backend
         xp = be.xp
         U, qu, V, qv = bases
         b1, b2 = self.betas
-        r = U.shape[-1]
         Uh, Vh = be.concat([U, qu], -1), be.concat([V, qv], -1)
         A = Uh @ G
         B = Vh @ _t(G)
@@ -408,5 +411,4 @@ class DLRAAdam(_BUG):
         AR = _t(Vh) @ (dr[..., :, None] * Vh)
         inv = xp.linalg.inv
         direction = inv(AL) @ (m / (1.0 - b1**tt)) @ inv(AR)
-        del r
         return direction, rows, cols
