@@ -89,6 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(if the file does not exist yet, the table has no timings)",
     )
     ap.add_argument(
+        "--ii-seeds",
+        type=int,
+        default=0,
+        help="only: steps to 1e-12 on (ii) over this many seeds for RAdamW, the authors' RAdamW, "
+        "PEFT Riemannian AdamW and LoRA + AdamW (writes optimizers_ii_seeds.json)",
+    )
+    ap.add_argument(
         "--from-json",
         type=Path,
         default=None,
@@ -402,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown methods {sorted(unknown)}")
         methods = [m for m in methods if m.name in args.methods]
     t0 = time.perf_counter()
+    if args.ii_seeds:
+        res = ii_seeds(methods, args, log)
+        (args.out / "optimizers_ii_seeds.json").write_text(json.dumps({"machine": header, **res}))
+        return 0
     if args.only_timing:
         timing = measure_timing(methods, args, log)
         payload = {"machine": header, "timing": timing, "threads": torch.get_num_threads()}
@@ -446,6 +457,39 @@ def main(argv: list[str] | None = None) -> int:
     log(f"wrote {args.out}/optimizers_table.md, optimizers_results.json, optimizers.png "
         f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     return 0
+
+
+II_METHODS = ("RAdamW", "authors' RAdamW (reference)", "PEFT Riemannian AdamW", "LoRA + AdamW")
+
+
+def ii_seeds(methods, args, log) -> dict:
+    """Steps to 1e-12 on (ii) for ``args.ii_seeds`` seeds (each at its fastest lr of the same
+    grids), for the methods of the acceptance comparison."""
+    chosen = [m for m in methods if m.name in II_METHODS]
+    per: dict = {m.name: [] for m in chosen}
+    for seed in range(args.ii_seeds):
+        prob = lib.regression(lib.PROBLEMS["ii"], seed)
+        for m in chosen:
+            best = math.inf
+            for lr in lib.lr_grid(m, args.lrs, LR_RATIO):
+                run = (
+                    lib.run_rule(m, prob, lr, args.steps)
+                    if m.kind == "rule"
+                    else lib.run_lora(m, prob, lr, args.steps, seed)
+                )
+                st = run.steps_to()
+                best = min(best, st if st is not None else math.inf)
+            per[m.name].append(best)
+        log(f"(ii) seed {seed}: " + ", ".join(f"{k} {v[-1]}" for k, v in per.items()))
+    med = {k: float(np.median(v)) for k, v in per.items()}
+    both = [
+        (a, b) for a, b in zip(per["RAdamW"], per["authors' RAdamW (reference)"], strict=True)
+        if math.isfinite(a) and math.isfinite(b)
+    ]  # fmt: skip
+    out = {"steps": per, "median": med, "ratio_where_both_reach": [a / b for a, b in both]}
+    log(f"medians: {med}; RAdamW / authors' on the seeds where both reach 1e-12: "
+        f"{[round(x, 2) for x in out['ratio_where_both_reach']]}")  # fmt: skip
+    return out
 
 
 def measure_timing(methods, args, log) -> dict:
