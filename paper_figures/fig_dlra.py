@@ -130,7 +130,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     path = plot(runs, Path(args.out), args.quick)
     summary = {
         "problem": lib.DLRA_START.title,
-        "runs": {k: {kk: vv for kk, vv in v.items() if kk not in ("loss", "rank")} for k, v in runs.items()},
+        "runs": {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("loss", "rank")}
+            for k, v in runs.items()
+        },
     }
     (Path(args.out) / f"{NAME}.json").write_text(json.dumps(summary, indent=1))
     return [path]

@@ -84,7 +84,11 @@ def compute(quick: bool, seed: int) -> dict:
             for m in methods:
                 best = None
                 for lr in lib.lr_grid(m, size, 300.0):
-                    r = lib.run_rule(m, prob, lr, steps) if m.kind == "rule" else lib.run_lora(m, prob, lr, steps, s)
+                    r = (
+                        lib.run_rule(m, prob, lr, steps)
+                        if m.kind == "rule"
+                        else lib.run_lora(m, prob, lr, steps, s)
+                    )
                     st = r.steps_to()
                     key = (st if st is not None else math.inf, r.final)
                     if best is None or key < best[0]:
@@ -128,7 +132,11 @@ def plot(runs: dict, out: Path, note: str) -> Path:
             for s in seeds:
                 v = per[s]
                 first = s == seeds[0]
-                label = f"{name} ({v['steps'] if v['steps'] is not None else '–'} steps)" if first else None
+                label = (
+                    f"{name} ({v['steps'] if v['steps'] is not None else '–'} steps)"
+                    if first
+                    else None
+                )
                 ax.semilogy(floor_curve(v["curve"], 1e-30), ls, color=color,
                             lw=1.6 if first else 0.6, alpha=1.0 if first else 0.5, label=label)  # fmt: skip
         ax.axhline(lib.TARGET, color="0.6", lw=0.8)
@@ -136,7 +144,9 @@ def plot(runs: dict, out: Path, note: str) -> Path:
         ax.set_ylim(1e-30, 10)
         ax.set_xlabel("step")
         ax.set_ylabel("relative loss")
-        ax.legend(fontsize=7, loc="lower left", title="steps to 1e-12 (first seed)", title_fontsize=7)
+        ax.legend(
+            fontsize=7, loc="lower left", title="steps to 1e-12 (first seed)", title_fontsize=7
+        )
     fig.suptitle("The seeds' optimizers (as their code does them and as rankopt does them) "
                  "against LoRA and PEFT's optimizers" + note, fontsize=11)  # fmt: skip
     return save(fig, out, NAME)

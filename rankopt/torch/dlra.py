@@ -114,9 +114,11 @@ class CapturingOptimizer:
             if cap is None or cap.empty:
                 raise ValueError(
                     f"no captured batch for a low-rank layer {tuple(L.U.shape)} x "
-                    f"{tuple(L.V.shape)} that has gradients: {type(self).__name__} needs its "
-                    "backward to run while the optimizer exists (create the optimizer before "
-                    "the first backward; it cannot take over gradients computed before)"
+                    f"{tuple(L.V.shape)} that has gradients: {type(self).__name__} reads the "
+                    "batch its backward kept, and each step consumes it. Run backward after "
+                    "creating the optimizer and before each step (a second step on the same "
+                    "gradients, or gradients computed before the optimizer existed, cannot be "
+                    "taken)"
                 )
             U, V = x.U[k], x.V[k]
             GV, GtU, M = cap.sketches(U, V)
