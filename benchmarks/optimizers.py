@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(if the file does not exist yet, the table has no timings)",
     )
     ap.add_argument(
+        "--reuse-regressions",
+        action="store_true",
+        help="take (i)-(iv) from a previous run's optimizers_regressions.json in --out",
+    )
+    ap.add_argument(
         "--ii-seeds",
         type=int,
         default=0,
@@ -170,7 +175,9 @@ def run_digits(methods, args, log) -> dict:
                 for lr in lib.lr_grid(m, args.lrs, LR_RATIO):
                     try:
                         res = lib.train_digits(m, data, parts, lr, args.epochs, seed)
-                    except ValueError as e:  # a rankopt optimizer refusing a non-finite gradient
+                    except (ValueError, RuntimeError) as e:
+                        # a diverging run: a rankopt optimizer refusing a non-finite gradient, or
+                        # a factorization of non-finite values (torch's LinAlgError)
                         res = {"val_acc": 0.0, "test_acc": 0.0, "error": str(e)[:200]}
                     per[f"{lr:.6g}"] = res
             log(
@@ -430,7 +437,13 @@ def main(argv: list[str] | None = None) -> int:
             setattr(args, k, saved["args"][k])
         methods = [m for m in methods if m.name in reg["i"]]
     else:
-        reg = run_regressions(methods, args, log)
+        partial = args.out / "optimizers_regressions.json"
+        if args.reuse_regressions and partial.exists():
+            reg = json.loads(partial.read_text())
+            log(f"(i)-(iv) taken from {partial}")
+        else:
+            reg = run_regressions(methods, args, log)
+            partial.write_text(json.dumps(reg, default=_json_default))
         dig = {} if args.skip_digits else run_digits(methods, args, log)
     if args.timing_json is not None:
         if args.timing_json.exists():
