@@ -23,7 +23,8 @@ new head, with ``weight_decay=0``, the same batches per seed and the same number
   (rank 8, ``update_proj_gap=50``, ``scale=1``);
 * ``radamw`` / ``radagrad`` / ``dlraadam``: ``rankopt.torch.apply_low_rank(mode="adapter")`` and
   ``rt.RAdamW`` / ``rt.RAdaGrad`` / ``rt.DLRAAdam`` (rank adaptive, at most 8);
-* ``radamw_reference``: the seed paper's RAdamW (issue 9); **pending**, see ``_reference_radamw``.
+* ``radamw_reference``: the authors' RAdamW as their code runs it (``rt.ReferenceRAdamW``: dense
+  m x n AdamW moments, the step on the dense weight, projection and retraction).
 
 Compression task (``compress``): every ``nn.Linear`` of the top 2 layers (query, key, value,
 attention output, FFN in and out) replaced by its truncated SVD at rank 32, then the compressed
@@ -318,16 +319,8 @@ def m_dlraadam(model, lr, seed):
 
 
 def _reference_radamw(params, lr):
-    """SLOT for the authors' reference RAdamW (issue 9, branch issue-9; not on main yet).
-
-    When it lands, return its torch optimizer here, e.g.
-    ``rt.RAdamW(params, lr=lr, weight_decay=0.0, variant="reference")`` (the name is theirs to
-    choose). Until then this raises ``NotImplementedError`` and the method is skipped.
-    """
-    factory = getattr(rt, "ReferenceRAdamW", None)
-    if factory is None:
-        raise NotImplementedError("the authors' reference RAdamW (issue 9) has not landed")
-    return factory(params, lr=lr)
+    """The authors' RAdamW (``rt.ReferenceRAdamW``) under this protocol's ``weight_decay=0``."""
+    return rt.ReferenceRAdamW(params, lr=lr, weight_decay=0.0)
 
 
 def m_radamw_reference(model, lr, seed):

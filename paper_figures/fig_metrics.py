@@ -76,18 +76,25 @@ def make_solver(
     raise ValueError(f"unknown method {method!r}")
 
 
-def learned_exponents(res: Any, d: np.ndarray, c: np.ndarray) -> list[float] | None:
+def learned_exponents(
+    res: Any, d: np.ndarray, c: np.ndarray, spec: Any = None
+) -> list[float] | None:
     """How the weights an adaptive metric learned scale with the true ones.
 
     Fits ``log D_L ~ a log d`` and ``log D_R ~ b log c`` (least squares) for the final metric of
-    a RAdaGrad/RAdamW run (its rule state, ``res.info["state"]``). The exactly conditioning
-    weights of the known-weights metric are ``D_L = d^2``, ``D_R ~ c^2``: exponents 2. Returns
-    ``[a, b]``, or None for a run without an adaptive metric.
+    a RAdaGrad/RAdamW run: its rule state (``res.info["state"]``) holds the row/column mean
+    squares, from which ``spec.metric`` builds ``D_L``, ``D_R`` (bias-corrected for RAdamW, as
+    its step does). The exactly conditioning weights of the known-weights metric are
+    ``D_L = d^2``, ``D_R ~ c^2``: exponents 2. Returns ``[a, b]``, or None for a run without an
+    adaptive metric.
     """
     state = res.info.get("state")
-    metric = getattr(state[1], "metric", None) if isinstance(state, list) else None
-    if metric is None or getattr(metric, "left", None) is None:
+    st = state[1] if isinstance(state, list) else None
+    if spec is None or getattr(st, "row_stats", None) is None:
         return None
+    corr = 1.0 - spec.betas[1] ** st.count if hasattr(spec, "betas") else 1.0
+    M = ro.FixedRankManifold(len(d), len(c), 1, validate=False)
+    metric = spec.metric(M, np.asarray(st.row_stats) / corr, np.asarray(st.col_stats) / corr)
     a = np.polyfit(np.log(d), np.log(np.asarray(metric.left)), 1)[0]
     b = np.polyfit(np.log(c), np.log(np.asarray(metric.right)), 1)[0]
     return [round(float(a), 3), round(float(b), 3)]
@@ -131,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             )
             lr = tuned.lr
         t1 = time.perf_counter()
+        solver = make_solver(method, iters, metric, lr, track=True)
         with np.errstate(over="ignore", invalid="ignore"):
-            res = make_solver(method, iters, metric, lr, track=True).run(p, x0)
+            res = solver.run(p, x0)
         secs = (time.perf_counter() - t1) / max(res.iterations, 1)
         loss = np.asarray(res.history.cost) / reg.f_ref
         err = np.asarray(res.history.rel_error)
@@ -142,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
             "lr": lr,
             "ms_per_iter": 1e3 * secs,
             "grid_finals": None if lr is None else {f"{a:g}": b for a, b in tuned.finals.items()},
-            "weight_exponents": learned_exponents(res, d, c),
+            "weight_exponents": learned_exponents(res, d, c, getattr(solver, "spec", None)),
         }
         print(
             f"{method:15s} lr={lr!s:6s} iters={res.iterations:4d} loss={loss[-1]:.2e} "

@@ -1,7 +1,7 @@
 r"""Regenerate every paper figure with one command.
 
-    python paper_figures/make_all.py            # full mode: about 2.5 minutes in all
-    python paper_figures/make_all.py --quick    # small sizes: seconds per figure
+    python -m paper_figures                     # full mode (the same as make_all.py)
+    python -m paper_figures --quick             # small sizes: seconds per figure
     python paper_figures/make_all.py --out DIR --only fig_kappa fig_metrics
 
 Each figure script also runs on its own (``python paper_figures/fig_kappa.py --quick``). The
@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_OUT  # noqa: E402
 
-FIGURES = ("fig_kappa", "fig_factorized", "fig_metrics")
+FIGURES = ("fig_kappa", "fig_factorized", "fig_metrics", "fig_seeds", "fig_dlra")
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:

@@ -179,12 +179,14 @@ class Geometry:
 
     # ------------------------------------------------------------- retraction
     def _omega(self, m: int, r: int) -> Any:
-        """A fixed m x r Gaussian matrix with unit-norm columns (seed 0), cached per shape:
-        see :meth:`_complement_qr`."""
+        """A fixed m x r Gaussian matrix with unit-norm columns, cached per shape: see
+        :meth:`_complement_qr`. Its seed is its own (the bytes of "RANKOPT"), so that it does not
+        coincide with a random point drawn from a small seed (``random_point(0)`` orthonormalizes
+        ``default_rng(0).standard_normal((m, r))``: that matrix lies in the span of ``U``)."""
         key = (m, r)
         cache = self.__dict__.setdefault("_omegas", {})
         if key not in cache:
-            g = np.random.default_rng(0).standard_normal((m, r))
+            g = np.random.default_rng(int.from_bytes(b"RANKOPT", "big")).standard_normal((m, r))
             cache[key] = self.backend.asarray(g / np.linalg.norm(g, axis=0))
         return cache[key]
 
@@ -195,16 +197,18 @@ class Geometry:
         ``P + tau Omega`` (``Omega`` a fixed Gaussian matrix with unit-norm columns) is
         re-orthogonalized against ``F`` and factored by Householder QR. The perturbation makes
         ``P`` of full rank, so that ``Q`` is orthogonal to ``F`` even where ``P`` is rank-deficient
-        (there Householder QR alone returns coordinate vectors, which are not). ``tau = 16 eps
-        (||P||_F + tiny)``: above the rounding noise of ``P`` (so the completed directions are
-        clean) and at rounding level of the step (so ``X + t xi`` moves by about 16 eps
-        ``t ||xi||``, far below what a line search resolves); ``tiny`` (1e-280 in float64, 1e-25
+        (there Householder QR alone returns coordinate vectors, which are not). ``tau = 128 eps
+        (||P||_F + tiny)``: well above the rounding of the re-orthogonalization (about eps ||P||,
+        so the completed directions are orthogonal to ``F`` to about 1/128: 2e-3 measured over 20
+        seeds, which the retraction's Newton-Schulz step squares) and at rounding level of the
+        step (``X + t xi`` moves by about 128 eps ``t ||xi||``, so a full-rank retraction stays
+        exact to 100 eps ``||X||``: larger ``tau`` breaks that); ``tiny`` (1e-280 in float64, 1e-25
         in float32) keeps it above the subnormal range, where numbers carry too few digits.
         O(m r^2): four passes over m x r arrays plus the QR.
         """
         be = self.backend
         tiny = 1e-25 if be.is_float32 else 1e-280
-        tau = (be.xp.sqrt(be.sum_sq(P)) + tiny) * (16.0 * be.eps)
+        tau = (be.xp.sqrt(be.sum_sq(P)) + tiny) * (128.0 * be.eps)
         P = be.axpy(tau, self._omega(*P.shape[-2:]), P)  # a new array: updated in place
         return be.qr(be.addmm_(P, F, be.mm(_t(F), P), -1.0))
 

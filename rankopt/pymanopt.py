@@ -91,8 +91,9 @@ class FixedRank(Manifold):
     -----
     Every method costs what the corresponding :class:`rankopt.FixedRankManifold` method costs:
     O((m+n) r^2 + r^3) for retractions and transports, O((m+n) r) for inner products under
-    the Euclidean metric, plus a few PCG iterations of O((m+n) r^2) for the Riemannian
-    gradient under Kronecker-diagonal metrics. ``exp``, ``log``, ``dist`` and ``pair_mean``
+    the Euclidean metric, plus O((m+n) r^2 + r^3) for the Riemannian gradient under the
+    Kronecker-diagonal metrics (a closed-form solve; ``solver="pcg"``: O((m+n) r^2) per PCG
+    iteration) and O(m n r) per PCG iteration under ``ElementwiseDiagonal``. ``exp``, ``log``, ``dist`` and ``pair_mean``
     are not available (no closed forms); gradient-based and trust-region optimizers do not
     need them, the derivative-free ones (Nelder-Mead, particle swarm) do.
     """

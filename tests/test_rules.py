@@ -27,9 +27,9 @@ SPECS = {
     "radamw-pcg": rules.RAdamW(lr=0.01, solver="pcg"),
     "radamw-precondition": rules.RAdamW(lr=0.01, exact=False),
     "radamw-quartic": rules.RAdamW(lr=0.01, factoring="quartic", eps=1e-8),
-    "dlra-heavyball": rules.DLRAHeavyBall(lr=0.1, rank_tol=1e-2),
-    "dlra-adam": rules.DLRAAdam(lr=0.01, rank_tol=1e-2),
-    "dlra-adam-fixed": rules.DLRAAdam(lr=0.01, rank_tol=None),
+    # a tangent step and the rank-adaptive retraction (not DLRA: see tests/test_dlra.py)
+    "rsgd-rank-adaptive": rules.RSGD(lr=0.1, momentum=0.9, rank_tol=1e-2),
+    "radamw-rank-adaptive": rules.RAdamW(lr=0.01, rank_tol=1e-2),
 }
 FIXED = [k for k, s in SPECS.items() if not s.rank_adaptive]
 
@@ -198,17 +198,17 @@ def test_radamw_trajectory_is_invariant_to_the_gradient_scale(scale):
     assert moved > 1e-2  # it did move (5 steps of lr 1e-2)
 
 
-def test_dlra_rank_grows_and_shrinks():
+def test_rank_adaptive_retraction_grows_and_shrinks():
     M = _manifold("numpy", 40, 30, 3)
     x = M.random_point(0)
-    grow = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-8)
+    grow = rules.RSGD(lr=1.0, rank_tol=1e-8)
     y, _ = grow.step(M, x, _grad(M, x, 0) * 10.0, grow.init(M, x))
     assert y.rank > 3  # augmented basis kept
     x = FixedRankPoint(x.U, np.array([1.0, 1.0, 1e-4]), x.V)
-    shrink = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-3)
+    shrink = rules.RSGD(lr=1.0, rank_tol=1e-3)
     z, _ = shrink.step(M, x, M.zero_vector(x), shrink.init(M, x))
     assert z.rank == 2  # the 1e-4 direction is truncated
-    capped = rules.DLRAHeavyBall(lr=1.0, momentum=0.0, rank_tol=1e-8, max_rank=4)
+    capped = rules.RSGD(lr=1.0, rank_tol=1e-8, max_rank=4)
     w, _ = capped.step(M, M.random_point(0), _grad(M, x, 0) * 10.0, capped.init(M, x))
     assert w.rank == 4
 
@@ -284,6 +284,9 @@ SOLVER_OF = {
     "RAdamW": rules.RAdamW,
     "DLRAHeavyBall": rules.DLRAHeavyBall,
     "DLRAAdam": rules.DLRAAdam,
+    "RAdamWElementwise": rules.RAdamWElementwise,
+    "ReferenceRAdamW": rules.ReferenceRAdamW,
+    "ReferenceRAdaGrad": rules.ReferenceRAdaGrad,
 }
 
 
@@ -295,7 +298,16 @@ def test_numpy_solvers_take_their_defaults_from_the_spec(name):
         getattr(ro.solvers, name)(learning_rate=0.1)
 
 
-TORCH_OF = ["RAdamW", "RAdaGrad", "RSGD", "DLRAHeavyBall", "DLRAAdam"]
+TORCH_OF = [
+    "RAdamW",
+    "RAdaGrad",
+    "RSGD",
+    "DLRAHeavyBall",
+    "DLRAAdam",
+    "RAdamWElementwise",
+    "ReferenceRAdamW",
+    "ReferenceRAdaGrad",
+]
 
 
 @pytest.mark.parametrize("name", TORCH_OF)

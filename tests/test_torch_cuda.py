@@ -53,7 +53,7 @@ def test_cuda_optimizer_equals_rule(name):
     cls, spec, kw = {
         "RAdamW": (rt.RAdamW, rules.RAdamW, dict(lr=0.05, weight_decay=0.01)),
         "RSGD": (rt.RSGD, rules.RSGD, dict(lr=0.05, momentum=0.9)),
-        "DLRAAdam": (rt.DLRAAdam, rules.DLRAAdam, dict(lr=0.05, rank_tol=1e-6)),
+        "DLRAAdam": (rt.DLRAAdam, rules.DLRAAdam, dict(lr=0.05, rank_tol=1e-6, max_rank=6)),
     }[name]
     spec = spec(**kw)
     layer = rt.LowRankLinear(40, 30, 4, bias=False, dtype=torch.float64, device=DEV, seed=0)
@@ -68,7 +68,12 @@ def test_cuda_optimizer_equals_rule(name):
         man = ro.FixedRankManifold(30, 40, x.rank, backend="torch", device=DEV, validate=False)
         xi = ro.TangentVector(layer.S.grad.clone(), layer.U.grad.clone(), layer.V.grad.clone())
         state = spec.init(man, x) if state is None else state
-        x, state = spec.step(man, x, xi, state)
+        extra = {}
+        if rules.gradient_input(spec) == "normal":  # DLRA: Q_u^T G Q_v of the dense gradient
+            W = layer.dense_weight().clone().requires_grad_(True)
+            ((inp @ W.T) ** 2).sum().backward()
+            extra["normal"] = rules.normal_block_of(man, W.grad)
+        x, state = spec.step(man, x, xi, state, **extra)
         opt.step()
         U, s, V = layer.factors()
         assert torch.allclose(U @ torch.diag(s) @ V.T, x.to_dense(), rtol=0, atol=1e-12)

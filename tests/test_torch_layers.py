@@ -280,7 +280,7 @@ def test_deepcopy_pickle_and_rank_change_state_dict():
     loaded = torch.load(buf, weights_only=False)
     assert loaded.U.link is loaded.V.link and isinstance(loaded.S, rt.ManifoldParameter)
     x = torch.randn(30, 6, dtype=D, generator=torch.Generator().manual_seed(0))
-    opt = rt.DLRAHeavyBall(layer.parameters(), lr=0.05, rank_tol=1e-6)
+    opt = rt.DLRAHeavyBall(layer.parameters(), lr=0.05, rank_tol=1e-6, max_rank=4)
     for _ in range(2):
         opt.zero_grad()
         _loss(layer(x)).backward()

@@ -37,9 +37,10 @@ RULES = {
                  rules.RAdaGrad(lr=0.05, weight_decay=0.1, lr_decay=0.1)),
     "RSGD": (rt.RSGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1),
              rules.RSGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.1)),
-    "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05, rank_tol=1e-8),
-                      rules.DLRAHeavyBall(lr=0.05, rank_tol=1e-8)),
-    "DLRAAdam": (rt.DLRAAdam, dict(lr=0.05, rank_tol=1e-8), rules.DLRAAdam(lr=0.05, rank_tol=1e-8)),
+    "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05, rank_tol=1e-8, max_rank=5),
+                      rules.DLRAHeavyBall(lr=0.05, rank_tol=1e-8, max_rank=5)),
+    "DLRAAdam": (rt.DLRAAdam, dict(lr=0.05, rank_tol=1e-8, max_rank=5),
+                 rules.DLRAAdam(lr=0.05, rank_tol=1e-8, max_rank=5)),
 }  # fmt: skip
 
 
@@ -58,7 +59,12 @@ def test_manifold_parameters_follow_the_rule(name):
         man = ro.FixedRankManifold(7, 10, x.rank, backend="torch", validate=False)
         xi = ro.TangentVector(layer.S.grad.clone(), layer.U.grad.clone(), layer.V.grad.clone())
         state = spec.init(man, x) if state is None else state
-        x, state = spec.step(man, x, xi, state)
+        extra = {}
+        if rules.gradient_input(spec) == "normal":  # the DLRA rules: Q_u^T G Q_v of the dense G
+            W = layer.dense_weight().clone().requires_grad_(True)
+            _loss(_data(i)[0] @ W.T, _data(i)[1]).backward()
+            extra["normal"] = rules.normal_block_of(man, W.grad)
+        x, state = spec.step(man, x, xi, state, **extra)
         opt.step()
         U, s, V = layer.factors()
         assert U.shape == x.U.shape

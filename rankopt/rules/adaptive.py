@@ -39,7 +39,7 @@ from .base import (
     state,
 )
 
-__all__ = ["AdamState", "AdaGradState", "AdaptiveRule", "RAdamW", "RAdaGrad", "DLRAAdam"]
+__all__ = ["AdamState", "AdaGradState", "AdaptiveRule", "RAdamW", "RAdaGrad"]
 
 
 @state
@@ -183,13 +183,3 @@ class RAdaGrad(AdaptiveRule):
         return x_new, move_state(
             manifold, x, x_new, AdaGradState(state.count + 1, row, col)
         )
-
-
-@dataclass(frozen=True, kw_only=True)
-class DLRAAdam(RAdamW):
-    r"""Rank-adaptive low-rank Adam (after Schotthöfer, Klein, Kusch, NeurIPS 2025).
-
-    :class:`RAdamW` with the rank-adaptive retraction truncated at ``rank_tol=1e-3``.
-    """
-
-    rank_tol: float | None = 1e-3

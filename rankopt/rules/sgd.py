@@ -1,4 +1,4 @@
-r"""Riemannian SGD with heavy-ball / Nesterov momentum, and its rank-adaptive variant.
+r"""Riemannian SGD with heavy-ball / Nesterov momentum (rank-adaptive with ``rank_tol``).
 
 Cost per step: one retraction (O((m+n) r^2 + r^3)) and, with momentum, one transport of the
 buffer by projection (ten products of size (m or n) x r x r).
@@ -12,7 +12,7 @@ from typing import Any
 from ..containers import FixedRankPoint, TangentVector
 from .base import Rule, add_weight_decay, check_common, count_init, retract_state, started, state
 
-__all__ = ["SGDState", "RSGD", "RHeavyBall", "DLRAHeavyBall"]
+__all__ = ["SGDState", "RSGD", "RHeavyBall"]
 
 
 @state
@@ -69,16 +69,3 @@ class RHeavyBall(RSGD):
     """Riemannian heavy ball: :class:`RSGD` with ``momentum=0.9`` by default (the NumPy solver)."""
 
     momentum: float = 0.9
-
-
-@dataclass(frozen=True, kw_only=True)
-class DLRAHeavyBall(RSGD):
-    r"""Rank-adaptive low-rank heavy ball (after Schotthöfer, Klein, Kusch, NeurIPS 2025).
-
-    :class:`RSGD` with momentum 0.9 and the rank-adaptive retraction truncated at
-    ``rank_tol=1e-3``: the momentum lives in the tangent space (projected and transported), the
-    step augments the basis to ``[U, Up]``, ``[V, Vp]`` (rank <= 2r) and truncates.
-    """
-
-    momentum: float = 0.9
-    rank_tol: float | None = 1e-3

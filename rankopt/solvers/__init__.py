@@ -10,7 +10,16 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
+from .adaptive import (
+    DLRAAdam,
+    DLRAHeavyBall,
+    RAdaGrad,
+    RAdamW,
+    RAdamWElementwise,
+    ReferenceRAdaGrad,
+    ReferenceRAdamW,
+    RHeavyBall,
+)
 from .base import (
     History,
     IterationInfo,
@@ -40,8 +49,11 @@ __all__ = [
     "RHeavyBall",
     "RAdaGrad",
     "RAdamW",
+    "RAdamWElementwise",
     "DLRAHeavyBall",
     "DLRAAdam",
+    "ReferenceRAdamW",
+    "ReferenceRAdaGrad",
     "RankAdaptive",
     "Auto",
     "METHODS",
@@ -63,6 +75,9 @@ METHODS = {
     "radamw": RAdamW,
     "dlra-heavyball": DLRAHeavyBall,
     "dlra-adam": DLRAAdam,
+    "radamw-elementwise": RAdamWElementwise,
+    "reference-radamw": ReferenceRAdamW,
+    "reference-radagrad": ReferenceRAdaGrad,
 }
 
 
@@ -96,8 +111,10 @@ def solve(
         gradient at each stage). Robust to the condition number of the target; needs the
         problem's Hessian (``problem.has_hessian``). Others: ``"rgd"``, ``"rcg"``, ``"rgn"``,
         ``"newton"``, ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``,
-        ``"dlra-adam"``, or ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of
-        them. See "Which solver when" in the docs.
+        ``"dlra-adam"``, ``"radamw-elementwise"``, ``"reference-radamw"``,
+        ``"reference-radagrad"`` (the authors' code, dense m x n state), or
+        ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them. See "Which
+        solver when" in the docs.
     tol : float
         Relative gradient tolerance (``||grad|| <= tol ||grad(x0)||``).
     max_iter : int, optional

@@ -33,6 +33,7 @@ from .convert import (
     saved_module_names,
     trainable_parameters,
 )
+from .dlra import DLRAAdam, DLRAHeavyBall
 from .embedding import LowRankEmbedding
 from .layers import (
     LowRankConv2d,
@@ -43,14 +44,13 @@ from .layers import (
 )
 from .optim import (
     RSGD,
-    DLRAAdam,
-    DLRAHeavyBall,
     RAdaGrad,
     RAdamW,
     RiemannianOptimizer,
     allow_plain_optimizers,
 )
 from .peft import from_peft, to_peft
+from .reference import RAdamWElementwise, ReferenceRAdaGrad, ReferenceRAdamW
 
 __all__ = [
     "LowRankLinear",
@@ -77,5 +77,8 @@ __all__ = [
     "RSGD",
     "DLRAHeavyBall",
     "DLRAAdam",
+    "RAdamWElementwise",
+    "ReferenceRAdamW",
+    "ReferenceRAdaGrad",
     "allow_plain_optimizers",
 ]

@@ -351,7 +351,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             L.U.link.started = bool(k) or L.U.link.started
         if all(keep):
             return x0, xi, layers
-        idx = torch.tensor([i for i, k in enumerate(keep) if k], device=ok.device)
+        idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=ok.device)
         pick = lambda a: a.index_select(0, idx)  # noqa: E731
         x0 = FixedRankPoint(pick(x0.U), pick(x0.s), pick(x0.V))
         xi = TangentVector(pick(xi.M), pick(xi.Up), pick(xi.Vp))

@@ -340,7 +340,11 @@ def apply_low_rank(
                 _set_module(model, name, layer)
         new_layers += layers
     if mode == "adapter":
-        keep = {id(p) for layer in new_layers for p in (layer.U, layer.S, layer.V)}
+        # adapters converted by an earlier call stay trainable too (load_adapters converts
+        # one rank per call)
+        adapters = [m for m in model.modules()
+                    if isinstance(m, (_LowRankBase, LowRankEmbedding)) and m.base_weight is not None]  # fmt: skip
+        keep = {id(p) for layer in (*new_layers, *adapters) for p in (layer.U, layer.S, layer.V)}
         for name, mod in model.named_modules():
             if name and _matches(name, list(modules_to_save or ())):
                 keep.update(id(p) for p in mod.parameters())

@@ -14,9 +14,10 @@ optimizer         low-rank layers                  ordinary parameters
 RAdamW            :class:`rankopt.rules.RAdamW`    ``torch.optim.AdamW``
 RAdaGrad          :class:`rankopt.rules.RAdaGrad`  ``torch.optim.Adagrad``
 RSGD              :class:`rankopt.rules.RSGD`      ``torch.optim.SGD``
-DLRAHeavyBall     ``rules.DLRAHeavyBall``          ``torch.optim.SGD`` (momentum)
-DLRAAdam          :class:`rankopt.rules.DLRAAdam`  ``torch.optim.AdamW``
 ================  ===============================  ==================================
+
+The DLRA optimizers (augmented BUG integrator) are in :mod:`rankopt.torch.dlra`, the authors'
+reference rules in :mod:`rankopt.torch.reference`.
 
 Hyperparameters shared by both parts (``lr``, ``betas``, ``weight_decay``, ...) apply to both;
 the manifold rules' defaults are the specs'. ``eps`` is torch's (ordinary parameters);
@@ -54,8 +55,6 @@ __all__ = [
     "RAdamW",
     "RAdaGrad",
     "RSGD",
-    "DLRAHeavyBall",
-    "DLRAAdam",
     "allow_plain_optimizers",
 ]
 
@@ -235,19 +234,6 @@ class RAdamW(RiemannianOptimizer):
         _adamw_ordinary(self, group, params)
 
 
-class DLRAAdam(RAdamW):
-    r"""Rank-adaptive low-rank Adam (:class:`rankopt.rules.DLRAAdam`); AdamW elsewhere.
-
-    :class:`RAdamW` with the rank-adaptive retraction, truncated at ``rank_tol`` (default the
-    rule's): each layer's rank changes (``layer.rank`` tells the current one). Rank changes
-    resize the factor tensors in place (same ``Parameter`` objects), which
-    DistributedDataParallel does not support.
-    """
-
-    spec_class = rules.DLRAAdam
-    __init__ = _adamw_init(rules.DLRAAdam)
-
-
 _G = rules.RAdaGrad
 
 
@@ -349,39 +335,3 @@ class RSGD(RiemannianOptimizer):
 
     def _euclidean_step(self, group, params):
         _sgd_ordinary(self, group, params)
-
-
-_H = rules.DLRAHeavyBall
-
-
-class DLRAHeavyBall(RSGD):
-    r"""Rank-adaptive low-rank heavy ball (:class:`rankopt.rules.DLRAHeavyBall`); SGD elsewhere.
-
-    Tangent momentum, augmented basis, truncation at ``rank_tol``: ranks change. Ordinary
-    parameters: ``torch.optim.SGD(lr, momentum, weight_decay=weight_decay)``. Rank changes
-    resize the factor tensors, which DistributedDataParallel does not support.
-    """
-
-    spec_class = rules.DLRAHeavyBall
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float = _H.lr,
-        momentum: float = _H.momentum,
-        weight_decay: float = _H.weight_decay,
-        *,
-        rank_tol: float | None = _H.rank_tol,
-        max_rank: int | None = _H.max_rank,
-        min_rank: int = _H.min_rank,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        stack_layers: bool = True,
-        compile: bool | str | dict = False,
-        check_finite: bool = True,
-    ) -> None:
-        super().__init__(
-            params, lr, momentum, _H.dampening, weight_decay, _H.nesterov, rank_tol=rank_tol,
-            max_rank=max_rank, min_rank=min_rank, foreach=foreach, fused=fused,
-            stack_layers=stack_layers, compile=compile, check_finite=check_finite,
-        )  # fmt: skip

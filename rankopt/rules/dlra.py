@@ -1,0 +1,414 @@
+r"""DLRAHeavyBall and DLRAAdam: the augmented BUG integrator with optimizer moments on the core.
+
+After the dynamical low-rank training of Schotthöfer, Klein, Kusch (NeurIPS 2025) and the
+rank-adaptive "basis update & Galerkin" (BUG) integrator of Ceruti, Kusch, Lubich (BIT 2022),
+as the group's public training layers implement it for optimizers with state. One step at
+``X = U diag(s) V^T`` (rank r) with the Euclidean gradient ``G``:
+
+1. **K- and L-steps (basis augmentation).** The K-step moves ``K = U S`` along
+   ``-dL/dK = -G V``, the L-step ``L = V S^T`` along ``-G^T U``; the new bases span
+   ``[U, G V]`` and ``[V, G^T U]``: ``U_hat = [U, Q_u]``, ``V_hat = [V, Q_v]`` with
+   ``Q_u`` an orthonormal basis of ``U.grad = (I - U U^T) G V`` and ``Q_v`` of
+   ``V.grad = (I - V V^T) G^T U`` (:func:`complement_basis`: at most ``min(r, m - r)`` and
+   ``min(r, n - r)`` columns; columns that only complete a rank-deficient tangent piece get no
+   gradient, so the step never moves along them). Rank at most ``2r``.
+2. **Moments carried over.** The core ``S_hat = U_hat^T X V_hat = [[S, 0], [0, 0]]``; the
+   optimizer's moments live on the core, in the current bases, and are carried the same way
+   (zero blocks for the new directions).
+3. **Galerkin step** on the augmented core with the gradient of the loss with respect to that
+   core, ``G_hat = U_hat^T G V_hat = [[M, R_v^T], [R_u, N]]`` with ``M = U^T G V`` and
+   ``N = Q_u^T G Q_v``, the **normal-normal block**, which the tangent vector does not contain
+   (the callers pass it: ``step(..., normal=f)`` with ``f(Q_u, Q_v) = Q_u^T G Q_v``).
+   DLRAHeavyBall: ``b <- mu b + (G_hat + wd S_hat)``, ``S_hat <- S_hat - lr b`` (torch.SGD's
+   heavy ball, first step ``b = G_hat + wd S_hat``). DLRAAdam: Adam on the core entries
+   with the first moment on the core and, by default, the Galerkin step under the
+   Adafactor-factored metric (``second_moment="factored"``), or elementwise Adam on the core
+   (``second_moment="core"``, what the group's layers do), decoupled decay; see
+   :class:`DLRAAdam`.
+4. **Truncation.** ``S_hat = P diag(d) Q^T`` (SVD of the augmented core); keep the smallest ``j`` with
+   ``||d_{j:}|| <= rank_tol ||d||`` (:func:`rankopt.geometry.truncation_rank`), clipped to
+   ``[min_rank, max_rank]`` (``max_rank=None``: the rank at ``init``, a budget that never
+   grows) and never keeping exact zeros; ``rank_tol=None`` keeps the rank ``r`` (fixed-rank
+   BUG). ``U <- U_hat P_j``, ``V <- V_hat Q_j``, ``s <- d_{:j}``; the moments rotate with the
+   bases: ``m <- P_j^T m Q_j``, ``b`` likewise, and the second moment through its square root,
+   ``v <- (P_j^T sqrt(v) Q_j)^2`` (as the group's layers do).
+
+This differs from a step in the tangent space followed by a (rank-adaptive) retraction, which
+is what rankopt's ``RSGD``/``RAdamW`` with ``rank_tol`` do: at fixed rank the two agree to
+O(lr^2), but the normal-normal block ``N`` enters at O(lr) and is what lets the rank grow
+towards the gradient's normal directions. The state is O(r^2) per matrix (moments on the
+core; plus O(m + n) row/column statistics for DLRAAdam's default). Cost per step: the basis
+augmentation and two basis combinations, O((m + n) r^2), the SVD of the (at most) 2r x 2r core,
+O(r^3), plus the normal block (O((m + n) r^2) products from a dense or factored
+gradient, or O(b (m + n) r) from a layer's captured batch). One host read per step (the
+singular values, for the truncation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..containers import FixedRankPoint, TangentVector
+from ..geometry import truncation_rank
+from ..metrics import ADAPTIVE_EPS, adaptive_diagonals
+from .base import Rule, check_common, count_init, started, state
+
+__all__ = [
+    "DLRAHeavyBall",
+    "DLRAAdam",
+    "DLRAState",
+    "DLRAAdamState",
+    "normal_block_of",
+]
+
+#: a function ``(Q_u, Q_v) -> Q_u^T G Q_v`` of stacked bases ``(..., m, r)``, ``(..., n, r)``
+NormalBlock = Callable[[Any, Any], Any]
+
+
+def _t(a: Any) -> Any:
+    return a.swapaxes(-1, -2)
+
+
+def normal_block_of(manifold, Z: Any) -> NormalBlock:
+    """``(Q_u, Q_v) -> Q_u^T Z Q_v`` for an ambient gradient ``Z`` (dense, sparse, factored, or a
+    tuple of those; dense stacks too): what the DLRA rules need besides the tangent vector.
+
+    Cost O(nnz r + m r^2) (sparse), O(m n r) (dense), O((m + n) k r) (factored, rank k).
+    """
+    g = manifold.geometry
+    return lambda Qu, Qv: _t(Qu) @ g.matmul(Z, Qv)
+
+
+_OMEGAS: dict = {}
+
+#: a complement direction counts as part of the K-/L-step span when its QR diagonal exceeds
+#: this many times the regularization ``tau sqrt(m)`` (``tau`` = eps times the largest entry)
+SPAN_FACTOR = 1e3
+
+
+def _omega(be, m: int, r: int) -> Any:
+    """A fixed m x r Gaussian matrix (seed 0) on ``be``, cached per backend and shape."""
+    key = (be.name, str(be.dtype), str(be.device), m, r)
+    if key not in _OMEGAS:
+        _OMEGAS[key] = be.asarray(np.random.default_rng(0).standard_normal((m, r)))
+    return _OMEGAS[key]
+
+
+def complement_basis(be, F: Any, P: Any, k: int | None = None) -> tuple[Any, Any]:
+    r"""An orthonormal basis ``Q`` (..., m, k) of (the dominant part of) ``span(P)``, orthogonal to
+    ``F``, completed to k columns.
+
+    ``P`` (..., m, r) is (nearly) orthogonal to the orthonormal ``F`` (m x r, a tangent piece);
+    ``k`` defaults to r and is at most ``m - r`` (the room left next to ``F``). With
+    ``tau = eps max|P|``, ``P_t = (I - F F^T)(P + tau Omega)`` (``Omega`` a fixed Gaussian
+    matrix, so that ``Q`` has k independent columns even where ``P`` is rank-deficient); ``Q`` is
+    its QR factor (k = r) or its top-k left singular vectors (k < r), projected against ``F``
+    and orthonormalized once more ("twice is enough"), which makes ``F^T Q`` rounding-level also
+    for the completing columns. Returns ``Q`` and a 0/1 array (..., k) marking the columns that
+    lie in ``span(P)`` (QR diagonal or singular value above ``SPAN_FACTOR tau sqrt(m)``).
+    O(m r^2): two factorizations and four products of size m x r x r.
+    """
+    xp = be.xp
+    m, r = P.shape[-2], P.shape[-1]
+    k = r if k is None else k
+    tiny = 1e-25 if be.is_float32 else 1e-280
+    tau = be.eps * (xp.max(xp.abs(P), axis=(-2, -1)) + tiny)
+    Pt = P + tau[..., None, None] * _omega(be, m, r)
+    Pt = Pt - F @ (_t(F) @ Pt)
+    if k == r:
+        Q, R = be.qr(Pt)
+        d = xp.abs(be.diagonal(R))
+    else:
+        W, sv, _ = be.svd(Pt)
+        Q, d = W[..., :, :k], sv[..., :k]
+    Q = Q - F @ (_t(F) @ Q)
+    Q, _ = be.qr(Q)
+    keep = d > (SPAN_FACTOR * float(np.sqrt(m))) * tau[..., None]
+    return Q, xp.astype(keep, P.dtype)
+
+
+@state
+class DLRAState:
+    """State of :class:`DLRAHeavyBall`: count, core momentum (r x r, in the bases of the current
+    point) and the rank budget (the rank at ``init``)."""
+
+    count: Any
+    momentum_buffer: Any
+    rank_cap: Any
+
+
+@state
+class DLRAAdamState:
+    """State of :class:`DLRAAdam`: count, core first moment (r x r, in the bases of the current
+    point), the rank budget (the rank at ``init``), and the second moment: entrywise on the core
+    (``exp_avg_sq``, r x r, ``second_moment="core"``) or the row and column mean squares of the
+    core gradients' ambient matrices (``row_stats`` (m), ``col_stats`` (n),
+    ``second_moment="factored"``)."""
+
+    count: Any
+    exp_avg: Any
+    rank_cap: Any
+    exp_avg_sq: Any = None
+    row_stats: Any = None
+    col_stats: Any = None
+
+
+def _pad(be, a: Any, rows: int, cols: int) -> Any:
+    """``[[a, 0], [0, 0]]`` of shape (..., rows, cols): an r x r core matrix in the augmented
+    bases."""
+    xp = be.xp
+    r = a.shape[-1]
+    right = xp.zeros((*a.shape[:-1], cols - r), dtype=a.dtype, device=be.device_of(a))
+    top = be.concat([a, right], -1)
+    bottom = xp.zeros((*a.shape[:-2], rows - r, cols), dtype=a.dtype, device=be.device_of(a))
+    return be.concat([top, bottom], -2)
+
+
+def _cap_init(manifold, x: FixedRankPoint) -> Any:
+    if not x.batch_shape:
+        return x.rank
+    return manifold.backend.zeros(x.batch_shape) + float(x.rank)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _BUG(Rule):
+    """What both DLRA rules share: the augmentation, the truncation and moving the moments."""
+
+    gradient_input: ClassVar[str] = "normal"
+    #: state fields that are core matrices rotated as ``P^T a Q`` / through their square root
+    _linear: ClassVar[tuple[str, ...]] = ()
+    _squared: ClassVar[tuple[str, ...]] = ()
+
+    rank_tol: float | None = 1e-3
+
+    def _augment(self, manifold, x: FixedRankPoint, grad: TangentVector, normal: Any):
+        """``(U, Q_u, V, Q_v, G_hat, S_hat)``: the augmented bases, the core gradient and core.
+
+        Directions of ``Q_u`` (``Q_v``) that only complete a rank-deficient ``U.grad``
+        (``V.grad``) to r columns are not in the span of the K-step (L-step): their rows
+        (columns) of ``G_hat`` are set to zero, so the step never moves along them.
+        """
+        if normal is None:
+            raise ValueError(
+                f"{type(self).__name__} (augmented BUG) needs the normal-normal block of the "
+                "gradient: call step(..., normal=f) with f(Qu, Qv) = Qu^T G Qv "
+                "(rankopt.rules.normal_block_of(manifold, G) makes one from an ambient gradient)"
+            )
+        be = manifold.backend
+        U, V = x.U, x.V
+        (m, n), r = x.shape, x.rank
+        qu, ku = complement_basis(be, U, grad.Up, min(r, m - r))
+        qv, kv = complement_basis(be, V, grad.Vp, min(r, n - r))
+        Ru = (_t(qu) @ grad.Up) * ku[..., :, None]
+        Rv = (_t(qv) @ grad.Vp) * kv[..., :, None]
+        N = normal(qu, qv) * (ku[..., :, None] * kv[..., None, :])
+        G = be.concat([be.concat([grad.M, _t(Rv)], -1), be.concat([Ru, N], -1)], -2)
+        return U, qu, V, qv, G, _pad(be, be.diag(x.s), *G.shape[-2:])
+
+    def _ranks(self, manifold, x: FixedRankPoint, d: Any, cap: Any) -> list[int]:
+        """The kept rank of each item (one host read of the singular values)."""
+        be = manifold.backend
+        sv = be.to_numpy(d).astype(np.float64).reshape(-1, d.shape[-1])
+        cap = cap if isinstance(cap, (int, float)) else be.to_numpy(cap)
+        caps = np.broadcast_to(np.asarray(cap, dtype=np.float64).reshape(-1), (len(sv),))
+        m, n = x.shape
+        out = []
+        for row, c in zip(sv, caps, strict=True):
+            hi = int(min(len(row), m, n, self.max_rank if self.max_rank is not None else c))
+            j = x.rank if self.rank_tol is None else truncation_rank(row, self.rank_tol)
+            j = int(min(max(j, self.min_rank), hi))
+            while j > 1 and not row[j - 1] > 0:  # exact zeros are off the manifold
+                j -= 1
+            out.append(j)
+        return out
+
+    def _finish(self, manifold, x, bases, core, fields: dict[str, Any], make_state):
+        """Truncate the stepped core, rotate the bases and the core moments.
+
+        ``fields`` maps state names to augmented core matrices or per-item arrays;
+        ``make_state(**fields)`` builds the state. For a stack whose items end at different
+        ranks: a list of points and a list of states (one per item, C order); otherwise a point
+        (a stack of the new common rank) and a state.
+        """
+        be, g = manifold.backend, manifold.geometry
+        U, qu, V, qv = bases
+        P, d, Qh = be.svd(core)
+        Q = _t(Qh)
+        ranks = self._ranks(manifold, x, d, fields["rank_cap"])
+        batch = x.batch_shape
+        if len(set(ranks)) == 1:  # one point, or a stack whose items keep one rank
+            return self._rotate(g, (U, qu, V, qv), P, d, Q, ranks[0], fields, make_state)
+        points, states = [], []
+        for i, j in enumerate(ranks):
+            k = np.unravel_index(i, batch)
+            item = {n: (v if np.ndim(v) == 0 else v[k]) for n, v in fields.items()}
+            y, st = self._rotate(
+                g, (U[k], qu[k], V[k], qv[k]), P[k], d[k], Q[k], j, item, make_state
+            )
+            points.append(y)
+            states.append(st)
+        return points, states
+
+    def _rotate(self, g, bases, P, d, Q, j, fields, make_state):
+        U, qu, V, qv = bases
+        Pj, Qj = P[..., :, :j], Q[..., :, :j]
+        y = FixedRankPoint(g.combine(U, qu, P, j)[0], d[..., :j], g.combine(V, qv, Q, j)[0])
+        out = dict(fields)
+        for name in self._linear:
+            out[name] = _t(Pj) @ fields[name] @ Qj
+        for name in self._squared:
+            if fields.get(name) is None:
+                continue
+            r = _t(Pj) @ g.backend.xp.sqrt(fields[name]) @ Qj
+            out[name] = r * r
+        return y, make_state(**out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DLRAHeavyBall(_BUG):
+    r"""Rank-adaptive heavy ball by the augmented BUG integrator (see the module docstring).
+
+    ``b <- mu b + (G_hat + wd S_hat)`` on the augmented core (first step ``b = G_hat + wd
+    S_hat``, torch.SGD's convention), ``S_hat <- S_hat - lr b``, then truncation at
+    ``rank_tol`` within ``[min_rank, max_rank]`` (``max_rank=None``: the starting rank).
+    ``step(manifold, x, grad, state, lr=..., normal=f)`` with ``f(Q_u, Q_v) = Q_u^T G Q_v``.
+    """
+
+    _linear: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
+
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        if not self.momentum >= 0:
+            raise ValueError(f"invalid momentum={self.momentum!r}: must be >= 0")
+
+    def init(self, manifold, x: FixedRankPoint) -> DLRAState:
+        be = manifold.backend
+        r = x.rank
+        return DLRAState(
+            count_init(manifold, x), be.zeros((*x.batch_shape, r, r)), _cap_init(manifold, x)
+        )
+
+    def step(self, manifold, x, grad, state: DLRAState, *, lr: Any = None, normal: Any = None):
+        lr = self.lr if lr is None else lr
+        be = manifold.backend
+        U, qu, V, qv, G, S = self._augment(manifold, x, grad, normal)
+        if self.weight_decay != 0:
+            G = G + self.weight_decay * S
+        on = started(state.count, be.xp)
+        on = on[..., None, None] if getattr(on, "ndim", 0) > 0 else on
+        buf = (on * self.momentum) * _pad(be, state.momentum_buffer, *G.shape[-2:]) + G
+        core = S - _lr(lr) * buf
+        fields = {"count": state.count + 1, "momentum_buffer": buf, "rank_cap": state.rank_cap}
+        return self._finish(manifold, x, (U, qu, V, qv), core, fields, DLRAState)
+
+
+def _lr(lr: Any) -> Any:
+    return lr[..., None, None] if getattr(lr, "ndim", 0) > 0 else lr
+
+
+SECOND_MOMENTS = ("factored", "core")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DLRAAdam(_BUG):
+    r"""Rank-adaptive Adam by the augmented BUG integrator (see the module docstring).
+
+    The first moment ``m`` lives on the augmented core (``m <- beta1 m + (1 - beta1) G_hat``,
+    rotated with the bases); the step on the core is ``S_hat <- (1 - lr wd) S_hat - lr d``
+    (decoupled decay) with, by ``second_moment``:
+
+    * ``"factored"`` (default): the Galerkin step under rankopt's adaptive metric
+      ``<xi, D_L eta D_R>`` (:func:`rankopt.metrics.adaptive_diagonals`, Adafactor factoring,
+      relative ``eps``), ``d = A_L^{-1} m_hat A_R^{-1}`` with ``A_L = U_hat^T D_L U_hat`` and
+      ``A_R = V_hat^T D_R V_hat`` (at most 2r x 2r), i.e. the gradient of the loss with respect to the
+      core under that metric. ``D_L``, ``D_R`` come from exponential moving averages of the row
+      and column mean squares of ``U_hat G_hat V_hat^T`` (bias-corrected): ambient statistics,
+      which need no rotation when the bases change. State O(m + n + r^2).
+    * ``"core"``: Adam on the entries of the core, ``d = m_hat / (sqrt(v_hat) + eps)`` with
+      ``v`` elementwise on the core and rotated through its square root,
+      ``v <- (P^T sqrt(v) Q)^2``: what the DLRA group's training layers do. ``eps`` is then
+      Adam's absolute one (pass e.g. ``eps=1e-8``). State O(r^2).
+
+    Then truncation at ``rank_tol`` within ``[min_rank, max_rank]`` (``max_rank=None``: the
+    starting rank). ``step(manifold, x, grad, state, lr=..., normal=f)``.
+    """
+
+    _linear: ClassVar[tuple[str, ...]] = ("exp_avg",)
+    _squared: ClassVar[tuple[str, ...]] = ("exp_avg_sq",)
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = ADAPTIVE_EPS
+    weight_decay: float = 0.0
+    second_moment: str = "factored"
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        if self.second_moment not in SECOND_MOMENTS:
+            raise ValueError(
+                f"second_moment must be one of {SECOND_MOMENTS}, got {self.second_moment!r}"
+            )
+
+    def init(self, manifold, x: FixedRankPoint) -> DLRAAdamState:
+        be = manifold.backend
+        r = x.rank
+        z = be.zeros((*x.batch_shape, r, r))
+        cap = _cap_init(manifold, x)
+        if self.second_moment == "core":
+            return DLRAAdamState(count_init(manifold, x), z, cap, exp_avg_sq=be.xp.zeros_like(z))
+        rows, cols = be.zeros((*x.batch_shape, x.shape[0])), be.zeros((*x.batch_shape, x.shape[1]))
+        return DLRAAdamState(count_init(manifold, x), z, cap, row_stats=rows, col_stats=cols)
+
+    def step(self, manifold, x, grad, state: DLRAAdamState, *, lr: Any = None, normal: Any = None):
+        lr = self.lr if lr is None else lr
+        be = manifold.backend
+        b1, b2 = self.betas
+        U, qu, V, qv, G, S = self._augment(manifold, x, grad, normal)
+        t = state.count + 1
+        tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
+        m = b1 * _pad(be, state.exp_avg, *G.shape[-2:]) + (1.0 - b1) * G
+        fields = {"count": t, "exp_avg": m, "rank_cap": state.rank_cap}
+        if self.second_moment == "core":
+            v = b2 * _pad(be, state.exp_avg_sq, *G.shape[-2:]) + (1.0 - b2) * G * G
+            direction = (m / (1.0 - b1**tt)) / (be.xp.sqrt(v / (1.0 - b2**tt)) + self.eps)
+            fields["exp_avg_sq"] = v
+        else:
+            direction, rows, cols = self._factored(manifold, (U, qu, V, qv), G, m, state, tt)
+            fields.update(row_stats=rows, col_stats=cols)
+        core = S * (1.0 - _lr(lr) * self.weight_decay) - _lr(lr) * direction
+        return self._finish(manifold, x, (U, qu, V, qv), core, fields, DLRAAdamState)
+
+    def _factored(self, manifold, bases, G, m, state, tt):
+        r"""``A_L^{-1} m_hat A_R^{-1}`` and the new row/column statistics.
+
+        The ambient matrix of the core gradient is ``U_hat G_hat V_hat^T``; with orthonormal
+        ``V_hat`` its row squares are those of ``U_hat G_hat`` (m x <= 2r), its column squares
+        those of ``V_hat G_hat^T``. O((m + n) r^2).
+        """
+        be = manifold.backend
+        xp = be.xp
+        U, qu, V, qv = bases
+        b1, b2 = self.betas
+        Uh, Vh = be.concat([U, qu], -1), be.concat([V, qv], -1)
+        A = Uh @ G
+        B = Vh @ _t(G)
+        mm, nn = U.shape[-2], V.shape[-2]
+        rows = be.lerp(be.rowdot(A, A) / nn, state.row_stats, b2)
+        cols = be.lerp(be.rowdot(B, B) / mm, state.col_stats, b2)
+        c2 = tt[..., 0] if getattr(tt, "ndim", 0) > 0 else tt
+        dl, dr = adaptive_diagonals(
+            rows / (1.0 - b2**c2), cols / (1.0 - b2**c2), self.eps, "adafactor", xp
+        )
+        AL = _t(Uh) @ (dl[..., :, None] * Uh)
+        AR = _t(Vh) @ (dr[..., :, None] * Vh)
+        inv = xp.linalg.inv
+        direction = inv(AL) @ (m / (1.0 - b1**tt)) @ inv(AR)
+        return direction, rows, cols

@@ -1,0 +1,80 @@
+"""Smoke test of ``benchmarks/optimizers.py --quick``: it runs as a user would run it, prints its
+table and writes a JSON, a markdown table and a PNG that say what they claim (about 40-60 s on
+2 cores: every method on every problem, tiny grids)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="PyTorch not installed")
+pytest.importorskip("peft", reason="peft not installed (pip install 'rankopt[bench]')")
+pytest.importorskip("sklearn", reason="scikit-learn not installed (pip install 'rankopt[bench]')")
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimizers_quick")
+    env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, out
+
+
+def test_table_rows_and_machine_header(quick):
+    stdout, out = quick
+    assert "CPU:" in stdout and "intra-op threads" in stdout and "peft 0.21" in stdout
+    md = (out / "optimizers_table.md").read_text()
+    assert "QUICK MODE" in md
+    results = json.loads((out / "optimizers_results.json").read_text())
+    names = set(results["rows"])
+    expected = {
+        "LoRA + AdamW", "LoRA + heavy ball", "ScaledGD", "PEFT Riemannian AdamW",
+        "PEFT LoRA+ AdamW", "authors' RAdamW (reference)", "authors' RAdaGrad (reference)",
+        "authors' RAdaGrad (faithful)", "RSGD", "RHeavyBall", "RAdaGrad", "RAdamW",
+        "RAdamWElementwise", "DLRAHeavyBall", "DLRAAdam",
+    }  # fmt: skip
+    assert expected <= names
+    for name in names:
+        assert f"| {name} |" in md
+        row = results["rows"][name]
+        for pk in ("i", "ii", "iii", "iv"):
+            assert row[pk]["final_median"] >= 0 and len(row[pk]["finals"]) == 1
+        assert "v-scratch" in row and 0.0 <= row["v-scratch"]["test_acc_median"] <= 1.0
+        t = row["timing"]["(i) layer"]
+        assert t["ms_median"] > 0 and t["state_elements"] >= 0
+    # optimizer state as claimed: the authors' RAdamW keeps two dense 60 x 50 moments, rankopt's
+    # RAdamW O((m + n) r), LoRA + AdamW two moments of each factor
+    el = {n: results["rows"][n]["timing"]["(i) layer"]["state_elements"] for n in names}
+    assert el["authors' RAdamW (reference)"] >= 2 * 60 * 50
+    assert el["RAdamW"] <= (60 + 50) * 4 + 4 * 4 + 60 + 50 + 2
+    assert el["LoRA + AdamW"] == 2 * (60 + 50) * 4 + 2
+    assert results["checks"] and any("steps to 1e-12" in c for c in results["checks"])
+
+
+def test_png(quick):
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    _, out = quick
+    png = out / "optimizers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(png)
+    assert img.shape[0] > 600 and img.shape[1] > 1200
+    assert np.unique(img.reshape(-1, img.shape[2])[::97], axis=0).shape[0] > 20
