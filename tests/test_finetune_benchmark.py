@@ -1,7 +1,7 @@
 """Smoke test of ``benchmarks/finetune.py --quick`` (the CI mode; about 35 s on 2 idle cores).
 
 Runs the script as a user would, then checks what it claims: a row per task and method (the
-authors' reference RAdamW is skipped until it lands), one JSON file per finished run, a second
+authors' reference RAdamW included), one JSON file per finished run, a second
 call that trains nothing (resumable), and a PNG titled as a smoke run.
 """
 
