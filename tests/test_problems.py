@@ -416,7 +416,21 @@ def test_sensing_and_generators_reject_bad_input():
         MatrixSensing(np.ones((3, 4, 5)), np.ones((3, 1)))
     with pytest.raises(ValueError, match="non-finite"):
         MatrixSensing(np.full((3, 4, 5), np.inf), np.ones(3))
-    p = MatrixSensing(np.ones((3, 4, 5)), np.ones(2))
+    # a b of the wrong length fails at construction, naming both lengths
+    with pytest.raises(ValueError, match="b has 2 measurements but A holds k = 3"):
+        MatrixSensing(np.ones((3, 4, 5)), np.ones(2))
+    with pytest.raises(ValueError, match="b has 4 measurements but the forward operator"):
+        MatrixSensing.from_operator(
+            lambda D: np.zeros(3), lambda y: np.zeros((4, 5)), np.ones(4), (4, 5)
+        )
+    # a forward operator that changes its output length later still fails clearly
+    calls = []
+
+    def fickle(D):
+        calls.append(1)
+        return np.zeros(3 if len(calls) == 1 else 2)
+
+    p = MatrixSensing.from_operator(fickle, lambda y: np.zeros((4, 5)), np.ones(3), (4, 5))
     with pytest.raises(ValueError, match="forward operator returned shape"):
         p.cost(p.manifold(1).random_point(seed=0))
     with pytest.raises(ValueError, match="callables"):

@@ -52,6 +52,33 @@ def _host(a: Any, what: str) -> np.ndarray:
     return a
 
 
+def _index_array(be: Any, a: np.ndarray, idx: Any) -> Any:
+    """Host indices as the index array each backend's kernels take.
+
+    NumPy: ``idx`` (int32 when every index and |Omega| fit, else int64). Torch: int64 tensors
+    on the problem's device (``torch.sparse_csr_tensor`` and indexing want int64). CuPy:
+    int32 arrays on the device (``cupyx.scipy.sparse.csr_matrix`` supports int32 indices
+    only; larger problems are refused with a clear error).
+    """
+    if be.name == "numpy":
+        return a.astype(idx)
+    if be.name == "torch":
+        import torch
+
+        return torch.as_tensor(a.astype(np.int64), device=be.device)
+    if be.name == "cupy":
+        if idx is not np.int32:
+            raise ValueError(
+                "the cupy backend supports at most 2^31 - 1 observed entries and rows/cols "
+                "(cupyx.scipy.sparse uses int32 indices); use backend='torch' for larger problems"
+            )
+        import cupy as cp
+
+        with cp.cuda.Device(be.device):
+            return cp.asarray(a.astype(np.int32))
+    raise ValueError(f"unknown backend {be.name!r}")  # pragma: no cover - make_backend checks
+
+
 def _check_indices(a: np.ndarray, size: int, what: str) -> np.ndarray:
     if a.dtype.kind not in "iu":
         raise ValueError(f"{what} must hold integers, got dtype {a.dtype}")
@@ -175,18 +202,11 @@ class MatrixCompletion(Problem):
         np.cumsum(np.bincount(r_s, minlength=m), out=indptr[1:])
         be = self._be
         self.nnz = int(len(lin))
-        if be.name == "numpy":
-            self.rows = r_s.astype(idx)
-            self.cols = c_s.astype(idx)
-            self.indptr = indptr.astype(idx)
-        else:  # torch sparse CSR and indexing want int64 index tensors
-            import torch
-
-            dev = be.device
-            self.rows = torch.as_tensor(r_s, device=dev)
-            self.cols = torch.as_tensor(c_s, device=dev)
-            self.indptr = torch.as_tensor(indptr, device=dev)
+        self.rows = _index_array(be, r_s, idx)
+        self.cols = _index_array(be, c_s, idx)
+        self.indptr = _index_array(be, indptr, idx)
         self.vals = be.asarray(v_h[order])
+        self._counts_host: tuple[np.ndarray, np.ndarray] | None = None
         self._scratch = be.zeros((self.nnz,))  # P_Omega(D) in exact_step (never returned)
         self._last: tuple[FixedRankPoint, Any, float] | None = None
 
@@ -232,9 +252,65 @@ class MatrixCompletion(Problem):
         c = _check_indices(_host(cols, "cols"), n, "cols")
         if len(r) != len(c):
             raise ValueError(f"rows and cols must have the same length, got {len(r)} and {len(c)}")
-        if be.name != "numpy":
-            r, c = be.xp.asarray(r, device=be.device), be.xp.asarray(c, device=be.device)
+        idx = np.int32 if max(m, n, len(r)) <= _INT32_MAX else np.int64
+        r, c = _index_array(be, r, idx), _index_array(be, c, idx)
         return _kernels.sample_lowrank(x.U * x.s[None, :], x.V, r, c, parallel=self._parallel)
+
+    # ------------------------------------------------------------------ data protocol
+    @property
+    def num_observations(self) -> int:
+        """``|Omega|``, the number of observed entries (the data protocol of
+        :mod:`rankopt.solvers.noise`)."""
+        return self.nnz
+
+    def observed_values(self) -> Any:
+        """The observed values ``b`` in the problem's (CSR) order."""
+        return self.vals
+
+    def subset(self, index: Any, weight_decay: float | None = None) -> MatrixCompletion:
+        """The same problem on the observations ``index`` (positions in the CSR order).
+
+        Used to hold out observations for validation. ``weight_decay`` defaults to this
+        problem's; the truth is kept. O(|index| log |index|).
+        """
+        be = self._be
+        index = np.asarray(index)
+        if index.ndim != 1 or index.dtype.kind not in "iu":
+            raise ValueError("index must be a 1-D integer array of observation positions")
+        return MatrixCompletion(
+            be.to_numpy(self.rows)[index],
+            be.to_numpy(self.cols)[index],
+            be.to_numpy(self.vals)[index],
+            self.shape,
+            self.weight_decay if weight_decay is None else weight_decay,
+            dtype=be.dtype,
+            backend=be.name,
+            device=be.device,
+            truth=self.truth,
+            parallel=self._parallel,
+        )
+
+    def observation_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Observations per row (length m) and per column (length n), as NumPy int arrays."""
+        if self._counts_host is None:
+            m, n = self.shape
+            be = self._be
+            self._counts_host = (
+                np.diff(be.to_numpy(self.indptr)).astype(np.int64),
+                np.bincount(be.to_numpy(self.cols), minlength=n).astype(np.int64),
+            )
+        return self._counts_host
+
+    def underdetermined(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        r"""Rows and columns with fewer than ``rank`` observations.
+
+        Row ``i`` of a rank-r point ``X = A B^T`` is ``A_i B^T``: its r unknowns ``A_i`` are
+        determined by row i's observations only once the column factor is fixed, so a row with
+        fewer than r observations can never be determined (nor a column likewise), whatever
+        the solver. Returns ``(rows, cols)`` as sorted NumPy index arrays.
+        """
+        rc, cc = self.observation_counts()
+        return np.flatnonzero(rc < rank), np.flatnonzero(cc < rank)
 
     def _empty(self) -> Any:
         """A fresh |Omega| buffer (uninitialized for NumPy: every entry is written next)."""
@@ -243,7 +319,7 @@ class MatrixCompletion(Problem):
         return self._be.zeros((self.nnz,))
 
     def _csr(self, data: Any) -> Any:
-        if self.backend != "numpy":
+        if self.backend != "numpy":  # torch or cupy: make_csr builds each backend's own CSR
             return _kernels.make_csr(self.backend, data, self.cols, self.indptr, self.shape)
         # scipy: a shallow copy of a template built once shares the (read-only) pattern and
         # skips scipy's format checks: 3 us instead of 17 us a matrix, ~150 matrices a solve
@@ -447,9 +523,31 @@ class MatrixCompletion(Problem):
             raise ValueError(
                 f"the observed data have rank < {rank}: spectral_init cannot give a rank-{rank} point"
             )
+        U, s, V = _orthonormal_svd(u, s, vt.T)
         # C-contiguous factors: the sampling kernel reads rows of U diag(s) and V
-        U, V = np.ascontiguousarray(u), np.ascontiguousarray(vt.T)
+        U, V = np.ascontiguousarray(U), np.ascontiguousarray(V)
         return FixedRankPoint(be.asarray(U), be.asarray(s.copy()), be.asarray(V))
+
+
+#: Largest ``max |U^T U - I|`` accepted from an iterative SVD before re-orthonormalizing
+#: (Lanczos loses orthogonality for singular values near round-off, e.g. data of rank < r).
+ORTH_TOL = 1e-12
+
+
+def _orthonormal_svd(u: np.ndarray, s: np.ndarray, v: np.ndarray):
+    """``(U, s, V)`` with orthonormal factors and the same product ``u diag(s) v^T``.
+
+    A no-op when ``u`` and ``v`` are orthonormal to ``ORTH_TOL``; otherwise QR of both factors
+    and an SVD of the r x r core ``R_u diag(s) R_v^T``: O((m + n) r^2).
+    """
+    r = len(s)
+    eye = np.eye(r)
+    if max(np.abs(u.T @ u - eye).max(), np.abs(v.T @ v - eye).max()) <= ORTH_TOL:
+        return u, s, v
+    qu, ru = np.linalg.qr(u)
+    qv, rv = np.linalg.qr(v)
+    a, s2, bt = np.linalg.svd((ru * s[None, :]) @ rv.T)
+    return qu @ a, s2, qv @ bt.T
 
 
 def _randomized_svd(Y: Any, k: int, rng: np.random.Generator, p: int = 10, q: int = 4):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import rules
+from . import noise, rules
 from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
 from .base import History, IterationInfo, Solver, SolverResult, StopReason
 from .gradient import RCG, RGD
@@ -24,6 +24,7 @@ __all__ = [
     "History",
     "IterationInfo",
     "rules",
+    "noise",
     "RGD",
     "RCG",
     "RGN",
@@ -81,8 +82,11 @@ def solve(
     ----------
     problem : rankopt.problems.Problem
         e.g. ``MatrixCompletion``, ``MatrixSensing`` or ``Problem(cost, egrad, ehess)``.
-    rank : int
-        Target rank (the largest rank for rank-adaptive methods).
+    rank : int or "auto"
+        Target rank (the largest rank for rank-adaptive methods and for ``"auto"``, which can
+        return a lower rank, with ``info["phase"] == 2``). ``"auto"`` (data problems,
+        method "auto"): choose the rank on held-out observations, up to the option
+        ``max_rank`` (default :func:`rankopt.solvers.noise.default_max_rank`).
     method : str
         ``"auto"`` (default, :class:`Auto`): Riemannian Gauss-Newton/Newton-CG from the spectral
         start at full rank; if that does not converge within a small budget, rank-adaptive
@@ -103,7 +107,12 @@ def solve(
     callback : callable(IterationInfo) -> bool, optional
         Called after every iteration; returning True stops the run.
     **options
-        Passed to the solver (e.g. ``metric=``, ``lr=``, ``max_time=``, ``track_error=True``).
+        Passed to the solver (e.g. ``metric=``, ``lr=``, ``max_time=``, ``track_error=True``),
+        except those of :func:`rankopt.solvers.noise.plan` for data problems (completion,
+        sensing): ``noise`` (None: estimate it; 0: exact data; sigma: known level),
+        ``validation`` (held-out fraction, 0.1), ``check_rank`` ("auto", True, False),
+        ``max_rank`` (with ``rank="auto"``). See :mod:`rankopt.solvers.noise` for what is
+        checked, warned and reported in ``info``.
 
     Returns
     -------
@@ -115,8 +124,14 @@ def solve(
             if method.lower() in ("auto", "rgn", "newton") or method.startswith("adaptive-rgn")
             else 2000
         )
+    plan = noise.plan(problem, rank, method, options)  # pops the noise options, warns
+    rank = plan.rank
     kw = dict(options, tol=tol, max_iter=max_iter, verbose=verbose)
     solver = _make(method, kw)
     if isinstance(solver, RankAdaptive):
         solver.max_rank = rank
-    return solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
+    if isinstance(solver, Auto):
+        solver.noise, solver.validation = plan.noise, plan.validation
+        solver.first_phase = not plan.auto_rank
+    res = solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
+    return noise.finish(problem, res, plan, seed=seed, solver=solver)
