@@ -246,7 +246,7 @@ def test_exact_data_take_the_fast_path():
 
 def test_split_is_seeded_disjoint_and_complete():
     p = random_completion(50, 40, 2, oversampling=4, seed=0, noise=0.1)
-    (t1, h1), (t2, h2) = split(p, 0.2, seed=3), split(p, 0.2, seed=3)
+    (t1, h1), (t2, _) = split(p, 0.2, seed=3), split(p, 0.2, seed=3)
     np.testing.assert_array_equal(t1.vals, t2.vals)
     assert t1.nnz + h1.problem.nnz == p.nnz and h1.problem.nnz == round(0.2 * p.nnz)
     lin = lambda q: set((np.asarray(q.rows) * 40 + np.asarray(q.cols)).tolist())  # noqa: E731
