@@ -327,14 +327,38 @@ def test_completion_spectral_init_is_top_svd():
     u, s, vt = np.linalg.svd(Y)
     Yr = (u[:, :3] * s[:3]) @ vt[:3]
     for method in ("propack", "arpack"):
-        x = p.spectral_init(3, seed=0, method=method)
+        x = p.spectral_init(3, seed=0, method=method, trim=None)
         np.testing.assert_allclose(x.s, s[:3], rtol=1e-10)
         np.testing.assert_allclose(x.to_dense(), Yr, atol=1e-10)
         assert np.all(np.diff(x.s) <= 0)
-    x = p.spectral_init(3, seed=0, method="randomized")
+    x = p.spectral_init(3, seed=0, method="randomized", trim=None)
     np.testing.assert_allclose(x.s, s[:3], rtol=1e-3)
     with pytest.raises(ValueError, match="unknown method"):
         p.spectral_init(3, method="qr")
+    # a huge trim caps nothing
+    np.testing.assert_allclose(p.spectral_init(3, seed=0, trim=1e9).s, s[:3], rtol=1e-10)
+
+
+def test_completion_spectral_init_trim_matches_dense_formula():
+    """Rows, then columns, scaled so that no norm exceeds trim x the median norm (the factors
+    come from the untrimmed norms of rows and of columns)."""
+    p = random_completion(50, 40, 3, seed=7)
+    m, n = p.shape
+    Y = np.zeros((m, n))
+    Y[p.rows, p.cols] = p.vals * (m * n / p.nnz)
+    Y[3] *= 10.0  # a heavy row and a heavy column
+    Y[:, 5] *= 10.0
+    q = MatrixCompletion(p.rows, p.cols, Y[p.rows, p.cols] * p.nnz / (m * n), (m, n))
+    rn, cn = np.linalg.norm(Y, axis=1), np.linalg.norm(Y, axis=0)
+    fr = np.minimum(1, 1.5 * np.median(rn[rn > 0]) / rn)
+    fc = np.minimum(1, 1.5 * np.median(cn[cn > 0]) / cn)
+    Yt = Y * fr[:, None] * fc[None, :]
+    assert fr[3] < 0.5 and fc[5] < 0.5
+    u, s, vt = np.linalg.svd(Yt)
+    x = q.spectral_init(3, seed=0, trim=1.5, weighting="uniform")
+    np.testing.assert_allclose(x.to_dense(), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-10)
+    with pytest.raises(ValueError, match="trim"):
+        q.spectral_init(3, trim=0.0)
 
 
 @pytest.mark.parametrize("rank", [1, 2])

@@ -36,6 +36,12 @@ from .base import Problem, lowrank_inner, lowrank_sq_norm
 __all__ = ["MatrixCompletion"]
 
 _INT32_MAX = np.iinfo(np.int32).max
+#: Coefficient of variation of the observation counts above which sampling is "non-uniform".
+DISPERSED = 0.5
+#: Row and column norms of the spectral start's data matrix are capped at TRIM x their median.
+TRIM = 2.0
+#: Observations from which ``preconditioner="auto"`` uses the block-Jacobi preconditioner.
+BLOCK_MIN_NNZ = 200_000
 
 
 def _host(a: Any, what: str) -> np.ndarray:
@@ -111,9 +117,14 @@ class MatrixCompletion(Problem):
     truth : FixedRankPoint, optional
         The matrix the data came from (enables :meth:`relative_error`).
     parallel : bool, optional
-        Threaded numba sampling kernel (NumPy backend). Off by default (see
+        Threaded numba kernels (NumPy backend): sampling, the products of the Gauss-Newton
+        operator and the block preconditioner. Off by default (see
         :func:`rankopt.problems._kernels.sample_lowrank`: it helps on an idle multi-core
         machine and hurts badly on a loaded one).
+    preconditioner : {"auto", "diagonal", "block"}
+        Preconditioner of the inner CG of Gauss-Newton (:meth:`gn_preconditioner`).
+        ``"auto"``: ``"block"`` for NumPy problems with at least ``BLOCK_MIN_NNZ``
+        observations (when numba is installed), ``"diagonal"`` otherwise.
 
     Attributes
     ----------
@@ -155,6 +166,7 @@ class MatrixCompletion(Problem):
         device: Any = None,
         truth: FixedRankPoint | None = None,
         parallel: bool | None = None,
+        preconditioner: str = "auto",
     ) -> None:
         if backend is None:
             backend = backend_name_of(vals) or "numpy"
@@ -185,6 +197,12 @@ class MatrixCompletion(Problem):
         self.weight_decay = wd
         self._ehess_fn = None
         self._parallel = parallel
+        if preconditioner not in ("auto", "diagonal", "block"):
+            raise ValueError(
+                f"preconditioner must be 'auto', 'diagonal' or 'block', got {preconditioner!r}"
+            )
+        self.preconditioner = preconditioner
+        self._csc: tuple[np.ndarray, np.ndarray] | None = None
 
         # sort Omega row-major (the CSR order) once; duplicates become neighbours
         lin = r_h * n + c_h
@@ -408,23 +426,67 @@ class MatrixCompletion(Problem):
             return H
         return (H, D * self.weight_decay)
 
-    def gn_preconditioner(self, manifold: Any, x: FixedRankPoint) -> Any:
-        r"""Diagonal approximation of the inverse Gauss-Newton operator, for preconditioned CG.
+    def _numba_fast_path(self) -> bool:
+        return self.backend == "numpy" and _kernels.HAVE_NUMBA
 
-        For incoherent factors, ``P_x P_Omega P_x`` acts on ``Up`` row ``i`` roughly as
-        multiplication by ``c_i / n + lam`` (``c_i`` observations in row ``i``), on ``Vp``
-        row ``j`` as ``d_j / m + lam`` and on ``M`` as ``|Omega| / (m n) + lam``. The
-        preconditioner divides by these and re-projects ``Up``, ``Vp`` onto the complements of
-        ``U``, ``V``: symmetric positive definite on the tangent space, O((m+n) r^2) a call.
-        Measured: 11-15% fewer CG iterations at oversampling 2-5.
+    def gn_preconditioner(self, manifold: Any, x: FixedRankPoint) -> Any:
+        r"""An SPD approximation of the inverse Gauss-Newton operator, for preconditioned CG.
+
+        The Gauss-Newton operator ``P_x P_Omega P_x (+ lam)`` acts on row ``i`` of ``Up`` as
+        the r x r matrix ``G_i = sum_{j in Omega_i} V_j V_j^T (+ lam I)`` (up to the
+        projections and the couplings between the blocks), on row ``j`` of ``Vp`` as
+        ``H_j = sum_{i in Omega^j} U_i U_i^T (+ lam I)``, and on ``M`` roughly as
+        ``|Omega| / (m n) + lam``. The preconditioner applies the inverses of these blocks
+        and re-projects ``Up``, ``Vp`` onto the complements of ``U``, ``V``:
+
+        * ``"block"`` (block-Jacobi): the exact ``G_i^{-1}``, ``H_j^{-1}`` (numba kernel,
+          O(|Omega| r^2 + (m + n) r^3) to set up per outer iteration, float32 storage of
+          ``(m + n) r^2`` numbers; the column blocks use a CSC copy of the pattern, one
+          index array of |Omega| entries built once). Measured at 30000 x 30000, rank 10,
+          oversampling 3: 38 CG iterations in total instead of 69 (same 7 Gauss-Newton
+          iterations); worth its set-up from a few hundred thousand observations on;
+        * ``"diagonal"``: ``G_i ~ (c_i / n + lam) I``, ``H_j ~ (d_j / m + lam) I`` (``c_i``,
+          ``d_j`` the row and column counts: exact for incoherent factors), O((m + n) r^2)
+          a call. 11-15% fewer CG iterations than none at oversampling 2-5.
         """
+        kind = self.preconditioner
+        if kind == "auto":
+            big = self.nnz >= BLOCK_MIN_NNZ and self._numba_fast_path()
+            kind = "block" if big else "diagonal"
+        if kind == "block" and not self._numba_fast_path():
+            raise ValueError(
+                "preconditioner='block' needs the numpy backend and numba; use 'diagonal'"
+            )
+        if kind == "block":
+            return self._block_preconditioner(x)
+        return self._diagonal_preconditioner(x)
+
+    def _block_preconditioner(self, x: FixedRankPoint) -> Any:
+        m, n = self.shape
+        if self._csc is None:
+            self._csc = _kernels.csc_pattern(self.rows, self.cols, n)
+        par = bool(self._parallel)
+        lam = self.weight_decay
+        Gr = _kernels.gram_inverses(x.V, self.cols, self.indptr, lam, parallel=par)
+        Gc = _kernels.gram_inverses(x.U, self._csc[0], self._csc[1], lam, parallel=par)
+        mw = self.nnz / (m * n) + lam
+        U, V = x.U, x.V
+
+        def apply(t: TangentVector) -> TangentVector:
+            Up = _kernels.rowwise_matmul(t.Up, Gr, parallel=par)
+            Vp = _kernels.rowwise_matmul(t.Vp, Gc, parallel=par)
+            return TangentVector(t.M / mw, Up - U @ (U.T @ Up), Vp - V @ (V.T @ Vp))
+
+        return apply
+
+    def _diagonal_preconditioner(self, x: FixedRankPoint) -> Any:
         m, n = self.shape
         be = self._be
         if getattr(self, "_counts", None) is None:
-            rows, cols = be.to_numpy(self.rows), be.to_numpy(self.cols)
+            rc, cc = self.observation_counts()
             self._counts = (
-                be.asarray(np.bincount(rows, minlength=m) / n + self.weight_decay)[:, None],
-                be.asarray(np.bincount(cols, minlength=n) / m + self.weight_decay)[:, None],
+                be.asarray(rc / n + self.weight_decay)[:, None],
+                be.asarray(cc / m + self.weight_decay)[:, None],
                 self.nnz / (m * n) + self.weight_decay,
             )
         rw, cw, mw = self._counts
@@ -436,6 +498,36 @@ class MatrixCompletion(Problem):
             Up = t.Up / rw
             Vp = t.Vp / cw
             return TangentVector(t.M / mw, Up - U @ (U.T @ Up), Vp - V @ (V.T @ Vp))
+
+        return apply
+
+    def gn_operator(self, manifold: Any, x: FixedRankPoint) -> Any:
+        r"""The Gauss-Newton operator ``v -> P_x P_Omega(D_v) + lam v`` on the tangent space at
+        ``x`` (``D_v`` the embedding of ``v``), or None where the generic path is as good.
+
+        NumPy with numba: the rank-2r embedding ``A B^T`` is sampled at Omega (one pass,
+        ``W``), then ``W V`` and ``W^T U`` come from two numba passes over the CSR pattern
+        (threaded when ``parallel``; no sparse-matrix object), then ``M = U^T W V``,
+        ``Up = W V - U M``, ``Vp = W^T U - V M^T``. O(|Omega| r + (m + n) r^2) a call; the
+        ridge term of ``P_x (lam D_v)`` is ``lam v`` (``D_v`` is tangent). Other backends:
+        None (the solver uses ``ehess`` and the manifold's projection).
+        """
+        if not self._numba_fast_path():
+            return None
+        m, n = self.shape
+        par = bool(self._parallel)
+        lam = self.weight_decay
+        U, V = x.U, x.V
+        cols, indptr, rows = self.cols, self.indptr, self.rows
+
+        def apply(v: TangentVector) -> TangentVector:
+            D = manifold.embed(x, v)
+            w = _kernels.sample_lowrank(D.A, D.B, rows, cols, parallel=par)
+            ZV = _kernels.csr_matmul(w, cols, indptr, V, parallel=par)
+            ZtU = _kernels.csr_rmatmul(w, cols, indptr, U, n, parallel=par)
+            M = U.T @ ZV
+            out = TangentVector(M, ZV - U @ M, ZtU - V @ M.T)
+            return out.axpy(lam, v) if lam > 0 else out
 
         return apply
 
@@ -480,7 +572,12 @@ class MatrixCompletion(Problem):
         return float(max(rc.std() / max(rc.mean(), 1e-300), cc.std() / max(cc.mean(), 1e-300)))
 
     def spectral_init(
-        self, rank: int, seed: Any = None, method: str = "propack", weighting: str = "auto"
+        self,
+        rank: int,
+        seed: Any = None,
+        method: str = "propack",
+        weighting: str = "auto",
+        trim: float | None = TRIM,
     ) -> FixedRankPoint:
         r"""A spectral start: the top-``rank`` SVD of a rescaled ``P_Omega^*(b)``, as a point.
 
@@ -509,6 +606,14 @@ class MatrixCompletion(Problem):
             1.44 for the uniform start (worse than zero), 0.90 for the uniform one scaled.
             ``"auto"``: ``"degree"`` when :meth:`sampling_dispersion` exceeds 0.5, else
             ``"uniform"``.
+        trim : float or None
+            Cap the norm of every row and column of the rescaled data matrix at ``trim`` times
+            the median (nonzero) row / column norm before the SVD (default 2; None: off). A
+            trimming in the spirit of Keshavan, Montanari & Oh (2010), by norm rather than by
+            count: a column whose few observed entries happen to be large otherwise becomes a
+            top singular vector on its own (measured at 30000 x 30000, rank 10, oversampling 3:
+            a singular vector with 71% of its mass on one column, start error 0.91 instead of
+            0.81, 9 Gauss-Newton iterations instead of 7; with the cap 0.80 and 7). O(|Omega|).
 
         Raises
         ------
@@ -536,6 +641,8 @@ class MatrixCompletion(Problem):
             rc, cc = self.observation_counts()
             dr, dc = np.sqrt(np.maximum(rc, 1.0)), np.sqrt(np.maximum(cc, 1.0))
             vals = vals / (np.repeat(dr, rc) * dc[cols])
+        if trim is not None:
+            vals = _trim(vals, cols, indptr, (m, n), float(trim))
         u, s, v = _top_svd(sp_csr(vals, cols, indptr, (m, n)), int(rank), as_rng(seed), method)
         if weighting == "degree":
             u, s, v = _lowrank_svd((u * s) * (self.nnz / dr[:, None]), v / dc[:, None])
@@ -557,8 +664,31 @@ class MatrixCompletion(Problem):
         return x
 
 
-#: Coefficient of variation of the observation counts above which sampling is "non-uniform".
-DISPERSED = 0.5
+def _trim(
+    vals: np.ndarray, cols: np.ndarray, indptr: np.ndarray, shape: tuple[int, int], c: float
+) -> np.ndarray:
+    """Values scaled so that no row or column norm exceeds ``c`` times the median one. O(nnz)."""
+    if not c > 0:
+        raise ValueError(f"trim must be positive or None, got {c!r}")
+    m, n = shape
+    counts = np.diff(indptr)
+    sq = vals * vals
+    rn = np.sqrt(np.add.reduceat(sq, indptr[:-1][counts > 0])) if sq.size else np.zeros(0)
+    row_norm = np.zeros(m)
+    row_norm[counts > 0] = rn
+    col_norm = np.sqrt(np.bincount(cols, sq, minlength=n))
+    fr = _cap(row_norm, c)
+    fc = _cap(col_norm, c)
+    return vals * np.repeat(fr, counts) * fc[cols]
+
+
+def _cap(norms: np.ndarray, c: float) -> np.ndarray:
+    """Factors ``min(1, c median(norms > 0) / norm)``."""
+    pos = norms[norms > 0]
+    if pos.size == 0:
+        return np.ones_like(norms)
+    bound = c * float(np.median(pos))
+    return np.minimum(1.0, bound / np.maximum(norms, bound * 1e-300))
 
 
 def sp_csr(vals: np.ndarray, cols: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]):

@@ -23,8 +23,9 @@ Forcing term ``eta_k = min(eta_max, sqrt(||grad_k|| / ||grad_0||))`` gives super
 convergence (Dembo, Eisenstat, Steihaug 1982), floored at ``gstop / (2 ||grad_k||)`` so that the
 last inner solve is no more accurate than the stopping test needs. The Euclidean metric is used
 inside CG; a problem may offer ``gn_preconditioner(manifold, x)``, an SPD approximation of the
-inverse Gauss-Newton operator used to precondition CG (``MatrixCompletion`` scales by the
-number of observations per row and column).
+inverse Gauss-Newton operator used to precondition CG (``MatrixCompletion``: block-Jacobi
+with the per-row and per-column Gram matrices, or the observation counts), and
+``gn_operator(manifold, x)``, its own (faster) Gauss-Newton operator on the tangent space.
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class RGN(Solver):
 
     def _operator(self, problem, manifold, x, Z):
         if self._is_gn(problem):
+            fast = getattr(problem, "gn_operator", None)
+            op = fast(manifold, x) if fast is not None else None
+            if op is not None:  # the problem's own P_x A^* A P_x (e.g. fused numba passes)
+                return op
             return lambda v: manifold._project(x, problem.ehess(x, manifold.embed(x, v)))
         return lambda v: manifold._hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
 

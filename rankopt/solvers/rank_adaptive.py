@@ -35,6 +35,10 @@ from .newton import RGN
 
 __all__ = ["RankAdaptive", "Auto", "normal_top_singular"]
 
+#: A stage that ends (iteration cap or stage_tol) while its last iteration divided the gradient
+#: by more than 1 / FAST_DECREASE is continued at the same rank (it converges superlinearly).
+FAST_DECREASE = 0.1
+
 
 def normal_top_singular(
     manifold, x: FixedRankPoint, Z: Any, k: int, seed: Any = 0, power_iters: int = 4
@@ -235,6 +239,17 @@ class RankAdaptive(Solver):
                 # an inner run that made no iteration cannot make the next one either: the
                 # tangent fit is as good as it gets at this rank, so growing must not wait
                 stuck = res.iterations == 0
+                g = res.history.grad_norm
+                if (
+                    res.stop_reason in (StopReason.MAX_ITER, StopReason.GRADIENT)
+                    and res.grad_norm > gtol
+                    and len(g) >= 2
+                    and g[-1] < FAST_DECREASE * g[-2]
+                ):
+                    # the stage ended (iteration cap or stage_tol) while converging fast
+                    # (superlinearly): finish the fit at this rank before looking outside the
+                    # manifold, where the unfinished fit would show up as a spurious direction
+                    continue
                 action, x_new = self._grow(
                     problem, x, max_rank, gtol, res.grad_norm, seed, force=stuck
                 )
