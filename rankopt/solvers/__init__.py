@@ -111,8 +111,8 @@ def solve(
         except those of :func:`rankopt.solvers.noise.plan` for data problems (completion,
         sensing): ``noise`` (None: estimate it; 0: exact data; sigma: known level),
         ``validation`` (held-out fraction, 0.1), ``check_rank`` ("auto", True, False),
-        ``max_rank`` (with ``rank="auto"``). See :mod:`rankopt.solvers.noise` for what is
-        checked, warned and reported in ``info``.
+        ``max_rank`` (with ``rank="auto"``), ``ridge`` (weight decays tried on held-out data).
+        See :mod:`rankopt.solvers.noise` for what is checked, warned and reported in ``info``.
 
     Returns
     -------
@@ -131,7 +131,7 @@ def solve(
     if isinstance(solver, RankAdaptive):
         solver.max_rank = rank
     if isinstance(solver, Auto):
-        solver.noise, solver.validation = plan.noise, plan.validation
+        solver.noise, solver.validation, solver.ridge = plan.noise, plan.validation, plan.ridge
         solver.first_phase = not plan.auto_rank
     res = solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
     return noise.finish(problem, res, plan, seed=seed, solver=solver)

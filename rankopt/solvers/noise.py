@@ -60,6 +60,9 @@ __all__ = [
     "plan",
     "precheck",
     "split",
+    "split_indices",
+    "ridge_grid",
+    "RIDGE_GRID",
     "validated_rank_search",
     "discrepancy_rank_search",
     "identifiability",
@@ -84,13 +87,15 @@ VALIDATION_FRACTION = 0.1
 VALIDATION_RTOL = 1e-4
 #: Early stopping: give up after this many rank increases without a held-out improvement.
 VALIDATION_RANK_PATIENCE = 2
+#: Relative ridge strengths tried by ``ridge="auto"`` (times ``N / (m n)``, see ridge_grid).
+RIDGE_GRID = (0.0, 1.0, 3.0, 10.0, 30.0, 100.0)
 #: Scale of the returned point when no estimate beats the zero matrix on held-out entries (a
 #: manifold point cannot be zero; this one is zero to working precision in every use).
 ZERO_SCALE = 1e-12
 #: Relative size (``s_i / s_1``) below which a fitted component is at round-off level.
 TAIL_REL = 1e-8
 #: Problems with at most this many entries ``m n`` always get the rank-adaptive check.
-SMALL_PROBLEM = 100_000
+SMALL_PROBLEM = 50_000
 
 
 class NoiseWarning(UserWarning):
@@ -179,6 +184,7 @@ class Plan:
     noise: float | None
     validation: float
     check_rank: Any
+    ridge: Any = None
     info: dict = field(default_factory=dict)
 
 
@@ -188,12 +194,15 @@ def plan(problem: Any, rank: Any, method: str, options: dict) -> Plan:
     Options: ``noise`` (None: estimate; 0: exact data, skip all noise handling; a positive
     float: the known standard deviation), ``validation`` (held-out fraction, default 0.1),
     ``check_rank`` ("auto", True or False: the identifiability check), ``max_rank`` (with
-    ``rank="auto"``).
+    ``rank="auto"``), ``ridge`` (weight decays tried by the validated search: ``"auto"`` for
+    :func:`ridge_grid`, a number or a list of them, or None for the problem's own; default
+    ``"auto"`` with ``rank="auto"`` on a problem without weight decay, else None).
     """
     noise = options.pop("noise", None)
     validation = options.pop("validation", VALIDATION_FRACTION)
     check_rank = options.pop("check_rank", "auto")
     max_rank = options.pop("max_rank", None) if rank == "auto" else None
+    ridge = _check_ridge(options.pop("ridge", "default"))
     if noise is not None:
         noise = float(noise)
         if not (noise >= 0 and math.isfinite(noise)):
@@ -219,10 +228,28 @@ def plan(problem: Any, rank: Any, method: str, options: dict) -> Plan:
     if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 1:
         what = "max_rank" if auto_rank else "rank"
         raise ValueError(f"{what} must be a positive integer, got {rank!r}")
-    p = Plan(data, auto_rank, int(rank), noise, validation, check_rank)
+    if ridge == "default":  # rank="auto" also chooses a ridge unless the problem has one
+        own = float(getattr(problem, "weight_decay", 0.0))
+        ridge = "auto" if auto_rank and own == 0.0 else None
+    p = Plan(data, auto_rank, int(rank), noise, validation, check_rank, ridge)
     if data and rank <= min(problem.shape):  # larger ranks: the solver raises a clear error
         p.info.update(precheck(problem, p.rank))
     return p
+
+
+def _check_ridge(ridge: Any) -> Any:
+    if ridge is None or ridge in ("auto", "default"):
+        return ridge
+    values = [ridge] if np.isscalar(ridge) else list(ridge)
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"ridge must be None, 'auto', a weight decay >= 0 or a list of them, got {ridge!r}"
+        ) from None
+    if not values or not all(v >= 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"ridge weight decays must be finite and >= 0, got {ridge!r}")
+    return values
 
 
 def precheck(problem: Any, rank: int, stacklevel: int = 4) -> dict:
@@ -294,17 +321,31 @@ class Holdout:
         )
 
 
+def split_indices(num: int, fraction: float, seed: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, held_out)``: sorted positions, ``round(fraction num)`` held out (seeded)."""
+    n_val = min(max(int(round(fraction * num)), 1), num - 1)
+    perm = as_rng(seed).permutation(num)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
 def split(problem: Any, fraction: float, seed: Any) -> tuple[Any, Holdout]:
     """Hold out ``round(fraction N)`` observations, uniformly at random (seeded).
 
     Returns the training problem (same weight decay) and the :class:`Holdout` (no ridge).
     """
-    N = problem.num_observations
-    n_val = min(max(int(round(fraction * N)), 1), N - 1)
-    perm = as_rng(seed).permutation(N)
-    val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    train, val = split_indices(problem.num_observations, fraction, seed)
     held = problem.subset(val, weight_decay=0.0)
     return problem.subset(train), Holdout(held, rms_observed(held))
+
+
+def ridge_grid(problem: Any) -> list[float]:
+    r"""Weight decays tried by ``ridge="auto"``: ``RIDGE_GRID`` times ``p = N / (m n)``.
+
+    ``p`` is the diagonal of ``A^* A`` for completion (the weight of the data term per entry),
+    so ``lam = rho p`` is a ridge of relative strength ``rho``; 1 for other problems."""
+    m, n = problem.shape
+    scale = problem.num_observations / (m * n) if hasattr(problem, "nnz") else 1.0
+    return [rho * scale for rho in RIDGE_GRID]
 
 
 # --------------------------------------------------------------------------- rank searches
@@ -333,55 +374,37 @@ def _rank_one_start(problem: Any, seed: Any) -> FixedRankPoint:
     return x1 if x1 is not None else problem.manifold(1).random_point(seed)
 
 
-def validated_rank_search(
-    problem: Any,
+@dataclass
+class _Search:
+    """One rank-adaptive fit on the training part, watched on the held-out part."""
+
+    weight_decay: float
+    best: dict
+    closest: dict
+    curve: list
+    result: SolverResult
+    user_stop: bool
+    train: Any
+
+
+def _watched_fit(
+    train: Any,
+    held: Holdout,
     max_rank: int,
-    *,
-    seed: Any = 0,
-    tol: float = 1e-10,
-    gtol: float = 0.0,
-    max_iter: int = 200,
-    max_time: float = math.inf,
-    fraction: float = VALIDATION_FRACTION,
-    stage_max_iter: int = 6,
-    callback: Any = None,
-    solver_options: dict | None = None,
-) -> SolverResult:
-    r"""Choose the rank (at most ``max_rank``) on held-out observations, then refit on all.
-
-    1. Split the observations (``fraction`` held out, seeded by ``seed``).
-    2. Rank-adaptive Gauss-Newton (:class:`~rankopt.solvers.RankAdaptive`, one pair per stage)
-       on the training part from its rank-1 spectral start, computing the held-out RMSE after
-       every iteration (O(|held out| r)) and keeping the best iterate. It stops early once
-       ``VALIDATION_RANK_PATIENCE`` rank increases brought no improvement (by
-       ``VALIDATION_RTOL``): that is the noise level's doing, more rank only fits noise.
-    3. If no iterate beats the zero matrix on the held-out part, the best one is scaled by
-       the held-out least-squares factor ``c = <A_v(X), b_v> / ||A_v(X)||^2`` clipped to
-       ``[ZERO_SCALE, 1]`` and returned with a :class:`NoiseWarning` (no refit).
-    4. Otherwise refit on all observations at the chosen rank from the chosen iterate, by
-       Gauss-Newton stopped by the discrepancy principle at the chosen iterate's noise level
-       ``sigma^2 = ||A_t(X) - b_t||^2 / (N_t - dof)`` (the same degree of fit, now with all
-       data), by the cost-stall rule, or at the gradient tolerance (exact data).
-
-    Cost: about one rank-adaptive solve on ``(1 - fraction) N`` observations plus a few
-    Gauss-Newton iterations. Returns a :class:`SolverResult` whose ``info`` holds
-    ``rank_chosen``, ``validation_rmse``, ``zero_rmse``, ``validation_history`` (held-out
-    RMSE per training iteration), ``noise_estimate``, ``shrinkage`` and ``validation_fraction``.
-    """
+    seed: Any,
+    callback: Any,
+    budget: dict,
+    opts: dict,
+) -> _Search:
+    """Rank-adaptive Gauss-Newton on ``train`` from rank 1, keeping the best held-out iterate
+    and stopping after ``VALIDATION_RANK_PATIENCE`` rank increases without improvement."""
     from .rank_adaptive import RankAdaptive  # late: rank_adaptive imports this module
 
-    t0 = time.perf_counter()
-    opts = dict(solver_options or {})
-    opts.pop("ftol", None)
-    opts.pop("patience", None)
-    user_target = opts.pop("target_cost", None)
-    train, held = split(problem, fraction, seed)
     # the zero matrix is the first candidate; beating it must be significant (see Holdout)
     best = {"val": held.zero_bar, "x": None, "it": -1, "rank": 0}
+    closest = {"val": math.inf, "x": None}  # best held-out error, even if not below zero's
     curve: list[float] = []
     user_stop = {"flag": False}
-
-    closest = {"val": math.inf, "x": None}  # best held-out error, even if not below zero's
 
     def consider(x: FixedRankPoint, it: int) -> None:
         v = held.rmse(x)
@@ -396,7 +419,6 @@ def validated_rank_search(
         if callback is not None and callback(info):
             user_stop["flag"] = True
             return True
-        # early stop: VALIDATION_RANK_PATIENCE rank increases without a held-out improvement
         return info.point.rank >= max(best["rank"], 1) + VALIDATION_RANK_PATIENCE
 
     x1 = _rank_one_start(train, seed)
@@ -405,26 +427,106 @@ def validated_rank_search(
         RGN(),
         max_rank=max_rank,
         add=1,
-        stage_max_iter=stage_max_iter,
-        tol=tol,
-        gtol=gtol,
-        max_iter=max_iter,
-        max_time=max_time,
         ftol=STALL_FTOL,
         patience=STALL_PATIENCE,
+        **budget,
         **opts,
     )
-    resT = search.run(train, x1, seed=seed, callback=monitor)
+    res = search.run(train, x1, seed=seed, callback=monitor)
+    wd = float(getattr(train, "weight_decay", 0.0))
+    return _Search(wd, best, closest, curve, res, user_stop["flag"], train)
+
+
+def validated_rank_search(
+    problem: Any,
+    max_rank: int,
+    *,
+    seed: Any = 0,
+    tol: float = 1e-10,
+    gtol: float = 0.0,
+    max_iter: int = 200,
+    max_time: float = math.inf,
+    fraction: float = VALIDATION_FRACTION,
+    stage_max_iter: int = 6,
+    callback: Any = None,
+    solver_options: dict | None = None,
+    ridge: Any = None,
+) -> SolverResult:
+    r"""Choose the rank (at most ``max_rank``), and a ridge, on held-out observations; refit.
+
+    1. Split the observations (``fraction`` held out, seeded by ``seed``).
+    2. For each weight decay (``ridge``: None keeps the problem's own; a list is tried in turn,
+       :func:`ridge_grid` for ``"auto"``): rank-adaptive Gauss-Newton
+       (:class:`~rankopt.solvers.RankAdaptive`, one pair per stage) on the training part from
+       its rank-1 spectral start, computing the held-out RMSE after every iteration
+       (O(|held out| r)) and keeping the best iterate. It stops early once
+       ``VALIDATION_RANK_PATIENCE`` rank increases brought no improvement (by
+       ``VALIDATION_RTOL``): more rank only fits noise. The weight decay with the best
+       held-out error wins.
+    3. If no iterate beats the zero matrix on the held-out part (significantly, see
+       :class:`Holdout`), the closest one is scaled by the held-out least-squares factor
+       ``c = <A_v(X), b_v> / ||A_v(X)||^2`` (if significant, else ``ZERO_SCALE``) and
+       returned with a :class:`NoiseWarning` (no refit).
+    4. Otherwise refit on all observations (with the chosen weight decay) at the chosen rank
+       from the chosen iterate, by Gauss-Newton stopped by the discrepancy principle at the
+       chosen iterate's noise level ``sigma^2 = ||A_t(X) - b_t||^2 / (N_t - dof)`` (the same
+       degree of fit, now with all data), by the cost-stall rule, or at the gradient
+       tolerance (exact data).
+
+    Cost: about one rank-adaptive solve on ``(1 - fraction) N`` observations per weight decay
+    plus a few Gauss-Newton iterations. Returns a :class:`SolverResult` (cost and gradient of
+    ``problem`` itself) whose ``info`` holds ``rank_chosen``, ``validation_rmse``,
+    ``zero_rmse``, ``validation_history`` (held-out RMSE per training iteration of the chosen
+    fit), ``noise_estimate``, ``shrinkage``, ``weight_decay``, ``ridge_scan`` (weight decay,
+    best held-out RMSE, its rank) and ``validation_fraction``.
+    """
+    t0 = time.perf_counter()
+    opts = dict(solver_options or {})
+    opts.pop("ftol", None)
+    opts.pop("patience", None)
+    user_target = opts.pop("target_cost", None)
+    tr_idx, val_idx = split_indices(problem.num_observations, fraction, seed)
+    held_p = problem.subset(val_idx, weight_decay=0.0)
+    held = Holdout(held_p, rms_observed(held_p))
+    own = float(getattr(problem, "weight_decay", 0.0))
+    lams = [own] if ridge is None else (ridge_grid(problem) if ridge == "auto" else list(ridge))
+    searches: list[_Search] = []
+    its = 0
+    for lam in lams:
+        budget = dict(
+            tol=tol,
+            gtol=gtol,
+            stage_max_iter=stage_max_iter,
+            max_iter=max(max_iter - its, 0),
+            max_time=max_time - (time.perf_counter() - t0),
+        )
+        train = problem.subset(tr_idx, weight_decay=lam)
+        shift = shift_callback(callback, its, time.perf_counter() - t0) if callback else None
+        searches.append(_watched_fit(train, held, max_rank, seed, shift, budget, opts))
+        its += searches[-1].result.iterations
+        last = searches[-1]
+        stopped = last.result.stop_reason in (StopReason.MAX_TIME, StopReason.NON_FINITE)
+        if last.user_stop or stopped:
+            break
+    found = [z for z in searches if z.best["x"] is not None]
+    chosen = min(found or searches, key=lambda z: z.best["val"] if found else z.closest["val"])
+    resT = chosen.result
     info: dict[str, Any] = {
         "validation_fraction": fraction,
-        "validation_history": curve,
+        "validation_history": chosen.curve,
         "zero_rmse": held.zero_rmse,
-        "train_iterations": resT.iterations,
+        "train_iterations": its,
         "train_stop": str(resT.stop_reason),
+        "weight_decay": chosen.weight_decay,
+        "ridge_scan": [
+            (z.weight_decay, z.best["val"] if z.best["x"] is not None else None, z.best["rank"])
+            for z in searches
+        ],
     }
-    stopped_early = resT.stop_reason == StopReason.CALLBACK and not user_stop["flag"]
-    if best["x"] is None:  # nothing beats zero on held-out entries
-        x = closest["x"]
+    user_stop = any(z.user_stop for z in searches)
+    stopped_early = resT.stop_reason == StopReason.CALLBACK and not chosen.user_stop
+    if not found:  # nothing beats zero on held-out entries
+        x = chosen.closest["x"]
         c = _holdout_scale(held, x)
         info.update(rank_chosen=0, validation_rmse=held.zero_rmse, shrinkage=c)
         warnings.warn(
@@ -437,40 +539,52 @@ def validated_rank_search(
             stacklevel=3,
         )
         xs = FixedRankPoint(x.U, x.s * c, x.V)
-        reason = StopReason.MIN_STEP
-        return _result(problem, xs, resT, None, reason, t0, info)
-    xb = best["x"]
-    info.update(rank_chosen=xb.rank, validation_rmse=best["val"], shrinkage=1.0)
-    info["best_train_iteration"] = best["it"]
-    m, n = problem.shape
-    dof = degrees_of_freedom(m, n, xb.rank)
-    sigma_t = math.sqrt(_sq(train, train.residual(xb)) / max(train.num_observations - dof, 1))
-    target = discrepancy_cost(problem, xb.rank, sigma_t) if sigma_t > 0 else None
-    if target is not None and sigma_t <= NOISE_DETECT_REL * rms_observed(problem):
-        target = None  # exact data: run to the gradient tolerance
-    if user_target is not None:
-        target = user_target if target is None else max(target, user_target)
-    left_time = max_time - (time.perf_counter() - t0)
+        return _result(problem, xs, its, resT, None, StopReason.MIN_STEP, t0, info)
+    xb = chosen.best["x"]
+    info.update(rank_chosen=xb.rank, validation_rmse=chosen.best["val"], shrinkage=1.0)
+    info["best_train_iteration"] = chosen.best["it"]
+    if chosen.weight_decay == own:
+        target_problem = problem
+    else:
+        everything = np.arange(problem.num_observations)
+        target_problem = problem.subset(everything, weight_decay=chosen.weight_decay)
     refit = RGN(
         tol=0.0,
         gtol=gtol,
-        max_iter=max(max_iter - resT.iterations, 0),
-        max_time=left_time,
+        max_iter=max(max_iter - its, 0),
+        max_time=max_time - (time.perf_counter() - t0),
         ftol=STALL_FTOL,
         patience=STALL_PATIENCE,
-        target_cost=target,
+        target_cost=_refit_target(problem, chosen.train, xb, user_target),
         **opts,
     )
-    resR = refit.run(problem, xb, callback=shift_callback(callback, resT.iterations, resT.time))
-    if user_stop["flag"] and resR.stop_reason != StopReason.CALLBACK:
-        pass  # the user's stop during training is reported below
+    shift = shift_callback(callback, its, time.perf_counter() - t0)
+    resR = refit.run(target_problem, xb, callback=shift)
     reason = resR.stop_reason
-    if user_stop["flag"]:
+    if user_stop:
         reason = StopReason.CALLBACK
     elif not stopped_early and resT.stop_reason in (StopReason.MAX_TIME, StopReason.NON_FINITE):
         reason = resT.stop_reason
     info["noise_estimate"] = noise_estimate(problem, resR.point)
-    return _result(problem, resR.point, resT, resR, reason, t0, info)
+    return _result(problem, resR.point, its, resT, resR, reason, t0, info)
+
+
+def _refit_target(problem: Any, train: Any, xb: FixedRankPoint, user_target: Any) -> Any:
+    """Discrepancy-principle target of the refit: the chosen iterate's noise level on the
+    training part (data term; plus the ridge term at the chosen iterate), None for exact data."""
+    m, n = problem.shape
+    dof = degrees_of_freedom(m, n, xb.rank)
+    sigma_t = math.sqrt(_sq(train, train.residual(xb)) / max(train.num_observations - dof, 1))
+    target = None
+    if sigma_t > NOISE_DETECT_REL * rms_observed(problem):
+        target = discrepancy_cost(problem, xb.rank, sigma_t)
+        wd = float(getattr(train, "weight_decay", 0.0))
+        if wd > 0:
+            be = problem.manifold(1).backend
+            target += 0.5 * wd * be.to_float(be.sum_sq(xb.s))
+    if user_target is not None:
+        target = user_target if target is None else max(target, user_target)
+    return target
 
 
 def _holdout_scale(held: Holdout, x: FixedRankPoint) -> float:
@@ -488,16 +602,18 @@ def _holdout_scale(held: Holdout, x: FixedRankPoint) -> float:
     return float(min(max(num / den, ZERO_SCALE), 1.0))
 
 
-def _result(problem, x, resT, resR, reason, t0, info) -> SolverResult:
+def _result(problem, x, its, resT, resR, reason, t0, info) -> SolverResult:
+    """The search's result: history of the chosen training fit then of the refit; the cost
+    and gradient are those of ``problem`` itself at ``x``."""
     hist = History()
     h = resT.history
     hist.append(
         h.iteration[0], h.cost[0], h.grad_norm[0], h.time[0], 0.0, h.rank[0], h.rel_error[0]
     )
     hist.extend(h)
-    it = resT.iterations
+    it = its
     if resR is not None:
-        hist.extend(resR.history, it, resT.time)
+        hist.extend(resR.history, resT.iterations, resT.time)
         it += resR.iterations
     f, Z = problem.cost_and_egrad(x)
     M = problem.manifold(x.rank)

@@ -372,6 +372,9 @@ class Auto(Solver):
         Fraction of the observations held out in the validated search.
     first_phase : bool
         False skips phase 1 (``rank="auto"`` in :func:`rankopt.solve`).
+    ridge : None, "auto" or list of float
+        Weight decays tried by the validated search (see
+        :func:`rankopt.solvers.noise.validated_rank_search`).
     """
 
     name = "auto"
@@ -384,11 +387,13 @@ class Auto(Solver):
         noise: float | None = None,
         validation: float = 0.1,
         first_phase: bool = True,
+        ridge: Any = None,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
         self.first_budget, self.stage_max_iter = first_budget, stage_max_iter
         self.noise, self.validation, self.first_phase = noise, validation, first_phase
+        self.ridge = ridge
 
     def _common(self) -> dict:
         return dict(
@@ -492,7 +497,9 @@ class Auto(Solver):
             solver_options=common,
         )
         if data and self.noise is None:
-            return nz.validated_rank_search(problem, rank, fraction=self.validation, **budget)
+            return nz.validated_rank_search(
+                problem, rank, fraction=self.validation, ridge=self.ridge, **budget
+            )
         if data and self.noise:
             return nz.discrepancy_rank_search(problem, rank, self.noise, **budget)
         x1 = problem.spectral_init(1, seed=seed)
