@@ -206,8 +206,15 @@ def test_rank_auto_matches_noise_level_and_reports():
     assert res.rank <= 8 and res.info["rank_chosen"] == res.rank
     assert p.relative_error(res.point) <= 1.5 * oracle_error(p)
     assert res.info["noise_estimate"] == pytest.approx(1e-4, rel=0.2)
-    assert len(res.info["validation_history"]) >= res.info["train_iterations"]
+    assert min(res.info["validation_history"]) <= res.info["validation_rmse"]
+    # rank="auto" on a problem without weight decay also scans the ridge grid
+    assert len(res.info["ridge_scan"]) == len(ro.solvers.noise.RIDGE_GRID)
+    assert res.info["weight_decay"] in [w for w, _, _ in res.info["ridge_scan"]]
     assert NoiseWarning not in cats  # rank="auto": a lower rank is what was asked for
+    res0, _, _ = _solve(p, rank="auto", max_rank=8, ridge=None)  # the rank only
+    assert len(res0.info["ridge_scan"]) == 1 and res0.info["weight_decay"] == 0.0
+    with pytest.raises(ValueError, match="ridge"):
+        ro.solve(p, "auto", ridge=-1.0)
 
 
 def test_rank_auto_on_exact_data_finds_the_rank():
