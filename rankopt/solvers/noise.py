@@ -473,6 +473,11 @@ def validated_rank_search(
        degree of fit, now with all data), by the cost-stall rule, or at the gradient
        tolerance (exact data).
 
+    Budgets: ``max_time`` bounds the whole search; ``max_iter`` bounds the training fit and
+    the refit together when one weight decay is tried, and each fit of a ridge scan (and the
+    refit) on its own otherwise (a scan of 6 values can take up to 7 ``max_iter`` iterations:
+    a shared budget would starve the last values and bias the choice).
+
     Cost: about one rank-adaptive solve on ``(1 - fraction) N`` observations per weight decay
     plus a few Gauss-Newton iterations. Returns a :class:`SolverResult` (cost and gradient of
     ``problem`` itself) whose ``info`` holds ``rank_chosen``, ``validation_rmse``,
@@ -493,11 +498,11 @@ def validated_rank_search(
     searches: list[_Search] = []
     its = 0
     for lam in lams:
-        budget = dict(
+        budget = dict(  # max_iter bounds each fit of the scan; max_time the whole search
             tol=tol,
             gtol=gtol,
             stage_max_iter=stage_max_iter,
-            max_iter=max(max_iter - its, 0),
+            max_iter=max_iter,
             max_time=max_time - (time.perf_counter() - t0),
         )
         train = problem.subset(tr_idx, weight_decay=lam)
@@ -551,7 +556,7 @@ def validated_rank_search(
     refit = RGN(
         tol=0.0,
         gtol=gtol,
-        max_iter=max(max_iter - its, 0),
+        max_iter=max_iter if len(lams) > 1 else max(max_iter - its, 0),
         max_time=max_time - (time.perf_counter() - t0),
         ftol=STALL_FTOL,
         patience=STALL_PATIENCE,
