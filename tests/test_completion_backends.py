@@ -72,8 +72,9 @@ def test_torch_cuda_solve():
     torch = pytest.importorskip("torch", reason="needs PyTorch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    p = random_completion(300, 300, 5, kappa=100.0, oversampling=3, seed=0, backend="torch",
-                          device="cuda")
+    p = random_completion(
+        300, 300, 5, kappa=100.0, oversampling=3, seed=0, backend="torch", device="cuda"
+    )
     res = _quiet_solve(p, 5, seed=0)
     assert res.point.U.is_cuda and p.relative_error(res.point) <= 1e-8
 
@@ -132,8 +133,9 @@ def test_csr_kernels_match_scipy(parallel):
     w = rng.standard_normal(p.nnz)
     U, V = rng.standard_normal((70, 4)), rng.standard_normal((50, 4))
     Z = sp.csr_matrix((w, p.cols, p.indptr), shape=(70, 50))
-    np.testing.assert_allclose(K.csr_matmul(w, p.cols, p.indptr, V, parallel=parallel), Z @ V,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        K.csr_matmul(w, p.cols, p.indptr, V, parallel=parallel), Z @ V, atol=1e-12
+    )
     np.testing.assert_allclose(
         K.csr_rmatmul(w, p.cols, p.indptr, U, 50, parallel=parallel), Z.T @ U, atol=1e-12
     )
@@ -146,8 +148,9 @@ def test_csr_kernels_match_scipy(parallel):
         Vi = V[p.cols[p.indptr[i] : p.indptr[i + 1]]]
         np.testing.assert_allclose(G[i], np.linalg.inv(Vi.T @ Vi + 0.5 * np.eye(4)), rtol=1e-5)
     X = rng.standard_normal((70, 4))
-    np.testing.assert_allclose(K.rowwise_matmul(X, G, parallel=parallel),
-                               np.einsum("ij,ijk->ik", X, G), rtol=1e-12)
+    np.testing.assert_allclose(
+        K.rowwise_matmul(X, G, parallel=parallel), np.einsum("ij,ijk->ik", X, G), rtol=1e-12
+    )
     assert K.row_bounds(p.indptr, 3)[[0, -1]].tolist() == [0, 70]
 
 
@@ -166,15 +169,19 @@ def test_gn_operator_matches_the_generic_one(wd, parallel):
 
 
 def test_block_preconditioner_is_spd_and_inverts_the_blocks():
-    p = MatrixCompletion(*(lambda q: (q.rows, q.cols, q.vals))(
-        random_completion(60, 50, 3, oversampling=4, seed=4)), (60, 50), preconditioner="block")
+    p = MatrixCompletion(
+        *(lambda q: (q.rows, q.cols, q.vals))(random_completion(60, 50, 3, oversampling=4, seed=4)),
+        (60, 50),
+        preconditioner="block",
+    )
     M = p.manifold(3)
     x = M.random_point(seed=0)
     P = p.gn_preconditioner(M, x)
     a, b = M.random_tangent_vector(x, seed=1), M.random_tangent_vector(x, seed=2)
     Pa, Pb = P(a), P(b)
-    assert float(M.euclidean_inner(Pa, b)) == pytest.approx(float(M.euclidean_inner(a, Pb)),
-                                                              rel=1e-5)
+    assert float(M.euclidean_inner(Pa, b)) == pytest.approx(
+        float(M.euclidean_inner(a, Pb)), rel=1e-5
+    )
     assert float(M.euclidean_inner(Pa, a)) > 0
     # on a row of Up, P applies the inverse of G_i = sum_j V_j V_j^T (then projects)
     i = 5
@@ -189,8 +196,9 @@ def test_block_preconditioner_is_spd_and_inverts_the_blocks():
     y = ro.FixedRankPoint(x.U @ R, x.s, x.V @ R)
     ty = ro.TangentVector(t.M, t.Up, t.Vp)
     fresh = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, preconditioner="block")
-    np.testing.assert_allclose(p.gn_preconditioner(M, y)(ty).Up,
-                               fresh.gn_preconditioner(M, y)(ty).Up, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(
+        p.gn_preconditioner(M, y)(ty).Up, fresh.gn_preconditioner(M, y)(ty).Up, rtol=1e-4, atol=1e-8
+    )
 
 
 def test_block_and_diagonal_preconditioners_reach_the_same_solution():
