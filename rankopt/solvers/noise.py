@@ -790,8 +790,9 @@ def identifiability(
         check_rank == "auto"
         and (m * n <= SMALL_PROBLEM or _coherence(x, be) > 6 * math.log(max(m, n)) + 6)
     )
-    if noisy or tail or x.rank < 2 or not run or not res.converged or time_budget <= 0:
-        return out
+    under = problem.num_observations < degrees_of_freedom(m, n, x.rank)
+    if noisy or tail or under or x.rank < 2 or not run or not res.converged or time_budget <= 0:
+        return out  # (under-determined: already warned; no rank is identifiable there)
     check = RankAdaptive(
         RGN(), max_rank=x.rank - 1, add=1, tol=1e-10, max_iter=20 * x.rank, max_time=time_budget
     )
