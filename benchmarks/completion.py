@@ -369,7 +369,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="array backend of the problems (torch: --device cpu or cuda)",
     )
     ap.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (torch/cupy backends)")
-    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_worker", dest="worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is not None and args.device.startswith("cuda") and args.backend == "numpy":
         args.backend = "torch"  # --device cuda alone means the torch backend on the GPU
@@ -395,8 +395,8 @@ def check_device(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args._worker:
-        scale_bench.run_worker(**json.loads(args._worker))
+    if args.worker:
+        scale_bench.run_worker(**json.loads(args.worker))
         return 0
     check_device(args)
     if args.noise or args.sampling or args.scale is not None:
