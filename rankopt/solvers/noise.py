@@ -511,12 +511,23 @@ def validated_rank_search(
         its += searches[-1].result.iterations
         last = searches[-1]
         stopped = last.result.stop_reason in (StopReason.MAX_TIME, StopReason.NON_FINITE)
-        if last.user_stop or stopped:
-            break
+        if last.user_stop or stopped or _exact_fit([last]) is not None:
+            break  # (exact data fitted exactly: a ridge could only add bias)
+    exact = _exact_fit(searches)
+    if exact is not None:  # exact data: the converged fit, not an early-stopped iterate
+        exact.best.update(
+            x=exact.result.point,
+            rank=exact.result.point.rank,
+            val=held.rmse(exact.result.point),
+            it=exact.result.iterations,
+        )
     found = [z for z in searches if z.best["x"] is not None]
-    chosen = min(found or searches, key=lambda z: z.best["val"] if found else z.closest["val"])
+    chosen = exact or min(
+        found or searches, key=lambda z: z.best["val"] if found else z.closest["val"]
+    )
     resT = chosen.result
     info: dict[str, Any] = {
+        "exact_fit": exact is not None,
         "validation_fraction": fraction,
         "validation_history": chosen.curve,
         "zero_rmse": held.zero_rmse,
@@ -572,6 +583,22 @@ def validated_rank_search(
         reason = resT.stop_reason
     info["noise_estimate"] = noise_estimate(problem, resR.point)
     return _result(problem, resR.point, its, resT, resR, reason, t0, info)
+
+
+def _exact_fit(searches: list[_Search]) -> _Search | None:
+    """The unregularized fit whose training residual reached exact-data level, if any.
+
+    On exact data the held-out error can stall early (held-out entries of rows or columns
+    left with fewer than ``r`` training observations cannot be predicted), and the iterate it
+    picks is an unfinished fit; a training residual at ``NOISE_DETECT_REL`` of the data says
+    that the data are exact, and then the converged fit is the answer."""
+    for z in searches:
+        if z.weight_decay != 0.0 or z.result.point is None:
+            continue
+        x, train = z.result.point, z.train
+        if noise_estimate(train, x) <= NOISE_DETECT_REL * rms_observed(train):
+            return z
+    return None
 
 
 def _refit_target(problem: Any, train: Any, xb: FixedRankPoint, user_target: Any) -> Any:
