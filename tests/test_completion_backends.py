@@ -213,3 +213,35 @@ def test_block_and_diagonal_preconditioners_reach_the_same_solution():
     assert out["block"][1] < out["diagonal"][1]  # fewer inner CG iterations
     with pytest.raises(ValueError, match="preconditioner"):
         MatrixCompletion(p.rows, p.cols, p.vals, p.shape, preconditioner="ilu")
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_blocked_pattern_products_match_scipy(parallel):
+    """Column-block order (used at scale): same W V and W^T U as the CSR products."""
+    rng = np.random.default_rng(3)
+    p = random_completion(90, 70, 3, oversampling=4, seed=5)
+    bp = K.BlockedPattern(p.rows, p.cols, 70, width=8)
+    assert np.all(np.diff(bp.cols // 8) >= 0)  # grouped by column block
+    lin = np.sort(bp.rows.astype(np.int64) * 70 + bp.cols)
+    np.testing.assert_array_equal(lin, np.asarray(p.rows, np.int64) * 70 + p.cols)
+    A, B = rng.standard_normal((90, 4)), rng.standard_normal((70, 4))
+    U, V = rng.standard_normal((90, 2)), rng.standard_normal((70, 2))
+    w = K.sample_lowrank(A, B, bp.rows, bp.cols)
+    W = sp.csr_matrix((w, (bp.rows, bp.cols)), shape=(90, 70))
+    np.testing.assert_allclose(bp.matmul(w, V, 90, parallel=parallel), W @ V, atol=1e-12)
+    np.testing.assert_allclose(bp.rmatmul(w, U, parallel=parallel), W.T @ U, atol=1e-12)
+    assert bp.chunks(3)[0] == 0 and bp.chunks(3)[-1] == p.nnz
+    assert set(bp.chunks(3)) <= set(bp.block_ptr.tolist())
+
+
+def test_gn_operator_blocked_path_matches(monkeypatch):
+    monkeypatch.setattr(K, "BLOCK_BYTES", 8 * 6 * 5)  # 5 columns per block at k = 6
+    p = random_completion(60, 45, 3, oversampling=4, seed=1)
+    M = p.manifold(3)
+    x = M.random_point(seed=2)
+    v = M.random_tangent_vector(x, seed=3)
+    fast = p.gn_operator(M, x)(v)
+    assert p._blocked is not None and p._blocked.width == 5  # noqa: SLF001
+    slow = M.projection(x, p.ehess(x, M.embed(x, v)))
+    for a, b in zip(fast, slow, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-12)

@@ -209,6 +209,7 @@ class MatrixCompletion(Problem):
         self.preconditioner = preconditioner
         self._csc: tuple[np.ndarray, np.ndarray] | None = None
         self._block_cache: tuple[Any, Any, np.ndarray, np.ndarray] | None = None
+        self._blocked: Any = None
 
         # sort Omega row-major (the CSR order) once; duplicates become neighbours
         lin = r_h * n + c_h
@@ -530,13 +531,27 @@ class MatrixCompletion(Problem):
 
         return apply
 
+    def _blocked_pattern(self, k: int) -> Any:
+        """The column-block copy of Omega (:class:`~rankopt.problems._kernels.BlockedPattern`)
+        when the rows of a rank-k factor over all columns exceed two blocks of
+        ``BLOCK_BYTES``; None otherwise (they stay in cache anyway). Built once, on first use,
+        with the block width of that first rank (any width is correct; it is only speed):
+        O(|Omega|) time, two index arrays of |Omega| entries."""
+        m, n = self.shape
+        width = max(1, _kernels.BLOCK_BYTES // (8 * k))
+        if self._blocked is None and n > 2 * width:
+            self._blocked = _kernels.BlockedPattern(self.rows, self.cols, n, width)
+        return self._blocked
+
     def gn_operator(self, manifold: Any, x: FixedRankPoint) -> Any:
         r"""The Gauss-Newton operator ``v -> P_x P_Omega(D_v) + lam v`` on the tangent space at
         ``x`` (``D_v`` the embedding of ``v``), or None where the generic path is as good.
 
         NumPy with numba: the rank-2r embedding ``A B^T`` is sampled at Omega (one pass,
-        ``W``), then ``W V`` and ``W^T U`` come from two numba passes over the CSR pattern
-        (threaded when ``parallel``; no sparse-matrix object), then ``M = U^T W V``,
+        ``W``), then ``W V`` and ``W^T U`` come from two numba passes over the pattern
+        (threaded when ``parallel``; no sparse-matrix object; in column-block order for large
+        n, see :meth:`_blocked_pattern`: measured 4.7 s -> 1.9 s per sampling pass at
+        n = 1e6, |Omega| = 6e7), then ``M = U^T W V``,
         ``Up = W V - U M``, ``Vp = W^T U - V M^T``. O(|Omega| r + (m + n) r^2) a call; the
         ridge term of ``P_x (lam D_v)`` is ``lam v`` (``D_v`` is tangent). Other backends:
         None (the solver uses ``ehess`` and the manifold's projection).
@@ -548,12 +563,18 @@ class MatrixCompletion(Problem):
         lam = self.weight_decay
         U, V = x.U, x.V
         cols, indptr, rows = self.cols, self.indptr, self.rows
+        bp = self._blocked_pattern(2 * x.rank)
 
         def apply(v: TangentVector) -> TangentVector:
             D = manifold.embed(x, v)
-            w = _kernels.sample_lowrank(D.A, D.B, rows, cols, parallel=par)
-            ZV = _kernels.csr_matmul(w, cols, indptr, V, parallel=par)
-            ZtU = _kernels.csr_rmatmul(w, cols, indptr, U, n, parallel=par)
+            if bp is not None:  # column-block order: cache-resident random accesses
+                w = _kernels.sample_lowrank(D.A, D.B, bp.rows, bp.cols, parallel=par)
+                ZV = bp.matmul(w, V, m, parallel=par)
+                ZtU = bp.rmatmul(w, U, parallel=par)
+            else:
+                w = _kernels.sample_lowrank(D.A, D.B, rows, cols, parallel=par)
+                ZV = _kernels.csr_matmul(w, cols, indptr, V, parallel=par)
+                ZtU = _kernels.csr_rmatmul(w, cols, indptr, U, n, parallel=par)
             M = U.T @ ZV
             out = TangentVector(M, ZV - U @ M, ZtU - V @ M.T)
             return out.axpy(lam, v) if lam > 0 else out
