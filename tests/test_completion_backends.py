@@ -245,3 +245,23 @@ def test_gn_operator_blocked_path_matches(monkeypatch):
     slow = M.projection(x, p.ehess(x, M.embed(x, v)))
     for a, b in zip(fast, slow, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_truncated_cg_reports_the_curvature_along_its_solution():
+    from rankopt.solvers.newton import truncated_cg
+
+    p = random_completion(50, 40, 3, oversampling=4, seed=2, weight_decay=0.1)
+    M = p.manifold(3)
+    x = M.random_point(seed=1)
+    g = M.projection(x, p.egrad(x))
+    H = p.gn_operator(M, x)
+    for rtol, maxiter in ((1e-12, 200), (0.3, 2)):
+        info = {}
+        xi, _, _ = truncated_cg(H, g, M, rtol, maxiter, p.gn_preconditioner(M, x), info)
+        assert info["xHx"] == pytest.approx(float(M.euclidean_inner(xi, H(xi))), rel=1e-8)
+    # and Gauss-Newton uses it as its first step: no exact_step pass over the data
+    calls = []
+    orig = p.exact_step
+    p.exact_step = lambda *a: calls.append(1) or orig(*a)
+    res = RGN(max_iter=5).run(p, p.spectral_init(3, seed=0))
+    assert res.iterations > 0 and not calls

@@ -506,6 +506,7 @@ class Auto(Solver):
         budget = self.max_iter - resA.iterations
         steady = (
             resA.stop_reason == StopReason.MAX_ITER
+            and resA.iterations >= min(self.first_budget, self.max_iter)  # not the watch
             and budget > 0
             and len(g) >= 4
             and (g[-1] / g[-4]) ** (1.0 / 3.0) <= STEADY
@@ -545,6 +546,7 @@ class Auto(Solver):
             resC.stop_reason, resC.converged = StopReason.MAX_ITER, False
         resC.history = _joined(resA.history, resC.history, resA.iterations, resA.time)
         resC.iterations += resA.iterations
+        resC.time += resA.time
         resC.info["extended"] = True
         return resC
 
