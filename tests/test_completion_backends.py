@@ -265,3 +265,19 @@ def test_truncated_cg_reports_the_curvature_along_its_solution():
     p.exact_step = lambda *a: calls.append(1) or orig(*a)
     res = RGN(max_iter=5).run(p, p.spectral_init(3, seed=0))
     assert res.iterations > 0 and not calls
+
+
+def test_spectral_start_through_the_blocked_operator_is_the_same(monkeypatch):
+    p = random_completion(120, 100, 3, kappa=3.0, oversampling=3, seed=4)
+    ref = p.spectral_init(3, seed=0)
+    monkeypatch.setattr(K, "BLOCK_BYTES", 8 * 6 * 9)  # 9 columns per block at rank 3
+    q = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, truth=p.truth)
+    x = q.spectral_init(3, seed=0)
+    assert q._blocked is not None  # noqa: SLF001
+    np.testing.assert_allclose(x.to_dense(), ref.to_dense(), atol=1e-9)
+    bp = q._blocked  # noqa: SLF001
+    vb = bp.reorder(np.asarray(p.vals))
+    np.testing.assert_allclose(
+        sp.csr_matrix((vb, (bp.rows, bp.cols)), shape=p.shape).toarray(),
+        sp.csr_matrix((p.vals, p.cols, p.indptr), shape=p.shape).toarray(),
+    )

@@ -693,7 +693,12 @@ class MatrixCompletion(Problem):
             vals = vals / (np.repeat(dr, rc) * dc[cols])
         if trim is not None:
             vals = _trim(vals, cols, indptr, (m, n), float(trim))
-        u, s, v = _top_svd(sp_csr(vals, cols, indptr, (m, n)), int(rank), as_rng(seed), method)
+        bp = self._blocked_pattern(2 * int(rank)) if self._numba_fast_path() else None
+        if bp is not None and method == "propack":  # Lanczos products in column-block order
+            Y = bp.operator(bp.reorder(np.ascontiguousarray(vals)), m)
+        else:
+            Y = sp_csr(vals, cols, indptr, (m, n))
+        u, s, v = _top_svd(Y, int(rank), as_rng(seed), method)
         if weighting == "degree":
             u, s, v = _lowrank_svd((u * s) * (self.nnz / dr[:, None]), v / dc[:, None])
         if not s[-1] > 0:
