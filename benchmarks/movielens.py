@@ -273,7 +273,7 @@ def run_split(name: str, triples: Triples, shape, lo: float, hi: float, seed: in
     # ALS at rankopt's rank and at its own best rank
     t = time.perf_counter()
     for label, ranks in (
-        (f"ALS (rank {chosen}, as rankopt)", [chosen]),
+        (ALS_AT_RANKOPT, [chosen]),
         ("ALS (best rank)", args.als_ranks),
     ):
         scored = []
@@ -291,10 +291,14 @@ def run_split(name: str, triples: Triples, shape, lo: float, hi: float, seed: in
     return out
 
 
+#: ALS at the rank rankopt chose on the same split (the rank is in the row's notes: it can
+#: differ from split to split, so it is not part of the key)
+ALS_AT_RANKOPT = "ALS (rank chosen by rankopt)"
 METHODS = [
     "global mean",
     "biases",
     "soft-impute",
+    ALS_AT_RANKOPT,
     "ALS (best rank)",
     'rankopt solve(rank="auto", ridge=None)',
     'rankopt solve(rank="auto")',
@@ -303,8 +307,7 @@ METHODS = [
 
 def summarize(results: list[dict], name: str) -> list[str]:
     rows = [r for r in results if r["dataset"] == name]
-    keys = [k for k in rows[0] if k in METHODS or (k.startswith("ALS (rank") and "config" not in k)]
-    order = METHODS[:3] + [k for k in keys if k.startswith("ALS (rank")] + METHODS[3:]
+    order = [k for k in METHODS if k in rows[0]]
     lines = [
         f"| method | test RMSE, mean over {len(rows)} split(s) | min | max | notes |",
         "|:---|---:|---:|---:|:---|",
@@ -338,8 +341,7 @@ def plot(results: list[dict], path: Path, note: str) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         rows = [r for r in results if r["dataset"] == name]
-        als_k = [k for k in rows[0] if k.startswith("ALS (rank") and "config" not in k]
-        keys = METHODS[1:3] + als_k + METHODS[3:]
+        keys = [k for k in METHODS[1:] if k in rows[0]]
         means = [np.mean([r[k] for r in rows]) for k in keys]
         lo = [m - min(r[k] for r in rows) for m, k in zip(means, keys, strict=True)]
         hi = [max(r[k] for r in rows) - m for m, k in zip(means, keys, strict=True)]
