@@ -43,9 +43,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -56,6 +54,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _completion_noise as noise_bench  # noqa: E402
+import _completion_scale as scale_bench  # noqa: E402
 from _machine import machine_info  # noqa: E402
 from _pymanopt_completion import pymanopt_available, run_pymanopt_cg  # noqa: E402
 
@@ -88,6 +88,8 @@ RANKOPT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "DLRAAdam(lr=1e-3, tol=1e-3)": ("dlra-adam", {"lr": 1e-3, "rank_tol": 1e-3}),
 }
 SECOND_ORDER = ("auto", "rgn")
+#: backend and device of every generated problem (``--backend``, ``--device``)
+PROBLEM_KW: dict[str, Any] = {}
 
 
 @dataclass
@@ -202,7 +204,7 @@ def run_problem(
 ) -> list[Row]:
     """Generate one problem (seed 0) and run every method on it."""
     t = time.perf_counter()
-    problem = random_completion(n, n, RANK, kappa=kappa, oversampling=os_, seed=SEED)
+    problem = random_completion(n, n, RANK, kappa=kappa, oversampling=os_, seed=SEED, **PROBLEM_KW)
     log(
         f"  n={n} kappa={kappa:g} oversampling={os_:g}: |Omega|={problem.nnz}, generated in {time.perf_counter() - t:.2f} s"
     )
@@ -221,24 +223,24 @@ def run_problem(
 
 def warm_up() -> None:
     """Load the numba kernels (compiled and cached on first use) outside every timed region."""
-    p = random_completion(60, 60, 2, oversampling=3, seed=1)
+    p = random_completion(60, 60, 2, oversampling=3, seed=1, **PROBLEM_KW)
     for label in RANKOPT_METHODS:
         method, opts = RANKOPT_METHODS[label]
         ro.solve(p, 2, method=method, max_iter=3, **opts)
-    if pymanopt_available():
+    if pymanopt_available() and p.backend == "numpy":
         run_pymanopt_cg(p, 2, max_iter=3)
 
 
 def repeat_kappa1(n: int, os_: float, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
     """rankopt.solve("auto") and pymanopt CG on the same kappa = 1 problem, interleaved."""
-    problem = random_completion(n, n, RANK, kappa=1.0, oversampling=os_, seed=SEED)
+    problem = random_completion(n, n, RANK, kappa=1.0, oversampling=os_, seed=SEED, **PROBLEM_KW)
     ours, theirs, errs = [], [], []
     for k in range(repeats):
         t = time.perf_counter()
         res = ro.solve(problem, RANK, method="auto", tol=TOL, seed=SEED)
         ours.append(time.perf_counter() - t)
         errs.append(float(problem.relative_error(res.point)))
-        if pymanopt_available():
+        if pymanopt_available() and problem.backend == "numpy":
             b = run_pymanopt_cg(problem, RANK, tol=TOL, max_iter=1000, seed=SEED)
             theirs.append(b.time)
             errs.append(b.rel_error)
@@ -263,51 +265,6 @@ def repeat_kappa1(n: int, os_: float, repeats: int, log: Callable[[str], None]) 
         out["ratio_of_medians"] = out["pymanopt_median"] / out["rankopt_median"]
         out["ratios"] = [p / o for p, o in zip(theirs, ours, strict=True)]
     return out
-
-
-def run_large(n: int, kappa: float, os_: float, max_time: float) -> dict[str, Any]:
-    """The big "auto" case in a fresh process, so that its peak memory is its own."""
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--_large",
-        str(n),
-        str(kappa),
-        str(os_),
-        str(max_time),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return {"n": n, "error": (proc.stderr or proc.stdout)[-2000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _large_worker(n: int, kappa: float, os_: float, max_time: float) -> None:
-    t = time.perf_counter()
-    problem = random_completion(n, n, RANK, kappa=kappa, oversampling=os_, seed=SEED)
-    t_gen = time.perf_counter() - t
-    t = time.perf_counter()
-    res = ro.solve(problem, RANK, method="auto", tol=TOL, seed=SEED, max_time=max_time)
-    t_solve = time.perf_counter() - t
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    peak = ru / 2**20 if sys.platform != "darwin" else ru / 2**30
-    print(
-        json.dumps(
-            {
-                "n": n,
-                "kappa": kappa,
-                "oversampling": os_,
-                "nnz": problem.nnz,
-                "generate_s": t_gen,
-                "time": t_solve,
-                "iterations": res.iterations,
-                "rel_error": float(problem.relative_error(res.point)),
-                "stop": str(res.stop_reason),
-                "rank": res.rank,
-                "peak_rss_gib": peak,
-            }
-        )
-    )
 
 
 # --------------------------------------------------------------------------- output
@@ -385,8 +342,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--max-iter", type=int, default=1000, help="iteration cap of first-order methods"
     )
-    ap.add_argument("--_large", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--noise",
+        action="store_true",
+        help="noisy data: sigma x kappa grid against the oracle and the zero matrix (issue 12)",
+    )
+    ap.add_argument("--noise-n", type=int, default=1000, help="size of the --noise problems")
+    ap.add_argument(
+        "--sampling", action="store_true", help="power-law sampling, exact data (issue 12)"
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        nargs="*",
+        default=None,
+        metavar="N",
+        help="solve n x n problems (kappa 1, oversampling 3) each in a fresh process; "
+        "default sizes 1e3 3e3 1e4 3e4 1e5 3e5 1e6",
+    )
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per --scale size")
+    ap.add_argument("--threads", type=int, default=1, help="numba threads of the --scale workers")
+    ap.add_argument(
+        "--backend",
+        choices=("numpy", "torch", "cupy"),
+        default="numpy",
+        help="array backend of the problems (torch: --device cpu or cuda)",
+    )
+    ap.add_argument("--device", default=None, help="e.g. cuda, cuda:1 (torch/cupy backends)")
+    ap.add_argument("--_worker", dest="worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device is not None and args.device.startswith("cuda") and args.backend == "numpy":
+        args.backend = "torch"  # --device cuda alone means the torch backend on the GPU
     if any(s < 2 * RANK for s in args.sizes):
         ap.error(f"--sizes must be at least {2 * RANK}")
     if args.repeats < 0:
@@ -394,12 +380,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_device(args: argparse.Namespace) -> None:
+    """Fail early, with a clear message, when the backend or device asked for is missing."""
+    if args.backend == "numpy":
+        return
+    from rankopt._backend import make_backend
+
+    try:
+        be = make_backend(args.backend, None, args.device)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"--backend {args.backend} --device {args.device}: {e}") from None
+    args.device = str(be.device) if be.device is not None else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args._large:
-        n, kappa, os_, mt = args._large
-        _large_worker(int(n), float(kappa), float(os_), float(mt))
+    if args.worker:
+        scale_bench.run_worker(**json.loads(args.worker))
         return 0
+    check_device(args)
+    if args.noise or args.sampling or args.scale is not None:
+        return main_sections(args, argv)
     lines: list[str] = []
 
     def log(s: str = "") -> None:
@@ -415,14 +416,20 @@ def main(argv: list[str] | None = None) -> int:
         f"rank {RANK}, tol {TOL:g} (relative gradient norm), seed {SEED}, spectral start for every method"
     )
     t_all = time.perf_counter()
+    PROBLEM_KW.update(backend=args.backend, device=args.device)
+    log(f"backend {args.backend}, device {args.device}")
     warm_up()
     all_methods = list(RANKOPT_METHODS) + ([PYMANOPT] if pymanopt_available() else [])
+    if args.backend != "numpy":  # the GPU backends: the second-order and CG solvers only
+        all_methods = ["auto", "RGN", "RCG"]
     rows: list[Row] = []
     kappas, oversamplings = (1.0, 1e2, 1e4), (2.0, 3.0, 5.0)
     large: list[dict] = []
     if args.quick:
         sizes, repeats = [300], min(args.repeats, 2)
-        quick_methods = ["auto", "RCG"] + ([PYMANOPT] if pymanopt_available() else [])
+        quick_methods = ["auto", "RCG"] + (
+            [PYMANOPT] if pymanopt_available() and args.backend == "numpy" else []
+        )
         log("\n## quick: n = 300, oversampling 3")
         for kappa in (1.0, 1e2):
             rows += run_problem(300, kappa, 3.0, quick_methods, 150, 5.0, True, log)
@@ -449,14 +456,24 @@ def main(argv: list[str] | None = None) -> int:
                 log(
                     f"\n## n = {n}: auto, RCG, pymanopt CG at oversampling 3 (cap {args.max_time:g} s)"
                 )
-                meths = ["auto", "RCG"] + ([PYMANOPT] if pymanopt_available() else [])
+                meths = ["auto", "RCG"] + (
+                    [PYMANOPT] if pymanopt_available() and args.backend == "numpy" else []
+                )
                 for kappa in kappas:
                     rows += run_problem(
                         n, kappa, 3.0, meths, args.max_iter, args.max_time, False, log
                     )
             else:
                 log(f"\n## n = {n}: auto alone, kappa 1, oversampling 3 (fresh process)")
-                info = run_large(n, 1.0, 3.0, max(args.max_time, 1200.0))
+                info = scale_bench.run_fresh(
+                    Path(__file__).resolve(),
+                    n,
+                    SEED,
+                    log,
+                    max_time=max(args.max_time, 1200.0),
+                    backend=args.backend,
+                    device=args.device,
+                )
                 large.append(info)
                 log("  " + json.dumps(info))
     log("\n## table")
@@ -502,6 +519,80 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"wrote {args.out / 'completion_table.md'}")
+    return 0
+
+
+def main_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """The issue-12 sections: ``--noise``, ``--sampling``, ``--scale`` (any combination)."""
+    lines: list[str] = []
+
+    def log(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    cmd = "python benchmarks/completion.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log(f"# completion benchmark: `{cmd.strip()}`")
+    for s in machine_info(("numpy", "scipy", "numba", "rankopt")).splitlines():
+        log(s)
+    note = " (quick run)" if args.quick else ""
+    t_all = time.perf_counter()
+    out: dict[str, Any] = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.noise:
+        n = 300 if args.quick else args.noise_n
+        log(f"\n## noise: {n} x {n}, rank {RANK}, oversampling 3, seed 3{note}")
+        rows = noise_bench.run_noise(
+            n, log, sigmas=(1e-4, 1e-2) if args.quick else noise_bench.SIGMAS
+        )
+        for s in noise_bench.noise_table(rows):
+            log(s)
+        fails = [r for r in rows if not r["pass"]]
+        log(f"cells within min(1.5 x oracle, 1): {len(rows) - len(fails)} of {len(rows)}")
+        noise_bench.plot_noise(rows, args.out / "completion_noise.png", note)
+        log(f"wrote {args.out / 'completion_noise.png'}")
+        out["noise"] = rows
+    if args.sampling:
+        n = 300 if args.quick else 1000
+        log(f"\n## power-law sampling, exact data: {n} x {n}, rank {RANK}, oversampling 3{note}")
+        rows = noise_bench.run_sampling(n, log, seeds=(0,) if args.quick else (0, 1))
+        for s in noise_bench.sampling_table(rows):
+            log(s)
+        out["sampling"] = rows
+    if args.scale is not None:
+        sizes = [int(v) for v in (args.scale or (1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6))]
+        if args.quick:
+            sizes = [s for s in sizes if s <= 3000] or [1000]
+        log(
+            f"\n## scale: kappa 1, oversampling 3, {args.seeds} seed(s) per size, "
+            f"{args.threads} numba thread(s), each run in a fresh process{note}"
+        )
+        rows = []
+        for n in sizes:
+            for seed in range(args.seeds):
+                log(f"  n = {n}, seed {seed}: starting (load average {os.getloadavg()[0]:.2f})")
+                rows.append(
+                    scale_bench.run_fresh(
+                        Path(__file__).resolve(),
+                        n,
+                        seed,
+                        log,
+                        threads=args.threads,
+                        backend=args.backend,
+                        device=args.device,
+                    )
+                )
+                log("  " + json.dumps(rows[-1]))
+        for s in scale_bench.scale_table(rows):
+            log(s)
+        scale_bench.plot_scale(rows, args.out / "completion_scale.png", note)
+        log(f"wrote {args.out / 'completion_scale.png'}")
+        out["scale"] = rows
+    log("\nload average at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    log(f"total wall time {time.perf_counter() - t_all:.0f} s")
+    stem = "completion_" + "_".join(k for k in ("noise", "sampling", "scale") if k in out)
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {args.out / (stem + '.md')}")
     return 0
 
 

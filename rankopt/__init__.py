@@ -19,6 +19,7 @@ _LAZY_ATTRS = {
     "solve": ("rankopt.solvers", "solve"),
     "SolverResult": ("rankopt.solvers", "SolverResult"),
     "RankWarning": ("rankopt.solvers", "RankWarning"),
+    "ConvergenceWarning": ("rankopt.solvers", "ConvergenceWarning"),
 }
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "metrics",
     "solve",
     "RankWarning",
+    "ConvergenceWarning",
     *_LAZY_SUBMODULES,
 ]
 

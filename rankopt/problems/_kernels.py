@@ -43,11 +43,21 @@ __all__ = [
     "sample_lowrank_numpy",
     "make_csr",
     "warmup",
+    "csr_matmul",
+    "csr_rmatmul",
+    "gram_inverses",
+    "rowwise_matmul",
+    "csc_pattern",
+    "row_bounds",
+    "BlockedPattern",
+    "BLOCK_BYTES",
 ]
 
 #: Entries per chunk in the NumPy / array-API fallback (bounds the two |chunk| x r
 #: temporaries to about 2 * 32768 * r * 8 bytes).
 CHUNK = 32_768
+#: Entries per chunk on a GPU (temporaries of 2 * GPU_CHUNK * k numbers: 320 MB at k = 20).
+GPU_CHUNK = 1 << 20
 
 prange = range  # becomes numba.prange (range when run as Python) once numba is imported
 
@@ -108,6 +118,361 @@ def _residual_parallel(A, B, rows, cols, b, out):  # pragma: no cover - compiled
         out[k] = acc
         ss += acc * acc
     return ss
+
+
+# --------------------------------------------------------------------------- CSR products
+# Products with the sparse matrix W = P_Omega^*(w) on the fixed CSR pattern (cols, indptr),
+# and the per-row Gram matrices of the block-Jacobi preconditioner. Each source function is
+# compiled serially and, separately, with parallel=True (then prange runs on numba's threads).
+def _csr_matmul(w, cols, indptr, V, out):  # pragma: no cover - compiled
+    r = V.shape[1]
+    for i in prange(indptr.shape[0] - 1):
+        for c in range(r):
+            out[i, c] = 0.0
+        for k in range(indptr[i], indptr[i + 1]):
+            j = cols[k]
+            a = w[k]
+            for c in range(r):
+                out[i, c] += a * V[j, c]
+    return out
+
+
+def _csr_rmatmul(w, cols, indptr, U, bounds, parts):  # pragma: no cover - compiled
+    # chunk t owns rows bounds[t]..bounds[t+1]-1 and scatters into its own parts[t]
+    r = U.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        part = parts[t]
+        for j in range(part.shape[0]):
+            for c in range(r):
+                part[j, c] = 0.0
+        for i in range(bounds[t], bounds[t + 1]):
+            for k in range(indptr[i], indptr[i + 1]):
+                j = cols[k]
+                a = w[k]
+                for c in range(r):
+                    part[j, c] += a * U[i, c]
+    return parts
+
+
+def _gram_inverses(B, idx, ptr, bounds, shift, out):  # pragma: no cover - compiled
+    # out[i] = (sum_{k in ptr[i]:ptr[i+1]} B[idx[k]] B[idx[k]]^T + d I)^{-1} by Cholesky, with
+    # d = shift + 1e-10 tr / r (+ 1e-300); chunk t (rows bounds[t]..bounds[t+1]-1) reuses its
+    # scratch matrices
+    # the Gram matrix of a row: gather its neighbours' rows of B and one BLAS product X^T X
+    # (measured 3x faster than accumulating outer products in loops, which numba does not
+    # vectorize here)
+    r = B.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        L = np.empty((r, r))
+        for i in range(bounds[t], bounds[t + 1]):
+            c = ptr[i + 1] - ptr[i]
+            X = np.empty((c, r))
+            for k in range(c):
+                X[k] = B[idx[ptr[i] + k]]
+            G = X.T @ X if c > 0 else np.zeros((r, r))
+            tr = 0.0
+            for a in range(r):
+                tr += G[a, a]
+            d = shift + 1e-10 * tr / r + 1e-300
+            for a in range(r):
+                G[a, a] += d
+            for a in range(r):  # Cholesky G = L L^T, lower triangle
+                for b in range(a + 1):
+                    acc = G[a, b]
+                    for c in range(b):
+                        acc -= L[a, c] * L[b, c]
+                    if a == b:
+                        L[a, a] = np.sqrt(acc)
+                    else:
+                        L[a, b] = acc / L[b, b]
+            for a in range(r):  # G <- L^{-1} (lower), in place of G
+                G[a, a] = 1.0 / L[a, a]
+                for b in range(a):
+                    acc = 0.0
+                    for c in range(b, a):
+                        acc -= L[a, c] * G[c, b]
+                    G[a, b] = acc / L[a, a]
+            for a in range(r):  # G^{-1} = L^{-T} L^{-1}
+                for b in range(a + 1):
+                    acc = 0.0
+                    for c in range(a, r):
+                        acc += G[c, a] * G[c, b]
+                    out[i, a, b] = acc
+                    out[i, b, a] = acc
+    return out
+
+
+def _rowwise_matmul(X, G, out):  # pragma: no cover - compiled
+    # out[i] = X[i] @ G[i] for a stack of r x r matrices G
+    r = X.shape[1]
+    for i in prange(X.shape[0]):
+        for b in range(r):
+            acc = 0.0
+            for a in range(r):
+                acc += X[i, a] * G[i, a, b]
+            out[i, b] = acc
+    return out
+
+
+def _coo_matmul(w, rows, cols, V, bounds, parts):  # pragma: no cover - compiled
+    # chunk t (entries bounds[t]..bounds[t+1]-1) accumulates parts[t][rows[k]] += w[k] V[cols[k]]
+    r = V.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        part = parts[t]
+        for i in range(part.shape[0]):
+            for c in range(r):
+                part[i, c] = 0.0
+        for k in range(bounds[t], bounds[t + 1]):
+            i = rows[k]
+            j = cols[k]
+            a = w[k]
+            for c in range(r):
+                part[i, c] += a * V[j, c]
+    return parts
+
+
+def _coo_rmatmul(w, rows, cols, U, bounds, out):  # pragma: no cover - compiled
+    # out[cols[k]] += w[k] U[rows[k]]; chunks own disjoint column ranges (whole column blocks)
+    r = U.shape[1]
+    for t in prange(bounds.shape[0] - 1):
+        for k in range(bounds[t], bounds[t + 1]):
+            i = rows[k]
+            j = cols[k]
+            a = w[k]
+            for c in range(r):
+                out[j, c] += a * U[i, c]
+    return out
+
+
+def _block_sort(rows, cols, width, ptr, rows_out, cols_out):  # pragma: no cover - compiled
+    # stable counting sort of the entries by column block cols // width
+    nxt = ptr[:-1].copy()
+    for k in range(cols.shape[0]):
+        b = cols[k] // width
+        q = nxt[b]
+        rows_out[q] = rows[k]
+        cols_out[q] = cols[k]
+        nxt[b] = q + 1
+    return rows_out
+
+
+def _block_sort_values(cols, width, ptr, vals, out):  # pragma: no cover - compiled
+    # the same stable counting sort as _block_sort, applied to a value array
+    nxt = ptr[:-1].copy()
+    for k in range(cols.shape[0]):
+        b = cols[k] // width
+        out[nxt[b]] = vals[k]
+        nxt[b] += 1
+    return out
+
+
+_SOURCES = {
+    "block_sort_values": _block_sort_values,
+    "coo_matmul": _coo_matmul,
+    "coo_rmatmul": _coo_rmatmul,
+    "block_sort": _block_sort,
+    "csr_matmul": _csr_matmul,
+    "csr_rmatmul": _csr_rmatmul,
+    "gram_inverses": _gram_inverses,
+    "rowwise_matmul": _rowwise_matmul,
+}
+
+
+@cache
+def _compiled_csr(name: str, parallel: bool):
+    """numba dispatcher of one CSR kernel (``reassoc`` fast-math only), serial or threaded."""
+    global prange
+    import numba
+
+    prange = numba.prange
+    opts = {"cache": True, "fastmath": {"reassoc"}, "nogil": True}
+    fn = _SOURCES[name]
+    if parallel:
+        return numba.njit(parallel=True, **opts)(fn)
+    # a renamed copy, so that the serial machine code is cached apart from the threaded one
+    name = fn.__name__ + "_serial"
+    code = fn.__code__.replace(co_name=name)
+    if hasattr(code, "co_qualname"):  # Python >= 3.11
+        code = code.replace(co_qualname=name)
+    serial = type(fn)(code, fn.__globals__, name)
+    return numba.njit(**opts)(serial)
+
+
+def _threads(parallel: bool | None) -> int:
+    if not parallel:
+        return 1
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
+    """Row boundaries splitting the entries of a CSR pattern into ``parts`` equal shares."""
+    nnz = int(indptr[-1])
+    targets = (np.arange(1, parts) * nnz) // parts
+    inner = np.searchsorted(indptr, targets, side="left")
+    return np.concatenate([[0], inner, [indptr.shape[0] - 1]]).astype(np.int64)
+
+
+def csr_matmul(
+    w: np.ndarray, cols: np.ndarray, indptr: np.ndarray, V: np.ndarray, *, parallel: bool = False
+) -> np.ndarray:
+    """``W @ V`` for the CSR matrix ``W`` with values ``w`` on the pattern ``(cols, indptr)``.
+
+    O(nnz k); threaded over rows when ``parallel``. numba required."""
+    V = np.ascontiguousarray(V, dtype=np.float64)
+    out = np.empty((indptr.shape[0] - 1, V.shape[1]))
+    return _compiled_csr("csr_matmul", bool(parallel))(w, cols, indptr, V, out)
+
+
+def csr_rmatmul(
+    w: np.ndarray,
+    cols: np.ndarray,
+    indptr: np.ndarray,
+    U: np.ndarray,
+    n: int,
+    *,
+    parallel: bool = False,
+) -> np.ndarray:
+    """``W^T @ U`` (n x k) by scattering the rows of ``U``: O(nnz k). Threaded: rows split in
+    equal-nnz shares, one private n x k accumulator per thread, summed (O(threads n k))."""
+    U = np.ascontiguousarray(U, dtype=np.float64)
+    t = _threads(parallel)
+    bounds = row_bounds(np.asarray(indptr), t)
+    parts = np.empty((t, int(n), U.shape[1]))
+    _compiled_csr("csr_rmatmul", bool(parallel))(w, cols, indptr, U, bounds, parts)
+    return parts[0] if t == 1 else parts.sum(axis=0)
+
+
+def gram_inverses(
+    B: np.ndarray, idx: np.ndarray, ptr: np.ndarray, shift: float, *, parallel: bool = False
+) -> np.ndarray:
+    r"""``(sum_{k in row i} B_{idx_k} B_{idx_k}^T + shift I)^{-1}`` for every row i of a pattern.
+
+    The diagonal blocks of the Gauss-Newton operator of completion (block-Jacobi
+    preconditioner): with ``B = V`` and the CSR pattern, the block acting on row i of ``Up``;
+    with ``B = U`` and the CSC pattern, on row j of ``Vp``. A relative ``1e-10 tr(G) / k``
+    keeps rows with fewer than k entries invertible. O(nnz k^2 + rows k^3); float32 output
+    (a preconditioner needs no more), ``rows x k x k``.
+    """
+    B = np.ascontiguousarray(B, dtype=np.float64)
+    k = B.shape[1]
+    out = np.empty((ptr.shape[0] - 1, k, k), dtype=np.float32)
+    bounds = row_bounds(np.asarray(ptr), _threads(parallel))
+    return _compiled_csr("gram_inverses", bool(parallel))(B, idx, ptr, bounds, float(shift), out)
+
+
+def rowwise_matmul(X: np.ndarray, G: np.ndarray, *, parallel: bool = False) -> np.ndarray:
+    """``out[i] = X[i] @ G[i]`` for a stack ``G`` (rows x k x k). O(rows k^2)."""
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    out = np.empty_like(X)
+    return _compiled_csr("rowwise_matmul", bool(parallel))(X, G, out)
+
+
+def _counting_sort(rows, cols, ptr, out):  # pragma: no cover - compiled
+    nxt = ptr[:-1].copy()
+    for k in range(cols.shape[0]):
+        j = cols[k]
+        out[nxt[j]] = rows[k]
+        nxt[j] += 1
+    return out
+
+
+_SOURCES["counting_sort"] = _counting_sort
+
+
+class BlockedPattern:
+    r"""Omega in column-block order, for the passes of the Gauss-Newton operator at scale.
+
+    Row-major order reads the rows of ``A`` in order but the rows ``B_j`` (sampling),
+    ``V_j`` (``W V``) and ``(W^T U)_j`` (``W^T U``) at random over all n columns: at
+    n = 1e6, r = 10 that is 160 MB read at random, once per entry. Sorting the entries by
+    ``(column block, row, column)``, blocks of ``width`` columns whose rows of ``B`` fill
+    about ``BLOCK_BYTES``, keeps the random accesses inside one block (cache-resident) and
+    re-reads ``A`` once per block, in order. Measured at n = 1e6, |Omega| = 6e7, 2r = 20, one
+    thread: sampling 4.7 s row-major, 2.7 s with 4 blocks, 1.9 s with 16, 3.0 s with 64.
+
+    Attributes
+    ----------
+    rows, cols : int32 or int64 arrays (|Omega|,)
+        The entries in block order (within a block, row-major).
+    block_ptr : int64 array (blocks + 1,)
+        Entries of block b are ``block_ptr[b]..block_ptr[b+1]-1``.
+    width : int
+        Columns per block.
+    """
+
+    def __init__(self, rows: np.ndarray, cols: np.ndarray, n: int, width: int) -> None:
+        blocks = -(-int(n) // int(width))
+        counts = np.bincount(cols // width, minlength=blocks)
+        ptr = np.zeros(blocks + 1, dtype=np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        self.rows, self.cols = np.empty_like(rows), np.empty_like(cols)
+        _compiled_csr("block_sort", False)(rows, cols, int(width), ptr, self.rows, self.cols)
+        self.block_ptr, self.width, self.n = ptr, int(width), int(n)
+        self._source_cols = cols  # the row-major columns, to reorder values the same way
+
+    def reorder(self, vals: np.ndarray) -> np.ndarray:
+        """Values given in the original (row-major) order, in block order. O(|Omega|)."""
+        out = np.empty_like(vals)
+        return _compiled_csr("block_sort_values", False)(
+            self._source_cols, self.width, self.block_ptr, vals, out
+        )
+
+    def operator(self, vals: np.ndarray, m: int) -> Any:
+        """``W`` (values ``vals`` in block order) as a scipy ``LinearOperator``: single-vector
+        products in block order (measured at n = 1e6, |Omega| = 6e7: 0.16 s and 0.15 s for
+        ``W x`` and ``W^T y``, against 0.31 s and 0.25 s for scipy's CSR)."""
+        import scipy.sparse.linalg as sla
+
+        return sla.LinearOperator(
+            (int(m), self.n),
+            matvec=lambda x: self.matmul(vals, np.reshape(x, (-1, 1)), m)[:, 0],
+            rmatvec=lambda y: self.rmatmul(vals, np.reshape(y, (-1, 1)))[:, 0],
+            matmat=lambda X: self.matmul(vals, X, m),
+            rmatmat=lambda Y: self.rmatmul(vals, Y),
+            dtype=np.float64,
+        )
+
+    def chunks(self, parts: int) -> np.ndarray:
+        """Entry boundaries of ``parts`` chunks of whole blocks with about equal entries."""
+        nnz = int(self.block_ptr[-1])
+        targets = (np.arange(1, parts) * nnz) // parts
+        inner = self.block_ptr[np.searchsorted(self.block_ptr, targets)]
+        return np.unique(np.concatenate([[0], inner, [nnz]])).astype(np.int64)
+
+    def matmul(self, w: np.ndarray, V: np.ndarray, m: int, *, parallel: bool = False):
+        """``W V`` for the values ``w`` in block order: O(nnz k); threaded chunks of blocks
+        with one private m x k accumulator each (summed)."""
+        V = np.ascontiguousarray(V, dtype=np.float64)
+        bounds = self.chunks(_threads(parallel))
+        parts = np.empty((bounds.shape[0] - 1, int(m), V.shape[1]))
+        _compiled_csr("coo_matmul", bool(parallel))(w, self.rows, self.cols, V, bounds, parts)
+        return parts[0] if parts.shape[0] == 1 else parts.sum(axis=0)
+
+    def rmatmul(self, w: np.ndarray, U: np.ndarray, *, parallel: bool = False):
+        """``W^T U`` for the values ``w`` in block order: O(nnz k); threaded chunks own whole
+        blocks, hence disjoint column ranges of the output (no private copies)."""
+        U = np.ascontiguousarray(U, dtype=np.float64)
+        out = np.zeros((self.n, U.shape[1]))
+        bounds = self.chunks(_threads(parallel))
+        _compiled_csr("coo_rmatmul", bool(parallel))(w, self.rows, self.cols, U, bounds, out)
+        return out
+
+
+#: Bytes of the rows of B (2r float64 per column) that one column block of BlockedPattern holds.
+BLOCK_BYTES = 8 << 20
+
+
+def csc_pattern(rows: np.ndarray, cols: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows_by_column, col_ptr)``: the row indices of Omega grouped by column (in their
+    original order within a column), and the column pointer. A counting sort: O(nnz) time,
+    one index array of nnz entries."""
+    ptr = np.zeros(int(n) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(cols, minlength=int(n)), out=ptr[1:])
+    out = np.empty_like(rows)
+    _compiled_csr("counting_sort", False)(rows, cols, ptr, out)
+    return out, ptr.astype(rows.dtype)
 
 
 @cache
@@ -188,10 +553,23 @@ def sample_lowrank_numpy(
     return out
 
 
+def _on_gpu(a: Any) -> bool:
+    """Whether an array lives on a GPU (a CUDA torch tensor, or any CuPy array)."""
+    dev = getattr(a, "device", None)
+    if getattr(dev, "type", None) is not None:  # torch
+        return dev.type != "cpu"
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
 def _sample_xp(A: Any, B: Any, rows: Any, cols: Any, out: Any) -> Any:
-    """Array-API version (torch, cupy): chunked gather, multiply, sum."""
-    for lo in range(0, int(rows.shape[0]), CHUNK):
-        hi = min(lo + CHUNK, int(rows.shape[0]))
+    """Array-API version (torch, cupy): chunked gather, multiply, sum.
+
+    Chunks of ``CHUNK`` entries on the CPU (cache-sized temporaries) and ``GPU_CHUNK`` on a
+    GPU (fewer, larger kernel launches: 60 million entries would otherwise take 1800 launches
+    of each kernel)."""
+    size = GPU_CHUNK if _on_gpu(A) else CHUNK
+    for lo in range(0, int(rows.shape[0]), size):
+        hi = min(lo + size, int(rows.shape[0]))
         out[lo:hi] = (A[rows[lo:hi]] * B[cols[lo:hi]]).sum(1)
     return out
 

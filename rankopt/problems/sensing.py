@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._backend import backend_like, backend_name_of
+from .._backend import Backend, backend_like, backend_name_of
 from ..containers import FixedRankPoint, LowRankMatrix
 from .base import Problem, lowrank_inner, lowrank_sq_norm
 
@@ -76,6 +76,7 @@ class MatrixSensing(Problem):
         *,
         truth: FixedRankPoint | None = None,
     ) -> None:
+        _require_real(A, "A")
         if backend_name_of(A) is None:
             A = np.asarray(A, dtype=np.float64)
         if len(A.shape) != 3:
@@ -101,6 +102,11 @@ class MatrixSensing(Problem):
             be.dtype,
             be.device,
         )
+        if self.k != k:
+            raise ValueError(
+                f"b has {self.k} measurements but A holds k = {k} measurement matrices "
+                f"(A has shape {tuple(A.shape)}): b must have length {k}"
+            )
         self.A = A
 
     @classmethod
@@ -132,6 +138,13 @@ class MatrixSensing(Problem):
         Returns
         -------
         MatrixSensing
+
+        Raises
+        ------
+        ValueError
+            If ``forward`` does not return ``len(b)`` values: it is evaluated once, at
+            construction, on the rank-1 zero matrix (O(one forward evaluation)), so that a
+            wrong ``b`` fails here rather than at the first cost evaluation.
         """
         if not callable(forward) or not callable(adjoint):
             raise ValueError("forward and adjoint must be callables")
@@ -150,6 +163,15 @@ class MatrixSensing(Problem):
             be.device if be is not None else None,
         )
         self.A = None
+        m, n = self.shape
+        zero = LowRankMatrix(self._be.zeros((m, 1)), self._be.zeros((n, 1)))
+        y = forward(zero)
+        if len(getattr(y, "shape", ())) != 1 or int(y.shape[0]) != self.k:
+            raise ValueError(
+                f"b has {self.k} measurements but the forward operator returns shape "
+                f"{tuple(getattr(y, 'shape', ()))} (evaluated on the zero matrix): "
+                "b must have one entry per measurement"
+            )
         return self
 
     def _setup(
@@ -157,6 +179,7 @@ class MatrixSensing(Problem):
     ) -> None:
         self._init_common(shape, backend, dtype, device, truth)
         be = self._be
+        _require_real(b, "b")
         b = be.asarray(b)
         if len(b.shape) != 1:
             raise ValueError(f"b must be a 1-D vector of measurements, got shape {tuple(b.shape)}")
@@ -202,6 +225,49 @@ class MatrixSensing(Problem):
     def adjoint(self, y: Any) -> Any:
         """``A^*(y)``: ambient m x n matrix (dense, sparse or LowRankMatrix)."""
         return self._adjoint(y)
+
+    # ------------------------------------------------------------------ data protocol
+    @property
+    def num_observations(self) -> int:
+        """``k``, the number of measurements (the data protocol of :mod:`rankopt.solvers.noise`)."""
+        return self.k
+
+    def observed_values(self) -> Any:
+        """The measurements ``b``."""
+        return self.b
+
+    def residual(self, x: FixedRankPoint) -> Any:
+        """``A(X) - b`` (a copy). One forward evaluation."""
+        return self._res(x) * 1.0
+
+    def subset(self, index: Any, weight_decay: float | None = None) -> MatrixSensing:
+        """The same problem on the measurements ``index`` (held-out validation).
+
+        Dense operators keep the rows ``A[index]``; matrix-free ones compose ``forward`` with
+        the selection and ``adjoint`` with the scatter of ``y`` into a length-k vector.
+        """
+        be = self._be
+        index = np.asarray(index)
+        if index.ndim != 1 or index.dtype.kind not in "iu":
+            raise ValueError("index must be a 1-D integer array of measurement positions")
+        wd = self.weight_decay if weight_decay is None else weight_decay
+        sel = index if be.name == "numpy" else be.xp.asarray(index, device=be.device)
+        b = self.b[sel]
+        if self.A is not None:
+            return MatrixSensing(self.A[sel], b, wd, truth=self.truth)
+        k, fwd, adj = self.k, self._forward, self._adjoint
+
+        def forward(D: Any) -> Any:
+            return fwd(D)[sel]
+
+        def adjoint(y: Any) -> Any:
+            full = be.zeros((k,))
+            full[sel] = y
+            return adj(full)
+
+        return MatrixSensing.from_operator(
+            forward, adjoint, b, self.shape, wd, truth=self.truth, dtype=be.dtype
+        )
 
     def _res(self, x: FixedRankPoint) -> Any:
         x = self._as_point(x)
@@ -323,3 +389,12 @@ class MatrixSensing(Problem):
                 "operators do not look adjoint to each other"
             )
         return FixedRankPoint(y0.U, y0.s * c, y0.V)
+
+
+def _require_real(a: Any, what: str) -> None:
+    """``TypeError`` for complex data (casting would drop the imaginary part silently)."""
+    arr = a if getattr(a, "dtype", None) is not None else np.asarray(a)
+    if Backend.is_complex(arr):
+        raise TypeError(
+            f"{what} must be real numbers, got dtype {arr.dtype}: rankopt works over the reals"
+        )

@@ -23,7 +23,14 @@ from . import _kernels
 from .completion import MatrixCompletion
 from .sensing import MatrixSensing
 
-__all__ = ["low_rank_truth", "random_completion", "random_sensing", "spectrum_values"]
+__all__ = [
+    "low_rank_truth",
+    "random_completion",
+    "random_sensing",
+    "spectrum_values",
+    "powerlaw_weights",
+    "sample_entries_weighted",
+]
 
 
 def _check_dims(m: Any, n: Any, r: Any) -> tuple[int, int, int]:
@@ -91,6 +98,55 @@ def sample_entries(m: int, n: int, size: int, seed: Any = None) -> tuple[np.ndar
     return lin // n, lin % n
 
 
+def powerlaw_weights(size: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    r"""Sampling probabilities ``w_k proportional to k^{-exponent}`` (Zipf), randomly permuted.
+
+    ``exponent = 0`` is uniform; a Zipf exponent ``a`` gives counts with a power-law tail
+    ``P(count > d) ~ d^{-1/a}`` (exponent 0.5: tail index 2, as in rating data; the largest
+    row then gets about ``sqrt(m) / 2`` times the mean count). O(size).
+    """
+    w = np.arange(1, size + 1, dtype=np.float64) ** (-float(exponent))
+    return rng.permutation(w / w.sum())
+
+
+def sample_entries_weighted(
+    m: int, n: int, size: int, row_p: np.ndarray, col_p: np.ndarray, seed: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""``size`` distinct positions drawn with probability proportional to ``row_p[i] col_p[j]``.
+
+    Draws pairs with replacement from the product distribution in batches and keeps the
+    distinct ones until ``size`` are found; then keeps a uniformly random ``size`` of them.
+    Entries whose expected count exceeds one saturate (a heavy row can be fully observed).
+    O(size log size) time, O(size) memory. Returns sorted int64 ``(rows, cols)``.
+
+    Raises
+    ------
+    ValueError
+        If ``size > m n``, or if 200 batches do not find enough distinct entries (the
+        weights concentrate on fewer than ``size`` positions).
+    """
+    total = int(m) * int(n)
+    if not 1 <= size <= total:
+        raise ValueError(f"cannot sample {size} distinct entries of a {m} x {n} matrix")
+    rng = as_rng(seed)
+    found = np.empty(0, dtype=np.int64)
+    for _ in range(200):
+        need = size - found.size
+        if need <= 0:
+            break
+        k = int(1.25 * need) + 64
+        lin = rng.choice(m, size=k, p=row_p) * np.int64(n) + rng.choice(n, size=k, p=col_p)
+        found = np.union1d(found, lin)
+    else:
+        raise ValueError(
+            f"could not draw {size} distinct entries of a {m} x {n} matrix with these weights "
+            f"({found.size} found): use a smaller exponent or fewer observations"
+        )
+    if found.size > size:
+        found = np.sort(rng.choice(found, size=size, replace=False))
+    return found // n, found % n
+
+
 def random_completion(
     m: int,
     n: int,
@@ -101,6 +157,8 @@ def random_completion(
     seed: Any = None,
     *,
     noise: float = 0.0,
+    sampling: str = "uniform",
+    exponent: float = 0.5,
     weight_decay: float = 0.0,
     backend: str = "numpy",
     dtype: Any = None,
@@ -114,11 +172,18 @@ def random_completion(
     kappa : float
         Condition number of the truth (``s_1 / s_r``).
     oversampling : float
-        ``|Omega| = round(oversampling * r (m + n - r))`` distinct uniform entries.
+        ``|Omega| = round(oversampling * r (m + n - r))`` distinct entries.
     spectrum : {"geometric", "linear"}
     seed : int, Generator or None
     noise : float
         Standard deviation of Gaussian noise added to the observations (0: exact data).
+    sampling : {"uniform", "powerlaw"}
+        ``"uniform"``: every entry equally likely. ``"powerlaw"``: entry ``(i, j)`` drawn with
+        probability proportional to ``w_i w'_j``, Zipf weights with ``exponent``
+        (:func:`powerlaw_weights`, randomly permuted), so that row and column counts have
+        power-law tails as in rating data (:func:`sample_entries_weighted`).
+    exponent : float
+        Zipf exponent of ``sampling="powerlaw"`` (0.5 by default; 0 is uniform).
     weight_decay : float
         Ridge weight of the problem.
     backend, dtype, device : where the problem's arrays live.
@@ -142,9 +207,18 @@ def random_completion(
         raise ValueError(
             f"oversampling {oversampling} asks for {size} entries but the matrix has only {m * n}"
         )
+    if sampling not in ("uniform", "powerlaw"):
+        raise ValueError(f"sampling must be 'uniform' or 'powerlaw', got {sampling!r}")
+    exponent = float(exponent)
+    if not (exponent >= 0 and np.isfinite(exponent)):
+        raise ValueError(f"exponent must be finite and >= 0, got {exponent!r}")
     rng = as_rng(seed)
     truth = low_rank_truth(m, n, r, kappa, spectrum, rng)
-    rows, cols = sample_entries(m, n, max(size, 1), rng)
+    if sampling == "uniform":
+        rows, cols = sample_entries(m, n, max(size, 1), rng)
+    else:
+        row_p, col_p = powerlaw_weights(m, exponent, rng), powerlaw_weights(n, exponent, rng)
+        rows, cols = sample_entries_weighted(m, n, max(size, 1), row_p, col_p, rng)
     if max(m, n) <= np.iinfo(np.int32).max:  # the index type MatrixCompletion samples with
         rows, cols = rows.astype(np.int32), cols.astype(np.int32)
     vals = _kernels.sample_lowrank(truth.U * truth.s[None, :], truth.V, rows, cols)

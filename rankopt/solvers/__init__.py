@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from . import noise
 from .adaptive import (
     DLRAAdam,
     DLRAHeavyBall,
@@ -21,6 +22,7 @@ from .adaptive import (
     RHeavyBall,
 )
 from .base import (
+    ConvergenceWarning,
     History,
     IterationInfo,
     RankWarning,
@@ -43,6 +45,7 @@ __all__ = [
     "StopReason",
     "History",
     "IterationInfo",
+    "noise",
     "RGD",
     "RCG",
     "RGN",
@@ -58,6 +61,7 @@ __all__ = [
     "Auto",
     "METHODS",
     "RankWarning",
+    "ConvergenceWarning",
     "method_options",
     "blas_threads",
     "set_blas_threads",
@@ -100,10 +104,12 @@ def solve(
     problem : rankopt.problems.Problem
         e.g. ``MatrixCompletion``, ``MatrixSensing`` or ``Problem(cost, egrad, ehess)``
         (not an array: wrap data in a problem first).
-    rank : int
+    rank : int or "auto"
         Target rank, ``1 <= rank <= min(m, n)``. For rank-adaptive methods (``"auto"``,
         ``"adaptive-<method>"``, ``"dlra-heavyball"``, ``"dlra-adam"``, and the rules given a
         ``rank_tol``) it is the largest rank: the result has rank at most ``rank``.
+        ``"auto"`` (data problems, method "auto"): choose the rank on held-out observations,
+        up to the option ``max_rank`` (default :func:`rankopt.solvers.noise.default_max_rank`).
     method : str
         ``"auto"`` (default, :class:`Auto`): Riemannian Gauss-Newton/Newton-CG from the spectral
         start at full rank; if that does not converge within a small budget, rank-adaptive
@@ -135,7 +141,13 @@ def solve(
         :func:`method_options` lists what each method takes, and an option the method does not
         take raises ``TypeError`` naming the methods that do. ``threads=`` sets the number of
         BLAS threads for this call (default :func:`get_blas_threads`, which is 1; ``None``
-        leaves the BLAS settings alone). ``max_rank`` may only repeat ``rank``.
+        leaves the BLAS settings alone). ``max_rank`` may only repeat ``rank`` (with
+        ``rank="auto"`` it is the largest rank tried). For data problems (completion,
+        sensing) also the options of :func:`rankopt.solvers.noise.plan`: ``noise`` (None:
+        estimate it; 0: exact data; sigma: known level), ``validation`` (held-out fraction,
+        0.1), ``check_rank`` ("auto", True, False), ``ridge`` (weight decays tried on held-out
+        data). See :mod:`rankopt.solvers.noise` for what is checked, warned and reported in
+        ``info``.
 
     Returns
     -------
@@ -144,19 +156,45 @@ def solve(
         worth adding), which is reported by a :class:`RankWarning`.
     """
     threads = options.pop("threads", "default")
-    rank, x0 = check_solve_args(problem, rank, method, x0, options)
+    if isinstance(rank, str) and rank == "auto":  # the plan checks it, gives the largest rank
+        plan = noise.plan(problem, rank, method, options)  # pops the noise options
+        rank, x0 = check_solve_args(problem, plan.rank, method, x0, options)
+    else:
+        mine = {k: options.pop(k) for k in noise.OPTIONS if k in options}
+        rank, x0 = check_solve_args(problem, rank, method, x0, options)
+        plan = noise.plan(problem, rank, method, mine)
     if max_iter is None:
         key = method.lower()
         max_iter = (
             200 if key in ("auto", "rgn", "newton") or key.startswith("adaptive-rgn") else 2000
         )
     solver = make_solver(method, dict(options, tol=tol, max_iter=max_iter, verbose=verbose), rank)
+    if isinstance(solver, Auto):
+        solver.noise, solver.validation, solver.ridge = plan.noise, plan.validation, plan.ridge
+        solver.first_phase = not plan.auto_rank
     with blas_threads(threads):
         if x0 is None and rank == min(problem.shape):
             x0 = _full_rank_start(problem, rank, seed)
         res = solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
-    _check_result_rank(res, rank, method, is_rank_adaptive(method, options))
-    return res
+    if not plan.auto_rank:  # rank="auto" returns the rank it chose, up to max_rank
+        _check_result_rank(res, rank, method, is_rank_adaptive(method, options))
+    _check_converged(res, method)
+    return noise.finish(problem, res, plan, seed=seed, solver=solver)
+
+
+def _check_converged(res: SolverResult, method: str) -> None:
+    """Warn (``ConvergenceWarning``) when the run stopped before its convergence test held
+    (not for a callback's stop: the caller asked for it)."""
+    if res.converged or res.stop_reason == StopReason.CALLBACK:
+        return
+    warnings.warn(
+        f"method {method!r} stopped without converging ({res.stop_reason} after "
+        f"{res.iterations} iterations, {res.time:.2g} s; gradient norm {res.grad_norm:.2e}): "
+        "the result is the last point, not a solution to tol. Raise max_iter/max_time, or see "
+        "'Which solver when' in the docs.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 def _check_result_rank(res: SolverResult, rank: int, method: str, adaptive: bool) -> None:

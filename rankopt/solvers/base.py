@@ -36,6 +36,12 @@ class RankWarning(UserWarning):
     """A result or a start has another rank than the one asked for (see :func:`rankopt.solve`)."""
 
 
+class ConvergenceWarning(UserWarning):
+    """:func:`rankopt.solve` stopped before its convergence test held (``max_iter``,
+    ``max_time``, no progress, or non-finite values): ``result.converged`` is False and the
+    result is the last (finite) point, not a solution to ``tol``."""
+
+
 # ---------------------------------------------------------------------------
 # BLAS threads: solvers run their small dense kernels (QR of (m+n) x 2r, SVD of 2r x 2r,
 # products with r columns) with one BLAS thread by default. On a machine whose cores are busy,

@@ -23,8 +23,9 @@ Forcing term ``eta_k = min(eta_max, sqrt(||grad_k|| / ||grad_0||))`` gives super
 convergence (Dembo, Eisenstat, Steihaug 1982), floored at ``gstop / (2 ||grad_k||)`` so that the
 last inner solve is no more accurate than the stopping test needs. The Euclidean metric is used
 inside CG; a problem may offer ``gn_preconditioner(manifold, x)``, an SPD approximation of the
-inverse Gauss-Newton operator used to precondition CG (``MatrixCompletion`` scales by the
-number of observations per row and column).
+inverse Gauss-Newton operator used to precondition CG (``MatrixCompletion``: block-Jacobi
+with the per-row and per-column Gram matrices, or the observation counts), and
+``gn_operator(manifold, x)``, its own (faster) Gauss-Newton operator on the tangent space.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from .gradient import _inner, armijo
 __all__ = ["RGN", "truncated_cg"]
 
 
-def truncated_cg(apply_H, g: TangentVector, manifold, rtol: float, maxiter: int, apply_P=None):
+def truncated_cg(
+    apply_H, g: TangentVector, manifold, rtol: float, maxiter: int, apply_P=None, info=None
+):
     """Solve ``H xi = -g`` by (preconditioned) CG from 0.
 
     Stops at ``||r|| <= rtol ||g||`` (Euclidean residual norm) or on negative curvature.
@@ -48,6 +51,10 @@ def truncated_cg(apply_H, g: TangentVector, manifold, rtol: float, maxiter: int,
     ``H^{-1}``). Returns ``(xi, iterations, stop)`` with ``stop`` in {"tol", "maxiter",
     "negative-curvature"}; on negative curvature at the first iteration the (preconditioned)
     steepest-descent direction is returned.
+
+    ``info``, a dict, receives ``"xHx"`` = ``<xi, H xi>`` when it is known without another
+    product: from ``r = -g - H xi``, ``<xi, H xi> = -<xi, g> - <xi, r>`` (two inner products;
+    not after negative curvature at the first iteration).
     """
     xi = g * 0.0
     r = g * -1.0  # residual of H xi = -g at xi = 0
@@ -55,21 +62,28 @@ def truncated_cg(apply_H, g: TangentVector, manifold, rtol: float, maxiter: int,
     p = z
     rz = _inner(manifold, r, z)
     stop_at = rtol * rtol * _inner(manifold, r, r)
-    for k in range(maxiter):
+    stop, k = "maxiter", maxiter
+    for it in range(maxiter):
         Hp = apply_H(p)
         pHp = _inner(manifold, p, Hp)
         if not pHp > 0:
-            return (z if k == 0 else xi), k, "negative-curvature"
+            if it == 0:
+                return z, 0, "negative-curvature"
+            stop, k = "negative-curvature", it
+            break
         alpha = rz / pHp
         xi = xi.axpy(alpha, p)
         r = r.axpy(-alpha, Hp)
         if _inner(manifold, r, r) <= stop_at:
-            return xi, k + 1, "tol"
+            stop, k = "tol", it + 1
+            break
         z = r if apply_P is None else apply_P(r)
         rz_new = _inner(manifold, r, z)
         p = z.axpy(rz_new / rz, p)
         rz = rz_new
-    return xi, maxiter, "maxiter"
+    if info is not None:
+        info["xHx"] = -_inner(manifold, xi, g) - _inner(manifold, xi, r)
+    return xi, k, stop
 
 
 @dataclass
@@ -113,8 +127,13 @@ class RGN(Solver):
 
     def _operator(self, problem, manifold, x, Z):
         if self._is_gn(problem):
+            fast = getattr(problem, "gn_operator", None)
+            op = fast(manifold, x) if fast is not None else None
+            if op is not None:  # the problem's own P_x A^* A P_x (e.g. fused numba passes)
+                return op
             return lambda v: manifold.geometry.project(x, problem.ehess(x, manifold.embed(x, v)))
-        return lambda v: manifold.geometry.hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
+        g = manifold.geometry
+        return lambda v: g.hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
 
     def step(self, problem, manifold, x, f, Z, g, st: _NewtonState):
         gn = math.sqrt(max(_inner(manifold, g, g), 0.0))
@@ -126,7 +145,9 @@ class RGN(Solver):
         gstop = max(self.gtol, self.tol * st.g0)
         if gn > 0:
             eta = min(self.eta_max, max(eta, 0.5 * gstop / gn))
-        make_P = getattr(problem, "gn_preconditioner", None) if self._is_gn(problem) else None
+        gn_mode = self._is_gn(problem)
+        make_P = getattr(problem, "gn_preconditioner", None) if gn_mode else None
+        cg_info: dict = {}
         xi, k, _ = truncated_cg(
             self._operator(problem, manifold, x, Z),
             g,
@@ -134,12 +155,21 @@ class RGN(Solver):
             eta,
             self.cg_maxiter,
             make_P(manifold, x) if make_P is not None else None,
+            cg_info,
         )
         st.cg_iters, st.cg_total = k, st.cg_total + k
         slope = _inner(manifold, g, xi)
         if not slope < 0:
             xi, slope = -g, -gn * gn
-        t0 = problem.exact_step(x, manifold.embed(x, xi))
+            cg_info.pop("xHx", None)
+        xHx = cg_info.get("xHx")
+        if gn_mode and getattr(problem, "least_squares", False) and xHx is not None and xHx > 0:
+            # f(X + t D) is quadratic in t along the ambient line D = embed(xi) (tangent):
+            # f'(0) = <grad, xi> and f''(0) = ||A(D)||^2 (+ lam ||D||^2) = <xi, H xi>, which CG
+            # already knows: the exact step without another pass over the data
+            t0 = -slope / xHx
+        else:
+            t0 = problem.exact_step(x, manifold.embed(x, xi))
         t0 = float(t0) if t0 is not None and math.isfinite(t0) and t0 > 0 else 1.0
         t, x_new, _ = armijo(problem, manifold, x, f, slope, xi, t0)
         return x_new, st, t

@@ -221,7 +221,7 @@ def _check_problem(problem: Any, method: str) -> tuple[int, int]:
 def _check_rank(rank: Any, shape: tuple[int, int]) -> int:
     m, n = shape
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-        raise TypeError(f"rank must be an integer, got {rank!r} ({type(rank).__name__})")
+        raise TypeError(f"rank must be an integer or 'auto', got {rank!r} ({type(rank).__name__})")
     if not 1 <= rank <= min(m, n):
         raise ValueError(
             f"rank must be in [1, min(m, n) = {min(m, n)}] for a {m}x{n} problem, got {rank}"

@@ -71,10 +71,16 @@ def gather_point(layers: list[Layer], dtype: torch.dtype) -> FixedRankPoint:
 
 
 def _stamp(layers: list[Layer]) -> tuple | None:
-    """Identity, storage and version counter of every factor (None if torch has no counters)."""
+    """Identity, storage and version counter of every factor (None if torch has no counters).
+
+    ``Tensor._version`` is torch's in-place modification counter (what autograd checks to
+    detect a saved tensor changed in place); torch offers no public name for it.
+    """
     try:
         return tuple(
-            (id(p), p.data_ptr(), p._version) for L in layers for p in (L.U, L.S, L.V)
+            (id(p), p.data_ptr(), p._version)  # noqa: SLF001 - torch's own counter, see above
+            for L in layers
+            for p in (L.U, L.S, L.V)
         )
     except AttributeError:  # pragma: no cover - a torch without version counters
         return None
