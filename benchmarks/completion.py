@@ -393,14 +393,9 @@ def check_device(args: argparse.Namespace) -> None:
     args.device = str(be.device) if be.device is not None else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.worker:
-        scale_bench.run_worker(**json.loads(args.worker))
-        return 0
-    check_device(args)
-    if args.noise or args.sampling or args.scale is not None:
-        return main_sections(args, argv)
+def _report_log(argv: list[str] | None, packages: tuple[str, ...]) -> tuple[Any, list[str]]:
+    """A ``log`` that prints a line and keeps it for the markdown report, started with the
+    command and the machine information."""
     lines: list[str] = []
 
     def log(s: str = "") -> None:
@@ -409,8 +404,20 @@ def main(argv: list[str] | None = None) -> int:
 
     cmd = "python benchmarks/completion.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"# completion benchmark: `{cmd.strip()}`")
-    for s in machine_info(("numpy", "scipy", "numba", "pymanopt", "rankopt")).splitlines():
+    for s in machine_info(packages).splitlines():
         log(s)
+    return log, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        scale_bench.run_worker(**json.loads(args.worker))
+        return 0
+    check_device(args)
+    if args.noise or args.sampling or args.scale is not None:
+        return main_sections(args, argv)
+    log, lines = _report_log(argv, ("numpy", "scipy", "numba", "pymanopt", "rankopt"))
     log(f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')}")
     log(
         f"rank {RANK}, tol {TOL:g} (relative gradient norm), seed {SEED}, spectral start for every method"
@@ -524,16 +531,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
     """The issue-12 sections: ``--noise``, ``--sampling``, ``--scale`` (any combination)."""
-    lines: list[str] = []
-
-    def log(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
-
-    cmd = "python benchmarks/completion.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    log(f"# completion benchmark: `{cmd.strip()}`")
-    for s in machine_info(("numpy", "scipy", "numba", "rankopt")).splitlines():
-        log(s)
+    log, lines = _report_log(argv, ("numpy", "scipy", "numba", "rankopt"))
     note = " (quick run)" if args.quick else ""
     t_all = time.perf_counter()
     out: dict[str, Any] = {}

@@ -36,6 +36,16 @@ class RankWarning(UserWarning):
     """A result or a start has another rank than the one asked for (see :func:`rankopt.solve`)."""
 
 
+def cost_and_gradient_norm(problem: Any, x: Any) -> tuple[float, float]:
+    """``(f(x), ||P_x Z||_F)``: the cost and the norm of the projected Euclidean gradient (the
+    metric-independent gradient norm every stopping test uses). One cost-and-gradient call
+    plus a projection, O(problem + (m+n) r^2)."""
+    f, Z = problem.cost_and_egrad(x)
+    M = problem.manifold(x.rank)
+    g = M.geometry.project(x, Z)
+    return float(f), math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
+
+
 class ConvergenceWarning(UserWarning):
     """:func:`rankopt.solve` stopped before its convergence test held (``max_iter``,
     ``max_time``, no progress, or non-finite values): ``result.converged`` is False and the

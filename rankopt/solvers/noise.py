@@ -43,7 +43,7 @@ import numpy as np
 
 from .._backend import as_rng
 from ..containers import FixedRankPoint
-from .base import History, IterationInfo, SolverResult, StopReason
+from .base import History, IterationInfo, SolverResult, StopReason, cost_and_gradient_norm
 from .newton import RGN
 
 __all__ = [
@@ -652,13 +652,10 @@ def _result(problem, x, its, resT, resR, reason, t0, info) -> SolverResult:
     if resR is not None:
         hist.extend(resR.history, resT.iterations, resT.time)
         it += resR.iterations
-    f, Z = problem.cost_and_egrad(x)
-    M = problem.manifold(x.rank)
-    g = M.projection(x, Z)
-    gn = math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
+    f, gn = cost_and_gradient_norm(problem, x)
     return SolverResult(
         x,
-        float(f),
+        f,
         gn,
         it,
         reason,
@@ -877,11 +874,8 @@ def finish(
         alt = found.pop("lower_rank_point", None)
         res.info.update(found)
         if is_auto and alt is not None:
-            f, Z = problem.cost_and_egrad(alt)
-            M = problem.manifold(alt.rank)
-            g = M.projection(alt, Z)
-            res.point, res.cost = alt, float(f)
-            res.grad_norm = math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
+            res.point = alt
+            res.cost, res.grad_norm = cost_and_gradient_norm(problem, alt)
             res.info["rank_reduced_from"] = p.rank
             res.info["noise_estimate"] = noise_estimate(problem, alt)
             warnings.warn(

@@ -30,7 +30,14 @@ import numpy as np
 from .._backend import as_rng
 from ..containers import FixedRankPoint, LowRankMatrix
 from ..manifold import truncation_rank
-from .base import History, IterationInfo, Solver, SolverResult, StopReason
+from .base import (
+    History,
+    IterationInfo,
+    Solver,
+    SolverResult,
+    StopReason,
+    cost_and_gradient_norm,
+)
 from .newton import RGN
 
 __all__ = ["RankAdaptive", "Auto", "normal_top_singular"]
@@ -285,13 +292,10 @@ class RankAdaptive(Solver):
                 inner.ftol,
                 inner.verbose,
             ) = saved
-        f, Z = problem.cost_and_egrad(x)
-        M = problem.manifold(x.rank)
-        g = M.geometry.project(x, Z)
-        gn = math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
+        f, gn = cost_and_gradient_norm(problem, x)
         return SolverResult(
             x,
-            float(f),
+            f,
             gn,
             it,
             reason,
