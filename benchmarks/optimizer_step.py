@@ -265,7 +265,9 @@ def direction_errors(kw: dict, seeds=range(3), m=60, n=50, r=4) -> float:
         x = M.random_point(seed)
         dl, dr = np.exp(rng.uniform(-3.5, 3.5, m)), np.exp(rng.uniform(-3.5, 3.5, n))
         eta = M.random_tangent_vector(x, seed + 100)
-        ref = KroneckerDiagonal(dl, dr, solver="pcg", cg_tol=1e-14, cg_maxiter=1000).solve(M, x, eta)
+        ref = KroneckerDiagonal(dl, dr, solver="pcg", cg_tol=1e-14, cg_maxiter=1000).solve(
+            M, x, eta
+        )
         d = KroneckerDiagonal(dl, dr, **kw).solve(M, x, eta)
         num = sum(np.linalg.norm(a - b) ** 2 for a, b in zip(d, ref, strict=True))
         errs.append(float(np.sqrt(num / sum(np.linalg.norm(b) ** 2 for b in ref))))
@@ -331,8 +333,13 @@ def run_train(reps: int, progress) -> list[dict] | str:
         progress(f"train step round {i + 1}/{reps}")
     base = statistics.median(times["PEFT LoRA + AdamW"])
     return [
-        dict(method=k, median_ms=statistics.median(v) * 1e3, min_ms=min(v) * 1e3,
-             max_ms=max(v) * 1e3, ratio=statistics.median(v) / base)  # fmt: skip
+        dict(
+            method=k,
+            median_ms=statistics.median(v) * 1e3,
+            min_ms=min(v) * 1e3,
+            max_ms=max(v) * 1e3,
+            ratio=statistics.median(v) / base,
+        )  # fmt: skip
         for k, v in times.items()
     ]
 
@@ -365,11 +372,16 @@ def plot(rows: list[dict], path: Path, quick: bool) -> None:
         sel = [next((d for d in rows if (d["set"], d["r"], d["dtype"]) == c and d["method"] == meth), None) for c in cases]  # fmt: skip
         xs = [i + j * width for i, d in enumerate(sel) if d]
         ds = [d for d in sel if d]
-        err = [[d["median_ms"] - d["min_ms"] for d in ds], [d["max_ms"] - d["median_ms"] for d in ds]]
+        err = [
+            [d["median_ms"] - d["min_ms"] for d in ds],
+            [d["max_ms"] - d["median_ms"] for d in ds],
+        ]
         axes[0].bar(xs, [d["median_ms"] for d in ds], width, yerr=err, label=meth, capsize=2)
         axes[1].bar(xs, [d["state_mb"] for d in ds], width, label=meth)
     labels = [f"{s}\nr={r} {dt}" for s, r, dt in cases]
-    for ax, ylabel in zip(axes, ("step time [ms] (median, min-max)", "optimizer state [MiB]"), strict=True):
+    for ax, ylabel in zip(
+        axes, ("step time [ms] (median, min-max)", "optimizer state [MiB]"), strict=True
+    ):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))], labels, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel(ylabel)

@@ -226,7 +226,9 @@ class Backend:
             a = a[..., None, None]
         if self.name == "torch":
             torch = _torch()
-            return torch.addcmul(Y, a, X) if isinstance(a, torch.Tensor) else torch.add(Y, X, alpha=a)
+            return (
+                torch.addcmul(Y, a, X) if isinstance(a, torch.Tensor) else torch.add(Y, X, alpha=a)
+            )
         return Y + a * X
 
     def lerp(self, a: Any, b: Any, w: Any) -> Any:

@@ -64,11 +64,17 @@ class LowRankMatrix:
     def __post_init__(self):
         a, b = tuple(self.A.shape), tuple(self.B.shape)
         if len(a) < 2 or len(b) < 2:
-            raise ValueError(f"LowRankMatrix factors must be (stacks of) matrices, got A{a} and B{b}")
+            raise ValueError(
+                f"LowRankMatrix factors must be (stacks of) matrices, got A{a} and B{b}"
+            )
         if a[:-2] != b[:-2]:
-            raise ValueError(f"LowRankMatrix factors need the same leading dimensions, got A{a} and B{b}")
+            raise ValueError(
+                f"LowRankMatrix factors need the same leading dimensions, got A{a} and B{b}"
+            )
         if a[-1] != b[-1]:
-            raise ValueError(f"LowRankMatrix factors need the same number of columns, got A{a} and B{b}")
+            raise ValueError(
+                f"LowRankMatrix factors need the same number of columns, got A{a} and B{b}"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:

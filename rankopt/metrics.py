@@ -293,7 +293,9 @@ class KroneckerDiagonal(Metric):
         return f"{type(self).__name__}(structure={self.structure!r}, exact={self.exact})"
 
 
-def pcg(apply_A, apply_P, b: TangentVector, geometry, tol: float | None, maxiter: int) -> TangentVector:
+def pcg(
+    apply_A, apply_P, b: TangentVector, geometry, tol: float | None, maxiter: int
+) -> TangentVector:
     r"""Preconditioned conjugate gradients for ``A x = b`` on tangent spaces (one or a stack).
 
     ``A`` and ``P`` are SPD with respect to the Euclidean inner product of ``T_x``. Each item of

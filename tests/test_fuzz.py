@@ -677,6 +677,7 @@ def test_numpy_radamw_cg_maxiter_zero_is_refused_or_moves(p):
 
 # =========================================================================== 12. manifold / backend (lead)
 
+
 @pytest.mark.parametrize("op", ["from_matrix", "projection"])
 def test_complex_matrix_into_manifold_is_refused(op):
     M = ro.FixedRankManifold(8, 6, 2)

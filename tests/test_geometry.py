@@ -59,7 +59,9 @@ def test_every_operation_on_a_stack_equals_single_points(backend):
     x, Z, xi = _stack(M)
     eta = M.random_tangent_vector(x, 5)
     y = M.retraction(x, xi * 0.3)
-    lr = LowRankMatrix(M.backend.asarray(np.ones((K_, M.m, 2))), M.backend.asarray(np.ones((K_, M.n, 2))))
+    lr = LowRankMatrix(
+        M.backend.asarray(np.ones((K_, M.m, 2))), M.backend.asarray(np.ones((K_, M.n, 2)))
+    )
     ops = {
         "projection": lambda x, Z, xi, eta, y, L: M.projection(x, Z),
         "projection of a LowRankMatrix": lambda x, Z, xi, eta, y, L: M.projection(x, L),
@@ -157,7 +159,9 @@ def test_adam_metric_on_a_stack_updates_per_item():
     x, _, xi = _stack(M)
     stacked = Adam().update(M, x, xi).update(M, x, xi * 2.0)
     for k in range(K_):
-        single = Adam().update(M, _item(x, k), _item(xi, k)).update(M, _item(x, k), _item(xi, k) * 2.0)
+        single = (
+            Adam().update(M, _item(x, k), _item(xi, k)).update(M, _item(x, k), _item(xi, k) * 2.0)
+        )
         _close(stacked.left[k], single.left)
         _close(stacked.right[k], single.right)
 
@@ -173,7 +177,9 @@ def test_retraction_is_the_truncated_svd_also_when_degenerate(backend):
     u, s, vh = np.linalg.svd(_np(x.to_dense()) + _np(M.embed(x, xi).to_dense()))
     _close(M.retraction(x, xi).to_dense(), (u[:, :4] * s[:4]) @ vh[:4], 1e-12)
     x0 = FixedRankPoint(x.U, be.zeros((4,)), x.V)
-    step = TangentVector(be.asarray(np.diag([3.0, 2.0, 0.0, 0.0])), be.zeros((12, 4)), be.zeros((9, 4)))
+    step = TangentVector(
+        be.asarray(np.diag([3.0, 2.0, 0.0, 0.0])), be.zeros((12, 4)), be.zeros((9, 4))
+    )
     y = M.geometry.retract(x0, step)
     for F in (y.U, y.V):
         assert np.abs(_np(F).T @ _np(F) - np.eye(4)).max() < 1e-12

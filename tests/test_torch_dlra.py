@@ -119,7 +119,9 @@ def test_adapter_without_gradient_stays_unstarted(name):
     (tensor comparison), which raised."""
     cls, kw, _ = CASES[name]
     base = torch.randn(7, 10, dtype=D, generator=_gen(5))
-    used, idle = (rt.LowRankLinear(10, 7, 3, bias=False, base=base, dtype=D, seed=s) for s in (0, 1))
+    used, idle = (
+        rt.LowRankLinear(10, 7, 3, bias=False, base=base, dtype=D, seed=s) for s in (0, 1)
+    )
     opt = cls([*used.parameters(), *idle.parameters()], **kw)
     for i in range(3):
         inp, loss = _linear_case(i)

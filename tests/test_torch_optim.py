@@ -449,7 +449,9 @@ def test_bad_hyperparameters():
 def test_cached_point_sees_changes_made_outside_the_optimizer():
     """Between steps the optimizer reuses the stacked point it wrote; an outside change of a
     layer's factors (set_factors, an in-place edit) is seen at the next step."""
-    layers = nn.ModuleList(rt.LowRankLinear(10, 7, 3, bias=False, dtype=D, seed=i) for i in range(2))
+    layers = nn.ModuleList(
+        rt.LowRankLinear(10, 7, 3, bias=False, dtype=D, seed=i) for i in range(2)
+    )
     opt = rt.RSGD(layers.parameters(), lr=0.05)
     x, t = _data(0)
 

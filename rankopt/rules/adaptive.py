@@ -180,6 +180,4 @@ class RAdaGrad(AdaptiveRule):
         d = self.metric(manifold, row, col).solve(manifold, x, g)
         lr_t = lr / (1.0 + state.count * self.lr_decay)
         x_new = retract(self, manifold, x, d, -lr_t)
-        return x_new, move_state(
-            manifold, x, x_new, AdaGradState(state.count + 1, row, col)
-        )
+        return x_new, move_state(manifold, x, x_new, AdaGradState(state.count + 1, row, col))

@@ -222,9 +222,7 @@ def retract_state(spec: Any, manifold, x: FixedRankPoint, d: TangentVector, t: A
         x_new = retract(spec, manifold, x, d, t)
         return x_new, move_state(manifold, x, x_new, state)
     names = [n for n in type(state).FIELDS if isinstance(getattr(state, n), TangentVector)]
-    y, moved = manifold.geometry.retract_transport(
-        x, d, t, tuple(getattr(state, n) for n in names)
-    )
+    y, moved = manifold.geometry.retract_transport(x, d, t, tuple(getattr(state, n) for n in names))
     return y, _with(state, **dict(zip(names, moved, strict=True)))
 
 

@@ -103,7 +103,11 @@ class Capture:
                 GV += torch.einsum("bohw,brhw->or", g, z)
                 ks, stride, padding, dilation = rec[3]
                 w_shape = (U.shape[1], a.shape[1], *ks)
-                GtU += torch.nn.grad.conv2d_weight(a, w_shape, gU, stride, padding, dilation).reshape(U.shape[1], -1).T
+                GtU += (
+                    torch.nn.grad.conv2d_weight(a, w_shape, gU, stride, padding, dilation)
+                    .reshape(U.shape[1], -1)
+                    .T
+                )
                 M += torch.einsum("brhw,bshw->rs", gU, z)
             else:
                 gV, Ui = g @ V, U[a]
@@ -143,6 +147,7 @@ def get_capture(link: Any) -> Capture | None:
         _CAPTURES.pop(link, None)
         return None
     return cap
+
 
 # ---------------------------------------------------------------------------
 # autograd
@@ -247,7 +252,9 @@ class _LowRankConv2dFn(torch.autograd.Function):
 
             def dense():
                 shape = (m_out, x.shape[1], *kernel_size)
-                w = torch.nn.grad.conv2d_weight(x.to(wd), shape, g.to(wd), stride, padding, dilation)
+                w = torch.nn.grad.conv2d_weight(
+                    x.to(wd), shape, g.to(wd), stride, padding, dilation
+                )
                 return w.reshape(m_out, -1)
 
             cap.add(("conv2d", x.detach().to(cd), g.detach(), ctx.conf), dense)

@@ -284,7 +284,9 @@ class RiemannianOptimizer(torch.optim.Optimizer):
                 sums.append(p.grad.sum().reshape(1).float())
                 where.append((gi, p))
             for layers, _, xi in buckets:
-                sums.append((xi.M.sum((-2, -1)) + xi.Up.sum((-2, -1)) + xi.Vp.sum((-2, -1))).float())
+                sums.append(
+                    (xi.M.sum((-2, -1)) + xi.Up.sum((-2, -1)) + xi.Vp.sum((-2, -1))).float()
+                )
                 where.extend((gi, L) for L in layers)
         if not sums:
             return

@@ -133,6 +133,7 @@ def _check_torch_eps(eps: Any) -> None:
 # the optimizers
 # ---------------------------------------------------------------------------
 
+
 def _adamw_init(A: type[rules.RAdamW]):
     """``__init__`` of an AdamW-family optimizer with the defaults of the rule spec ``A``."""
 

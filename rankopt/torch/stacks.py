@@ -200,7 +200,9 @@ class StateStack:
         """Copy a new rule state of the same shapes into the buffers (views stay valid)."""
         new = state_arrays(new_state)
         names = list(self.buffers)
-        _copy_all([self.buffers[k] for k in names], [_as_tensor(new[k], self.buffers[k]) for k in names])
+        _copy_all(
+            [self.buffers[k] for k in names], [_as_tensor(new[k], self.buffers[k]) for k in names]
+        )
 
 
 def _as_tensor(v: Any, like: torch.Tensor) -> torch.Tensor:
