@@ -101,6 +101,10 @@ OPTS = {
     "RAdaGrad": (rt.RAdaGrad, dict(lr=0.05, lr_decay=0.1)),
     "RSGD": (rt.RSGD, dict(lr=0.05, momentum=0.9)),
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.02, rank_tol=1e-3)),
+    "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05, rank_tol=1e-3)),
+    "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01)),
+    "ReferenceRAdaGrad": (rt.ReferenceRAdaGrad, dict(lr=0.05)),
+    "RAdamWElementwise": (rt.RAdamWElementwise, dict(lr=0.01, cg_tol=1e-13, cg_maxiter=200)),
 }
 
 
