@@ -153,7 +153,9 @@ def solve(
     -------
     SolverResult
         Of rank ``rank``; a rank-adaptive method may return a lower rank (it found nothing
-        worth adding), which is reported by a :class:`RankWarning`.
+        worth adding), which is reported by a :class:`RankWarning`. A run that stopped
+        without converging (``result.converged`` False: max-iter, max-time, min-step,
+        non-finite) is reported by a :class:`ConvergenceWarning`.
     """
     threads = options.pop("threads", "default")
     if isinstance(rank, str) and rank == "auto":  # the plan checks it, gives the largest rank
