@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -100,6 +102,35 @@ def normal_top_singular(
     return u, s[:k], v
 
 
+_INNER_FIELDS = ("tol", "gtol", "max_iter", "max_time", "track_error", "ftol", "verbose")
+
+
+@contextmanager
+def _inner_settings(inner: Solver, **settings: Any) -> Iterator[None]:
+    """Set ``settings`` on the inner solver for the run; restore every field a stage changes
+    (:data:`_INNER_FIELDS`) afterwards, also on errors."""
+    saved = {k: getattr(inner, k) for k in _INNER_FIELDS}
+    try:
+        for k, v in settings.items():
+            setattr(inner, k, v)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(inner, k, v)
+
+
+def _converging_fast(res: SolverResult, gtol: float) -> bool:
+    """A stage that stopped (iteration cap or stage tolerance) short of ``gtol`` while its
+    gradient norm still fell by ``FAST_DECREASE`` or more per iteration."""
+    g = res.history.grad_norm
+    return (
+        res.stop_reason in (StopReason.MAX_ITER, StopReason.GRADIENT)
+        and res.grad_norm > gtol
+        and len(g) >= 2
+        and g[-1] < FAST_DECREASE * g[-2]
+    )
+
+
 class RankAdaptive(Solver):
     """Rank-increasing (and optionally decreasing) wrapper: ``RankAdaptive(inner, max_rank=r)``.
 
@@ -170,76 +201,39 @@ class RankAdaptive(Solver):
         max_rank = self.max_rank or rank or (x0.rank if x0 is not None else None)
         if max_rank is None:
             raise ValueError("RankAdaptive needs max_rank (or rank=...)")
-        if x0 is None:
-            x0 = problem.spectral_init(max_rank, seed=seed)
-            if x0 is None:
-                x0 = problem.manifold(max_rank).random_point(seed)
-            sv = problem.manifold(max_rank).backend.to_numpy(x0.s)
-            k = self._count(sv, max_rank)
-            x0 = FixedRankPoint(x0.U[:, :k], x0.s[:k], x0.V[:, :k])
-        x, hist, it = x0, History(), 0
-        inner = self.inner
-        saved = (
-            inner.tol,
-            inner.gtol,
-            inner.max_iter,
-            inner.max_time,
-            inner.track_error,
-            inner.ftol,
-            inner.verbose,
-        )
+        x = self._start(problem, max_rank, seed) if x0 is None else x0
+        hist, it, inner = History(), 0, self.inner
         g_ref, reason, res = None, StopReason.MAX_ITER, None
 
         def stage_callback(info):
             # report iterations and times of the whole run, not of the current stage
-            shifted = IterationInfo(
-                info.iteration + it,
-                info.point,
-                info.cost,
-                info.grad_norm,
-                info.step_size,
-                info.time + (hist.time[-1] if hist.time else 0.0),
-            )
+            t = info.time + (hist.time[-1] if hist.time else 0.0)
+            shifted = IterationInfo(info.iteration + it, info.point, info.cost, info.grad_norm,
+                                    info.step_size, t)  # fmt: skip
             return callback(shifted)
 
         idle = 0  # passes in a row that made no inner iteration and changed no rank
-        try:
-            inner.track_error, inner.verbose = self.track_error, self.verbose
+        with _inner_settings(inner, track_error=self.track_error, verbose=self.verbose):
             while True:
                 # every pass honours the overall budgets, whatever the inner solver did
-                if it >= self.max_iter:
-                    reason = StopReason.MAX_ITER
-                    break
-                if time.perf_counter() - t0 >= self.max_time:
-                    reason = StopReason.MAX_TIME
-                    break
-                if idle >= self.max_idle:
-                    reason = StopReason.MIN_STEP  # no progress possible: stop, not converged
+                stop = self._budget_stop(it, t0, idle)
+                if stop is not None:
+                    reason = stop
                     break
                 if self.rank_tol is not None and x.rank > 1:
                     x = self._truncate(problem, x)  # drop negligible directions before fitting
                 final = x.rank >= max_rank
-                M = problem.manifold(x.rank)
                 if g_ref is None:
-                    f, Z = problem.cost_and_egrad(x)
-                    g = M.geometry.project(x, Z)
-                    g_ref = math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
+                    f, g_ref = cost_and_gradient_norm(problem, x)
                     hist.append(0, f, g_ref, 0.0, 0.0, x.rank, self._err(problem, x))
                 gtol = max(self.gtol, self.tol * g_ref)
-                inner.gtol = gtol
-                inner.tol = 0.0 if final else self.stage_tol
-                inner.ftol = self.ftol if final else 0.0
-                inner.max_iter = (
-                    (self.max_iter - it) if final else min(self.stage_max_iter, self.max_iter - it)
-                )
-                inner.max_time = self.max_time - (time.perf_counter() - t0)
+                self._configure_stage(final, gtol, it, t0)
                 res = inner.run(
                     problem, x, callback=stage_callback if callback is not None else None
                 )
                 hist.extend(res.history, it, hist.time[-1] if hist.time else 0.0)
                 it += res.iterations
-                rank_before = x.rank
-                x = res.point
+                rank_before, x = x.rank, res.point
                 if res.stop_reason in (
                     StopReason.NON_FINITE,
                     StopReason.CALLBACK,
@@ -253,26 +247,17 @@ class RankAdaptive(Solver):
                         x, max_rank = x_cut, min(max_rank, x_cut.rank) if final else max_rank
                         if it < self.max_iter:
                             continue
-                if it >= self.max_iter:
-                    reason = StopReason.MAX_ITER
+                if it >= self.max_iter or final:
+                    reason = StopReason.MAX_ITER if it >= self.max_iter else res.stop_reason
                     break
-                if final:
-                    reason = res.stop_reason
-                    break
+                if _converging_fast(res, gtol):
+                    # the stage ended (iteration cap or stage_tol) while converging
+                    # superlinearly: finish the fit at this rank before looking outside the
+                    # manifold, where the unfinished fit would show up as a spurious direction
+                    continue
                 # an inner run that made no iteration cannot make the next one either: the
                 # tangent fit is as good as it gets at this rank, so growing must not wait
                 stuck = res.iterations == 0
-                g = res.history.grad_norm
-                if (
-                    res.stop_reason in (StopReason.MAX_ITER, StopReason.GRADIENT)
-                    and res.grad_norm > gtol
-                    and len(g) >= 2
-                    and g[-1] < FAST_DECREASE * g[-2]
-                ):
-                    # the stage ended (iteration cap or stage_tol) while converging fast
-                    # (superlinearly): finish the fit at this rank before looking outside the
-                    # manifold, where the unfinished fit would show up as a spurious direction
-                    continue
                 action, x_new = self._grow(
                     problem, x, max_rank, gtol, res.grad_norm, seed, force=stuck
                 )
@@ -282,29 +267,40 @@ class RankAdaptive(Solver):
                     x = x_new
                 # "wait": the tangent part still dominates; another stage at this rank
                 idle = idle + 1 if (stuck and x.rank == rank_before) else 0
-        finally:
-            (
-                inner.tol,
-                inner.gtol,
-                inner.max_iter,
-                inner.max_time,
-                inner.track_error,
-                inner.ftol,
-                inner.verbose,
-            ) = saved
         f, gn = cost_and_gradient_norm(problem, x)
-        return SolverResult(
-            x,
-            f,
-            gn,
-            it,
-            reason,
-            reason.converged,
-            hist,
-            time.perf_counter() - t0,
-            f"RankAdaptive({inner.name})",
-            {"g_ref": g_ref},
-        )
+        return SolverResult(x, f, gn, it, reason, reason.converged, hist,
+                            time.perf_counter() - t0, f"RankAdaptive({inner.name})",
+                            {"g_ref": g_ref})  # fmt: skip
+
+    def _start(self, problem, max_rank: int, seed) -> FixedRankPoint:
+        """The spectral start (else a random point) cut to the leading singular values that
+        :meth:`_count` keeps."""
+        x0 = problem.spectral_init(max_rank, seed=seed)
+        if x0 is None:
+            x0 = problem.manifold(max_rank).random_point(seed)
+        k = self._count(problem.manifold(max_rank).backend.to_numpy(x0.s), max_rank)
+        return FixedRankPoint(x0.U[:, :k], x0.s[:k], x0.V[:, :k])
+
+    def _budget_stop(self, it: int, t0: float, idle: int) -> StopReason | None:
+        """The overall budgets, checked before every stage."""
+        if it >= self.max_iter:
+            return StopReason.MAX_ITER
+        if time.perf_counter() - t0 >= self.max_time:
+            return StopReason.MAX_TIME
+        if idle >= self.max_idle:
+            return StopReason.MIN_STEP  # no progress possible: stop, not converged
+        return None
+
+    def _configure_stage(self, final: bool, gtol: float, it: int, t0: float) -> None:
+        """The inner solver's tolerances and budgets for the next stage: a loose, short stage
+        below ``max_rank``; the whole remaining budget and the run's own tests at it."""
+        inner = self.inner
+        inner.gtol = gtol
+        inner.tol = 0.0 if final else self.stage_tol
+        inner.ftol = self.ftol if final else 0.0
+        left = self.max_iter - it
+        inner.max_iter = left if final else min(self.stage_max_iter, left)
+        inner.max_time = self.max_time - (time.perf_counter() - t0)
 
     def _grow(self, problem, x, max_rank, gtol, gtan, seed, force=False):
         """Decide whether to add rank: ``("grow", x_new)``, ``("wait", None)`` or ``("done", None)``.
