@@ -500,36 +500,11 @@ def validated_rank_search(
     held = Holdout(held_p, rms_observed(held_p))
     own = float(getattr(problem, "weight_decay", 0.0))
     lams = [own] if ridge is None else (ridge_grid(problem) if ridge == "auto" else list(ridge))
-    searches: list[_Search] = []
-    its = 0
-    for lam in lams:
-        budget = dict(  # max_iter bounds each fit of the scan; max_time the whole search
-            tol=tol,
-            gtol=gtol,
-            stage_max_iter=stage_max_iter,
-            max_iter=max_iter,
-            max_time=max_time - (time.perf_counter() - t0),
-        )
-        train = problem.subset(tr_idx, weight_decay=lam)
-        shift = shift_callback(callback, its, time.perf_counter() - t0) if callback else None
-        searches.append(_watched_fit(train, held, max_rank, seed, shift, budget, opts))
-        its += searches[-1].result.iterations
-        last = searches[-1]
-        stopped = last.result.stop_reason in (StopReason.MAX_TIME, StopReason.NON_FINITE)
-        if last.user_stop or stopped or _exact_fit([last]) is not None:
-            break  # (exact data fitted exactly: a ridge could only add bias)
-    exact = _exact_fit(searches)
-    if exact is not None:  # exact data: the converged fit, not an early-stopped iterate
-        exact.best.update(
-            x=exact.result.point,
-            rank=exact.result.point.rank,
-            val=held.rmse(exact.result.point),
-            it=exact.result.iterations,
-        )
-    found = [z for z in searches if z.best["x"] is not None]
-    chosen = exact or min(
-        found or searches, key=lambda z: z.best["val"] if found else z.closest["val"]
+    budget = dict(tol=tol, gtol=gtol, stage_max_iter=stage_max_iter, max_iter=max_iter)
+    searches, its = _ridge_scan(
+        problem, held, tr_idx, lams, max_rank, seed, callback, budget, opts, t0, max_time
     )
+    chosen, exact, found = _pick(searches, held)
     resT = chosen.result
     info: dict[str, Any] = {
         "exact_fit": exact is not None,
@@ -544,23 +519,8 @@ def validated_rank_search(
             for z in searches
         ],
     }
-    user_stop = any(z.user_stop for z in searches)
-    stopped_early = resT.stop_reason == StopReason.CALLBACK and not chosen.user_stop
     if not found:  # nothing beats zero on held-out entries
-        x = chosen.closest["x"]
-        c = _holdout_scale(held, x)
-        info.update(rank_chosen=0, validation_rmse=held.zero_rmse, shrinkage=c)
-        warnings.warn(
-            f"no rank-1..{max_rank} estimate beats the zero matrix on the held-out "
-            f"observations (held-out RMSE of zero: {held.zero_rmse:.3e}): the data are too noisy "
-            f"to estimate anything at this sampling; returned the rank-{x.rank} fit closest to "
-            f"them scaled by {c:.2e} (the held-out least-squares scale if significant, else "
-            f"{ZERO_SCALE:g})",
-            NoiseWarning,
-            stacklevel=3,
-        )
-        xs = FixedRankPoint(x.U, x.s * c, x.V)
-        return _result(problem, xs, its, resT, None, StopReason.MIN_STEP, t0, info)
+        return _zero_fallback(problem, held, chosen, max_rank, its, info, t0)
     xb = chosen.best["x"]
     info.update(rank_chosen=xb.rank, validation_rmse=chosen.best["val"], shrinkage=1.0)
     info["best_train_iteration"] = chosen.best["it"]
@@ -579,15 +539,76 @@ def validated_rank_search(
         target_cost=_refit_target(problem, chosen.train, xb, user_target),
         **opts,
     )
-    shift = shift_callback(callback, its, time.perf_counter() - t0)
-    resR = refit.run(target_problem, xb, callback=shift)
+    resR = refit.run(
+        target_problem, xb, callback=shift_callback(callback, its, time.perf_counter() - t0)
+    )
     reason = resR.stop_reason
-    if user_stop:
+    stopped_early = resT.stop_reason == StopReason.CALLBACK and not chosen.user_stop
+    if any(z.user_stop for z in searches):
         reason = StopReason.CALLBACK
     elif not stopped_early and resT.stop_reason in (StopReason.MAX_TIME, StopReason.NON_FINITE):
         reason = resT.stop_reason
     info["noise_estimate"] = noise_estimate(problem, resR.point)
     return _result(problem, resR.point, its, resT, resR, reason, t0, info)
+
+
+def _ridge_scan(
+    problem, held, tr_idx, lams, max_rank, seed, callback, budget, opts, t0, max_time
+) -> tuple[list[_Search], int]:
+    """One watched rank-adaptive fit on the training part per weight decay in ``lams``
+    (``max_iter`` bounds each fit, ``max_time`` the whole scan); stops at a user's callback
+    stop, a time-out, non-finite values, or an exact fit (a ridge could only add bias)."""
+    searches: list[_Search] = []
+    its = 0
+    for lam in lams:
+        fit_budget = dict(budget, max_time=max_time - (time.perf_counter() - t0))
+        train = problem.subset(tr_idx, weight_decay=lam)
+        shift = shift_callback(callback, its, time.perf_counter() - t0) if callback else None
+        searches.append(_watched_fit(train, held, max_rank, seed, shift, fit_budget, opts))
+        its += searches[-1].result.iterations
+        last = searches[-1]
+        stopped = last.result.stop_reason in (StopReason.MAX_TIME, StopReason.NON_FINITE)
+        if last.user_stop or stopped or _exact_fit([last]) is not None:
+            break
+    return searches, its
+
+
+def _pick(searches: list[_Search], held: Holdout) -> tuple[_Search, Any, list[_Search]]:
+    """``(chosen, exact, found)``: an exact fit if there is one (its converged point, not an
+    early-stopped iterate), else the search with the best held-out iterate; ``found`` are the
+    searches with an iterate that beats zero (if none, the one closest to beating it)."""
+    exact = _exact_fit(searches)
+    if exact is not None:
+        exact.best.update(
+            x=exact.result.point,
+            rank=exact.result.point.rank,
+            val=held.rmse(exact.result.point),
+            it=exact.result.iterations,
+        )
+    found = [z for z in searches if z.best["x"] is not None]
+    chosen = exact or min(
+        found or searches, key=lambda z: z.best["val"] if found else z.closest["val"]
+    )
+    return chosen, exact, found
+
+
+def _zero_fallback(problem, held, chosen, max_rank, its, info, t0) -> SolverResult:
+    """No iterate beats the zero matrix on the held-out part: the closest one, scaled by the
+    held-out least-squares factor (or ``ZERO_SCALE``), with a :class:`NoiseWarning`."""
+    x = chosen.closest["x"]
+    c = _holdout_scale(held, x)
+    info.update(rank_chosen=0, validation_rmse=held.zero_rmse, shrinkage=c)
+    warnings.warn(
+        f"no rank-1..{max_rank} estimate beats the zero matrix on the held-out "
+        f"observations (held-out RMSE of zero: {held.zero_rmse:.3e}): the data are too noisy "
+        f"to estimate anything at this sampling; returned the rank-{x.rank} fit closest to "
+        f"them scaled by {c:.2e} (the held-out least-squares scale if significant, else "
+        f"{ZERO_SCALE:g})",
+        NoiseWarning,
+        stacklevel=4,
+    )
+    xs = FixedRankPoint(x.U, x.s * c, x.V)
+    return _result(problem, xs, its, chosen.result, None, StopReason.MIN_STEP, t0, info)
 
 
 def _exact_fit(searches: list[_Search]) -> _Search | None:
