@@ -49,6 +49,33 @@ BLOCK_MIN_NNZ = 200_000
 BLOCK_REUSE = 0.2
 
 
+def _check_values(v: np.ndarray) -> np.ndarray:
+    """The observed values as finite float64 (ValueError naming the first bad one)."""
+    if v.dtype.kind not in "fiub":
+        raise ValueError(f"vals must be real numbers, got dtype {v.dtype}")
+    v = v.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(v)):
+        bad = int(np.flatnonzero(~np.isfinite(v))[0])
+        raise ValueError(f"vals must be finite; vals[{bad}] = {v[bad]}")
+    return v
+
+
+def _csr_order(r: np.ndarray, c: np.ndarray, n: int) -> np.ndarray:
+    """The permutation that sorts the entries row-major (the CSR order); ValueError for
+    duplicate positions (they become neighbours there). O(N log N)."""
+    lin = r * n + c
+    order = np.argsort(lin, kind="stable")
+    lin = lin[order]
+    dup = np.flatnonzero(lin[1:] == lin[:-1])
+    if dup.size:
+        i, j = divmod(int(lin[dup[0]]), n)
+        raise ValueError(
+            f"duplicate observed entries: position ({i}, {j}) appears more than once "
+            f"({dup.size} duplicates in total); aggregate them first"
+        )
+    return order
+
+
 def _host(a: Any, what: str) -> np.ndarray:
     """Input data as a NumPy array on the host (validation and sorting happen there, once)."""
     if backend_name_of(a) == "torch":
@@ -190,12 +217,7 @@ class MatrixCompletion(Problem):
         m, n = self.shape
         r_h = _check_indices(r_h, m, "rows")
         c_h = _check_indices(c_h, n, "cols")
-        if v_h.dtype.kind not in "fiub":
-            raise ValueError(f"vals must be real numbers, got dtype {v_h.dtype}")
-        v_h = v_h.astype(np.float64, copy=False)
-        if not np.all(np.isfinite(v_h)):
-            bad = int(np.flatnonzero(~np.isfinite(v_h))[0])
-            raise ValueError(f"vals must be finite; vals[{bad}] = {v_h[bad]}")
+        v_h = _check_values(v_h)
         wd = float(weight_decay)
         if not (wd >= 0.0 and np.isfinite(wd)):
             raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
@@ -211,23 +233,13 @@ class MatrixCompletion(Problem):
         self._block_cache: tuple[Any, Any, np.ndarray, np.ndarray] | None = None
         self._blocked: Any = None
 
-        # sort Omega row-major (the CSR order) once; duplicates become neighbours
-        lin = r_h * n + c_h
-        order = np.argsort(lin, kind="stable")
-        lin = lin[order]
-        dup = np.flatnonzero(lin[1:] == lin[:-1])
-        if dup.size:
-            i, j = divmod(int(lin[dup[0]]), n)
-            raise ValueError(
-                f"duplicate observed entries: position ({i}, {j}) appears more than once "
-                f"({dup.size} duplicates in total); aggregate them first"
-            )
-        idx = np.int32 if max(m, n, len(lin)) <= _INT32_MAX else np.int64
+        order = _csr_order(r_h, c_h, n)
+        idx = np.int32 if max(m, n, len(order)) <= _INT32_MAX else np.int64
         r_s, c_s = r_h[order], c_h[order]
         indptr = np.zeros(m + 1, dtype=np.int64)
         np.cumsum(np.bincount(r_s, minlength=m), out=indptr[1:])
         be = self._be
-        self.nnz = int(len(lin))
+        self.nnz = int(len(order))
         self.rows = _index_array(be, r_s, idx)
         self.cols = _index_array(be, c_s, idx)
         self.indptr = _index_array(be, indptr, idx)
