@@ -61,28 +61,33 @@ def _demo(args: argparse.Namespace) -> int:
             f"{method:<8} {res.iterations:>10d} {elapsed:>9.3f} {err:>11.2e} {res.rank:>5d}  {res.stop_reason}"
         )
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for method, res, _, _ in rows:
-            h = res.history.as_arrays()
-            axes[0].semilogy(h["iteration"], h["rel_error"], ".-", label=method)
-            axes[1].semilogy(h["time"], h["rel_error"], ".-", label=method)
-        axes[0].set_xlabel("iteration")
-        axes[1].set_xlabel("time [s]")
-        for ax in axes:
-            ax.set_ylabel("relative error ||X - X*||_F / ||X*||_F")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        fig.suptitle(f"completion {args.size}x{args.size}, rank {args.rank}, kappa {args.kappa:g}")
-        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
-        fig.savefig(args.plot, dpi=100, bbox_inches="tight")
-        print(f"\nconvergence plot written to {args.plot}")
+        _plot(rows, args)
     ok = all(err <= 1e-6 for *_, err in rows[:1])
     return 0 if ok else 1
+
+
+def _plot(rows: list, args: argparse.Namespace) -> None:
+    """The convergence figure: relative error against iterations and against time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, res, _, _ in rows:
+        h = res.history.as_arrays()
+        axes[0].semilogy(h["iteration"], h["rel_error"], ".-", label=method)
+        axes[1].semilogy(h["time"], h["rel_error"], ".-", label=method)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("time [s]")
+    for ax in axes:
+        ax.set_ylabel("relative error ||X - X*||_F / ||X*||_F")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"completion {args.size}x{args.size}, rank {args.rank}, kappa {args.kappa:g}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+    fig.savefig(args.plot, dpi=100, bbox_inches="tight")
+    print(f"\nconvergence plot written to {args.plot}")
 
 
 def main(argv: list[str] | None = None) -> int:
