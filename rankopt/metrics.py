@@ -102,6 +102,27 @@ STRUCTURES = ("full", "block")
 SOLVERS = ("direct", "pcg")
 
 
+def _check_cg(cg_tol: Any, cg_maxiter: Any) -> None:
+    """The PCG settings of a metric: ``cg_maxiter`` an integer >= 1, ``cg_tol`` >= 0 or None."""
+    if isinstance(cg_maxiter, bool) or not int(cg_maxiter) >= 1:
+        raise ValueError(f"cg_maxiter must be an integer >= 1, got {cg_maxiter!r}")
+    if cg_tol is not None and not cg_tol >= 0:
+        raise ValueError(f"cg_tol must be >= 0 or None, got {cg_tol!r}")
+
+
+def _pcg_solve(metric: Any, manifold: Any, x: Any, eta: TangentVector) -> TangentVector:
+    """``G_x^{-1} eta`` by :func:`pcg` on the metric's ``apply``, preconditioned by its
+    ``precondition``, to its ``cg_tol`` within ``cg_maxiter`` iterations."""
+    return pcg(
+        lambda v: metric.apply(manifold, x, v),
+        lambda v: metric.precondition(manifold, x, v),
+        eta,
+        manifold.geometry,
+        tol=metric.cg_tol,
+        maxiter=int(metric.cg_maxiter),
+    )
+
+
 @dataclass(frozen=True, repr=False)
 class KroneckerDiagonal(Metric):
     r"""A metric from positive row and column weights ``D_L = diag(left)``, ``D_R = diag(right)``.
@@ -177,10 +198,7 @@ class KroneckerDiagonal(Metric):
             raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
         if self.structure == "block" and not self.exact:
             raise ValueError("exact=False (precondition only) applies to structure='full' only")
-        if isinstance(self.cg_maxiter, bool) or not int(self.cg_maxiter) >= 1:
-            raise ValueError(f"cg_maxiter must be an integer >= 1, got {self.cg_maxiter!r}")
-        if self.cg_tol is not None and not self.cg_tol >= 0:
-            raise ValueError(f"cg_tol must be >= 0 or None, got {self.cg_tol!r}")
+        _check_cg(self.cg_tol, self.cg_maxiter)
 
     # -- the full (restricted ambient) operator --------------------------------------------
     def _scaled(self, manifold, x, xi, power: float) -> TangentVector:
@@ -280,14 +298,7 @@ class KroneckerDiagonal(Metric):
             return self.precondition(manifold, x, eta)
         if self.solver == "direct":
             return self._direct_solve(manifold, x, eta)
-        return pcg(
-            lambda v: self.apply(manifold, x, v),
-            lambda v: self.precondition(manifold, x, v),
-            eta,
-            manifold.geometry,
-            tol=self.cg_tol,
-            maxiter=int(self.cg_maxiter),
-        )
+        return _pcg_solve(self, manifold, x, eta)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(structure={self.structure!r}, exact={self.exact})"
@@ -583,10 +594,7 @@ class ElementwiseDiagonal(Metric):
     def __post_init__(self):
         if self.weights is None:
             raise ValueError("ElementwiseDiagonal needs weights of shape (..., m, n)")
-        if isinstance(self.cg_maxiter, bool) or not int(self.cg_maxiter) >= 1:
-            raise ValueError(f"cg_maxiter must be an integer >= 1, got {self.cg_maxiter!r}")
-        if self.cg_tol is not None and not self.cg_tol >= 0:
-            raise ValueError(f"cg_tol must be >= 0 or None, got {self.cg_tol!r}")
+        _check_cg(self.cg_tol, self.cg_maxiter)
 
     def _scaled(self, manifold, x, xi: TangentVector, inverse: bool) -> TangentVector:
         g = manifold.geometry
@@ -602,14 +610,7 @@ class ElementwiseDiagonal(Metric):
         return self._scaled(manifold, x, eta, True)
 
     def solve(self, manifold, x, eta):
-        return pcg(
-            lambda v: self.apply(manifold, x, v),
-            lambda v: self.precondition(manifold, x, v),
-            eta,
-            manifold.geometry,
-            tol=self.cg_tol,
-            maxiter=int(self.cg_maxiter),
-        )
+        return _pcg_solve(self, manifold, x, eta)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cg_tol={self.cg_tol}, cg_maxiter={self.cg_maxiter})"
