@@ -59,6 +59,23 @@ class ProblemSpec:
     start_scale: float = 0.1
 
 
+#: one line style per method, shared by the benchmark's figure and paper_figures/fig_seeds.py
+#: (each plots a subset): method name -> (color, line style)
+METHOD_STYLES = {
+    "LoRA + AdamW": ("tab:gray", "-"),
+    "LoRA + heavy ball": ("tab:gray", ":"),
+    "ScaledGD": ("tab:brown", "-"),
+    "PEFT Riemannian AdamW": ("tab:pink", "-"),
+    "PEFT LoRA+ AdamW": ("tab:olive", "-"),
+    "authors' RAdamW (reference)": ("black", "--"),
+    "authors' RAdaGrad (reference)": ("black", ":"),
+    "RAdamW": ("tab:green", "-"),
+    "RAdaGrad": ("tab:cyan", "-"),
+    "RAdamW quartic+PCG (old default)": ("tab:green", ":"),
+    "DLRAAdam": ("tab:red", "-"),
+    "DLRAHeavyBall": ("tab:orange", "-"),
+}
+
 PROBLEMS = {
     "i": ProblemSpec("i", "(i) rank 4, kappa 100, Gaussian inputs, from W = 0"),
     "ii": ProblemSpec("ii", "(ii) as (i), features scaled 1 .. 1e-2 (ill-conditioned)", ill=True),

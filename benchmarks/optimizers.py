@@ -340,17 +340,20 @@ def table(rows: dict, args, header: str) -> str:
 
 
 FIG_METHODS = {
-    "LoRA + AdamW": ("tab:gray", "-"),
-    "ScaledGD": ("tab:brown", "-"),
-    "PEFT Riemannian AdamW": ("tab:pink", "-"),
-    "PEFT LoRA+ AdamW": ("tab:olive", "-"),
-    "authors' RAdamW (reference)": ("black", "--"),
-    "authors' RAdaGrad (reference)": ("black", ":"),
-    "RAdamW": ("tab:green", "-"),
-    "RAdaGrad": ("tab:cyan", "-"),
-    "RAdamW quartic+PCG (old default)": ("tab:green", ":"),
-    "DLRAAdam": ("tab:red", "-"),
-    "DLRAHeavyBall": ("tab:orange", "-"),
+    k: lib.METHOD_STYLES[k]
+    for k in (
+        "LoRA + AdamW",
+        "ScaledGD",
+        "PEFT Riemannian AdamW",
+        "PEFT LoRA+ AdamW",
+        "authors' RAdamW (reference)",
+        "authors' RAdaGrad (reference)",
+        "RAdamW",
+        "RAdaGrad",
+        "RAdamW quartic+PCG (old default)",
+        "DLRAAdam",
+        "DLRAHeavyBall",
+    )
 }
 
 

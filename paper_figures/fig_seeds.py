@@ -49,17 +49,20 @@ BENCH_JSON = Path("out") / "optimizers" / "optimizers_results.json"
 PROBLEMS = ("i", "ii", "iii", "iv")
 #: method -> (color, line style); grouped as in the module docstring
 METHODS = {
-    "LoRA + AdamW": ("tab:gray", "-"),
-    "LoRA + heavy ball": ("tab:gray", ":"),
-    "ScaledGD": ("tab:brown", "-"),
-    "PEFT Riemannian AdamW": ("tab:pink", "-"),
-    "PEFT LoRA+ AdamW": ("tab:olive", "-"),
-    "authors' RAdamW (reference)": ("black", "--"),
-    "authors' RAdaGrad (reference)": ("black", ":"),
-    "RAdamW": ("tab:green", "-"),
-    "RAdaGrad": ("tab:cyan", "-"),
-    "DLRAAdam": ("tab:red", "-"),
-    "DLRAHeavyBall": ("tab:orange", "-"),
+    k: lib.METHOD_STYLES[k]
+    for k in (
+        "LoRA + AdamW",
+        "LoRA + heavy ball",
+        "ScaledGD",
+        "PEFT Riemannian AdamW",
+        "PEFT LoRA+ AdamW",
+        "authors' RAdamW (reference)",
+        "authors' RAdaGrad (reference)",
+        "RAdamW",
+        "RAdaGrad",
+        "DLRAAdam",
+        "DLRAHeavyBall",
+    )
 }
 
 
