@@ -164,8 +164,7 @@ class CapturingOptimizer:
         man = self._layer_manifold(layers[0])
         if not started:
             x, xi, kept = self._start(man, layers, xi)
-            kept_ids = {id(L) for L in kept}  # identity: Layer's == compares tensors
-            caps = [c for L, c in zip(layers, caps, strict=True) if id(L) in kept_ids]
+            caps = [c for L, c in zip(layers, caps, strict=True) if L in kept]
             layers = kept
             if not layers:
                 return

@@ -35,9 +35,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
-    """The three factors (``ManifoldParameter`` objects) of one low-rank layer."""
+    """The three factors (``ManifoldParameter`` objects) of one low-rank layer. Compared by
+    identity (a generated ``==`` would compare the tensors elementwise, which has no truth
+    value)."""
 
     U: torch.Tensor
     S: torch.Tensor
