@@ -237,13 +237,29 @@ class Backend:
             return _torch().lerp(a, b, w)
         return a + w * (b - a)
 
-    def rowdot(self, a: Any, b: Any) -> Any:
-        """``sum(a * b, axis=-1)`` without the temporary where the library can (einsum)."""
-        if self.name == "torch":
-            return _torch().einsum("...ij,...ij->...i", a, b)
+    def rowdot(self, a: Any, b: Any, c: Any = None, d: Any = None) -> Any:
+        """``sum(a * b, axis=-1)``, plus ``sum(c * d, axis=-1)`` when ``c``, ``d`` are given.
+
+        NumPy: ``einsum`` (no temporary). torch: one product ``a * b`` (with ``c * d`` added in
+        place by ``addcmul_``) times a vector of ones, a matrix-vector product: 2x faster than
+        ``einsum`` or ``sum(-1)`` over short rows on CPUs (19 vs 37 us at 12 x 384 x 8,
+        one thread). O(size of a).
+        """
         if self.name == "numpy":
-            return np.einsum("...ij,...ij->...i", a, b)
-        return self.xp.sum(a * b, axis=-1)
+            out = np.einsum("...ij,...ij->...i", a, b)
+            return out if c is None else out + np.einsum("...ij,...ij->...i", c, d)
+        prod = a * b
+        if c is not None:
+            prod = prod.addcmul_(c, d) if self.name == "torch" else prod + c * d
+        if self.name == "torch":
+            return prod @ _torch().ones(a.shape[-1], dtype=prod.dtype, device=prod.device)
+        return self.xp.sum(prod, axis=-1)
+
+    def frobenius(self, a: Any) -> Any:
+        """Frobenius norm: 0-d for a matrix, shape ``(...)`` for a ``(..., p, q)`` stack."""
+        if self.name == "torch":
+            return _torch().linalg.matrix_norm(a)
+        return self.xp.sqrt(self.sum_sq(a))
 
     def to_float(self, a: Any) -> float:
         """A 0-d array (or number) as a Python float (synchronizes GPU backends)."""

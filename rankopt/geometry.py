@@ -143,8 +143,8 @@ class Geometry:
         U, V = x.U, x.V
         A = be.addmm(xi.Up, U, xi.M)
         B = be.addmm(xi.Vp, V, _t(xi.M))
-        rows = dot(A, A) + dot(mm(U, mm(_t(xi.Vp), xi.Vp)), U)
-        cols = dot(B, B) + dot(mm(V, mm(_t(xi.Up), xi.Up)), V)
+        rows = dot(A, A, mm(U, mm(_t(xi.Vp), xi.Vp)), U)
+        cols = dot(B, B, mm(V, mm(_t(xi.Up), xi.Up)), V)
         # exact arithmetic gives >= 0; clip rounding below zero
         return be.xp.clip(rows, 0.0, None), be.xp.clip(cols, 0.0, None)
 
@@ -208,7 +208,7 @@ class Geometry:
         """
         be = self.backend
         tiny = 1e-25 if be.is_float32 else 1e-280
-        tau = (be.xp.sqrt(be.sum_sq(P)) + tiny) * (128.0 * be.eps)
+        tau = (be.frobenius(P) + tiny) * (128.0 * be.eps)
         P = be.axpy(tau, self._omega(*P.shape[-2:]), P)  # a new array: updated in place
         return be.qr(be.addmm_(P, F, be.mm(_t(F), P), -1.0))
 

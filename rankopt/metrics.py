@@ -221,8 +221,9 @@ class KroneckerDiagonal(Metric):
 
         Arranged to touch m x r and n x r arrays as few times as possible: ``eta_W^T V = M``
         exactly, ``(I - U U^T) D_L^{-1} Y`` with ``Y = eta_Up A_R^{-1} + U A_L C A_R^{-1}``
-        (``C = A_L^{-1} M``), and ``K = Up^T D_L U = L^T - (U^T D_L^{-1} Y)^T A_L`` with
-        ``L = A_L C A_R^{-1}`` from r x r quantities only. 15 passes over m x r / n x r arrays.
+        (``C = A_L^{-1} M``, so ``L = A_L C A_R^{-1} = M A_R^{-1}``), and
+        ``K = Up^T D_L U = L^T - (U^T D_L^{-1} Y)^T A_L`` from r x r quantities only. 15 passes
+        over m x r / n x r arrays.
         """
         be = manifold.backend
         mm, inv = be.mm, be.xp.linalg.inv
@@ -235,7 +236,7 @@ class KroneckerDiagonal(Metric):
             ALi, ARi = be.xp.unstack(inv(be.xp.stack([AL, AR])))
         else:  # pragma: no cover - AL and AR are both r x r
             ALi, ARi = inv(AL), inv(AR)
-        L = mm(mm(AL, mm(ALi, eta.M)), ARi)
+        L = mm(eta.M, ARi)  # A_L C A_R^{-1} with C = A_L^{-1} M
         Z = be.addmm_(mm(eta.Up, ARi), U, L)
         Z /= dl  # D_L^{-1} Y
         UtZ = mm(Ut, Z)
