@@ -195,7 +195,10 @@ class Backend:
                 and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
             ):
                 return (torch.addmm if C.ndim == 2 else torch.baddbmm)(C, A, B, alpha=alpha)
-            return torch.add(C, self.mm(A, B), alpha=alpha)
+            AB = self.mm(A, B)
+            if AB.shape != C.shape:  # C broadcasts: a new array
+                return torch.add(C, AB, alpha=alpha)
+            return torch.add(C, AB, alpha=alpha, out=AB)  # into the fresh product: no 2nd array
         AB = A @ B
         return C + AB if alpha == 1.0 else C + alpha * AB
 

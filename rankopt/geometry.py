@@ -30,8 +30,12 @@ __all__ = ["Geometry", "truncation_rank"]
 
 
 def _t(a: Any) -> Any:
-    """Transpose of the last two axes (a view)."""
-    return a.swapaxes(-1, -2)
+    """Transpose of the last two axes (a view): the array API's ``.mT`` (torch, NumPy >= 2;
+    0.7 vs 1.0 us per call in torch), ``swapaxes`` where an array has no ``.mT``."""
+    try:
+        return a.mT
+    except AttributeError:
+        return a.swapaxes(-1, -2)
 
 
 def truncation_rank(s: np.ndarray, rank_tol: float) -> int:

@@ -80,9 +80,7 @@ def _stamp(layers: list[Layer]) -> tuple | None:
     """
     try:
         return tuple(
-            (id(p), p.data_ptr(), p._version)  # noqa: SLF001 - torch's own counter, see above
-            for L in layers
-            for p in (L.U, L.S, L.V)
+            [(id(p), p.data_ptr(), p._version) for L in layers for p in (L.U, L.S, L.V)]  # noqa: SLF001 - torch's own counter, see above
         )
     except AttributeError:  # pragma: no cover - a torch without version counters
         return None
@@ -138,10 +136,12 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
 
 
 def write_point(layers: list[Layer], x: FixedRankPoint) -> None:
-    """Copy a stacked point of the layers' shape back into their factors (in place)."""
-    _copy_all([L.U for L in layers], list(x.U.unbind(0)))
-    _copy_all([L.S for L in layers], list(torch.diag_embed(x.s).unbind(0)))
-    _copy_all([L.V for L in layers], list(x.V.unbind(0)))
+    """Copy a stacked point of the layers' shape back into their factors (in place; one
+    multi-tensor copy for all three factors of every layer)."""
+    dst = [p for L in layers for p in (L.U, L.S, L.V)]
+    parts = (x.U.unbind(0), torch.diag_embed(x.s).unbind(0), x.V.unbind(0))
+    src = [a for t in zip(*parts, strict=True) for a in t]
+    _copy_all(dst, src)
 
 
 class StateStack:
