@@ -55,6 +55,27 @@ def backend_name_of(x: Any) -> str | None:
     return None
 
 
+#: torch CPU, one thread, ``C += A @ B`` with ``C: (B, m, r)``, ``A: (B, m, k)``, ``B: (B, k, r)``;
+#: microseconds, fused ``baddbmm_`` / separate ``bmm`` + ``add_`` (measured 2026-11-29):
+#: 12 x 384 x 8: 53 / 34; 24 x 384 x 8: 97 / 69; 48 x 768 x 4: 332 / 170; 12 x 384 x 16: 39 / 55;
+#: 48 x 768 x 16: 316 / 517; 12 x 3072 x 8: 340 / 870; 48 x 768 x 8: 345 / 862. The fused call
+#: wins from a contraction of 16 on, or from 2^18 entries of C on (where the separate product's
+#: fresh output costs more than the GEMM).
+FUSED_ADDMM_MIN_K = 16
+FUSED_ADDMM_MIN_NUMEL = 1 << 18
+
+
+def _fused_addmm(C: Any, A: Any, B: Any) -> bool:
+    """Whether torch's fused ``(b)addmm`` beats a separate product and ``add`` for ``C + A @ B``
+    (same batch shape, 2-D or 3-D; see the table above)."""
+    return (
+        C.ndim == A.ndim == B.ndim
+        and C.ndim in (2, 3)
+        and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
+        and (A.shape[-1] >= FUSED_ADDMM_MIN_K or C.numel() >= FUSED_ADDMM_MIN_NUMEL)
+    )
+
+
 @dataclass(frozen=True)
 class Backend:
     """Array-library adapter used by every manifold operation.
@@ -181,19 +202,12 @@ class Backend:
     def addmm(self, C: Any, A: Any, B: Any, alpha: float = 1.0) -> Any:
         """``C + alpha * (A @ B)`` for (stacks of) matrices.
 
-        torch: fused ``baddbmm`` / ``addmm`` (one pass over ``C`` instead of two) for arrays of
-        at least 2^16 entries, where memory traffic dominates; below that a separate product
-        and ``add`` are faster on CPUs (measured: 24 vs 52 us at 12 x 384 x 8, 558 vs 447 us
-        at 48 x 768 x 16, one thread).
+        torch: fused ``baddbmm`` / ``addmm`` (one pass over ``C`` instead of two) where
+        :func:`_fused_addmm` says so, else a separate product and ``add``.
         """
         if self.name == "torch":
             torch = _torch()
-            if (
-                C.ndim == A.ndim == B.ndim
-                and C.ndim in (2, 3)
-                and C.numel() >= 65536
-                and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
-            ):
+            if _fused_addmm(C, A, B):
                 return (torch.addmm if C.ndim == 2 else torch.baddbmm)(C, A, B, alpha=alpha)
             AB = self.mm(A, B)
             if AB.shape != C.shape:  # C broadcasts: a new array
@@ -205,16 +219,10 @@ class Backend:
     def addmm_(self, C: Any, A: Any, B: Any, alpha: float = 1.0) -> Any:
         """In place ``C += alpha * (A @ B)`` for a ``C`` the caller owns (a temporary); returns C.
 
-        torch: ``baddbmm_`` / ``addmm_`` (GEMM with beta = 1 on C: one pass, no allocation) for
-        arrays of at least 2^16 entries, ``add_`` of the product below (faster there, as in
-        :meth:`addmm`)."""
+        torch: ``baddbmm_`` / ``addmm_`` (GEMM with beta = 1 on C: one pass, no allocation)
+        where :func:`_fused_addmm` says so, ``add_`` of the product elsewhere."""
         if self.name == "torch":
-            if (
-                C.ndim == A.ndim == B.ndim
-                and C.ndim in (2, 3)
-                and C.numel() >= 65536
-                and C.shape[:-2] == A.shape[:-2] == B.shape[:-2]
-            ):
+            if _fused_addmm(C, A, B):
                 return (C.addmm_ if C.ndim == 2 else C.baddbmm_)(A, B, alpha=alpha)
             return C.add_(self.mm(A, B), alpha=alpha)
         if alpha == 1.0:
