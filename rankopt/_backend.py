@@ -210,7 +210,9 @@ class Backend:
             if _fused_addmm(C, A, B):
                 return (torch.addmm if C.ndim == 2 else torch.baddbmm)(C, A, B, alpha=alpha)
             AB = self.mm(A, B)
-            if AB.shape != C.shape:  # C broadcasts: a new array
+            if AB.shape != C.shape or (
+                torch.is_grad_enabled() and (C.requires_grad or AB.requires_grad)
+            ):  # C broadcasts, or autograd records the sum (it refuses out=): a new array
                 return torch.add(C, AB, alpha=alpha)
             return torch.add(C, AB, alpha=alpha, out=AB)  # into the fresh product: no 2nd array
         AB = A @ B
