@@ -21,8 +21,10 @@ BACKENDS = ("numpy", "torch", "cupy")
 
 
 def _torch():
-    import torch
-
+    """The torch module (imported on first use: ``import rankopt`` does not import torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        import torch
     return torch
 
 
