@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rankopt as ro
 from rankopt import diagnostics
@@ -151,3 +153,45 @@ def test_torch_cuda_matches_cpu(h):
     pc, pg = cpu.projection(xc, cpu.backend.asarray(Z)), gpu.projection(xg, gpu.backend.asarray(Z))
     _close_tangent(h, pc, pg)
     _close(h, cpu.to_dense(cpu.retraction(xc, pc)), gpu.to_dense(gpu.retraction(xg, pg)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    m=st.integers(1, 700),
+    k=st.integers(1, 6),
+    block=st.sampled_from([4, 8, 24, 64]),
+    seed=st.integers(0, 2**32 - 1),
+    dtype=st.sampled_from([np.float64, np.float32]),
+    rank_deficient=st.booleans(),
+)
+def test_tsqr_is_a_householder_quality_qr(m, k, block, seed, dtype, rank_deficient):
+    """TSQR: Q orthonormal and Q R = a to rounding, R upper triangular and equal to
+    numpy's R up to the signs of its rows (QR is unique up to them for full rank)."""
+    from rankopt._backend import tsqr
+
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((m, k))
+    if rank_deficient and k > 1:
+        a[:, -1] = a[:, 0]  # a zero singular value: Q must stay orthonormal
+    a = a.astype(dtype)
+    q, r = tsqr(a, block_rows=block)
+    eps = float(np.finfo(dtype).eps)
+    kk = min(m, k)
+    assert q.shape == (m, kk) and r.shape == (kk, k) and q.dtype == dtype
+    np.testing.assert_allclose(q.T @ q, np.eye(kk), rtol=0, atol=50 * eps)
+    np.testing.assert_allclose(q @ r, a, rtol=0, atol=50 * eps * np.abs(a).max())
+    np.testing.assert_array_equal(np.tril(r, -1), 0)
+    r0 = np.linalg.qr(a.astype(np.float64))[1]
+    if not rank_deficient:
+        np.testing.assert_allclose(np.abs(r), np.abs(r0), rtol=0, atol=200 * eps * np.abs(a).max())
+
+
+def test_numpy_backend_qr_uses_tsqr_for_tall_matrices(monkeypatch):
+    from rankopt import _backend
+
+    calls = []
+    monkeypatch.setattr(_backend, "tsqr", lambda a: calls.append(a.shape) or np.linalg.qr(a))
+    be = ro.FixedRankManifold(5000, 40, 3).backend
+    be.qr(np.ones((5000, 3)))
+    be.qr(np.ones((2, 5000, 3)))  # stacks: numpy's batched QR
+    assert calls == [(5000, 3)]

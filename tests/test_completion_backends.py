@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rankopt as ro
 from rankopt.problems import MatrixCompletion, random_completion
@@ -154,9 +156,75 @@ def test_csr_kernels_match_scipy(parallel):
     assert K.row_bounds(p.indptr, 3)[[0, -1]].tolist() == [0, 70]
 
 
+@st.composite
+def _sample_project_case(draw):
+    """A random pattern, factors, and a split of the entries into chunks that honours
+    ``disjoint`` (whole rows, whole columns, or anything)."""
+    m, n = draw(st.integers(1, 30)), draw(st.integers(1, 30))
+    k = draw(st.integers(1, 6))
+    q = 2 * k
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    mask = rng.random((m, n)) < draw(st.floats(0.05, 1.0))
+    rows, cols = (a.astype(np.int32) for a in np.nonzero(mask))  # row-major
+    disjoint = draw(st.sampled_from([None, "rows", "cols"]))
+    key = rows if disjoint != "cols" else cols
+    if disjoint == "cols":  # column-major order, so that chunks can own whole columns
+        order = np.lexsort((rows, cols))
+        rows, cols, key = rows[order], cols[order], cols[order]
+    cuts = rng.integers(0, len(rows) + 1, size=draw(st.integers(0, 4)))
+    if disjoint is not None:  # move each cut to the start of its row / column
+        cuts = np.searchsorted(key, key[np.minimum(cuts, len(key) - 1)]) if len(key) else cuts
+    bounds = np.unique(np.concatenate([[0], cuts, [len(rows)]])).astype(np.int64)
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    A = rng.standard_normal((m, q)).astype(dtype)
+    B = rng.standard_normal((n, q)).astype(dtype)
+    return A, B, rows, cols, k, mask, bounds, disjoint
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_sample_project_case(), parallel=st.booleans())
+def test_sample_project_matches_numpy(case, parallel):
+    """One pass over Omega gives W B[:, :k] and W^T A[:, k:] for W = P_Omega(A B^T), in any
+    chunking that honours ``disjoint``, serial and threaded."""
+    A, B, rows, cols, k, mask, bounds, disjoint = case
+    m, n = mask.shape
+    A64, B64 = A.astype(np.float64), B.astype(np.float64)
+    W = np.where(mask, A64 @ B64.T, 0.0)
+    ZV, ZtU = K.sample_project(
+        A, B, rows, cols, (m, n), bounds=bounds, disjoint=disjoint, parallel=parallel
+    )
+    scale = 1.0 + np.abs(A64).max() * np.abs(B64).max() ** 2 * A64.shape[1] * mask.sum()
+    np.testing.assert_allclose(ZV, W @ B64[:, :k], rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(ZtU, W.T @ A64[:, k:], rtol=0, atol=1e-13 * scale)
+    ZV2, ZtU2 = K.sample_project(A, B, rows, cols, (m, n), parallel=parallel)  # own chunks
+    np.testing.assert_allclose(ZV2, ZV, rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(ZtU2, ZtU, rtol=0, atol=1e-13 * scale)
+    rr, cc = np.nonzero(mask)  # the CSR variant (row-major pattern)
+    indptr = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+    ZV3, ZtU3 = K.sample_project_csr(A, B, cc.astype(np.int32), indptr, n, parallel=parallel)
+    np.testing.assert_allclose(ZV3, ZV, rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(ZtU3, ZtU, rtol=0, atol=1e-13 * scale)
+
+
+def test_sample_project_rejects_bad_widths():
+    idx = np.zeros(1, np.int32)
+    with pytest.raises(ValueError, match="same even width"):
+        K.sample_project(np.zeros((3, 2)), np.zeros((4, 4)), idx, idx, (3, 4))
+    with pytest.raises(ValueError, match="same even width"):
+        K.sample_project(np.zeros((3, 3)), np.zeros((4, 3)), idx, idx, (3, 4))
+    with pytest.raises(ValueError, match="same even width"):
+        K.sample_project_csr(np.zeros((1, 3)), np.zeros((4, 3)), idx, np.array([0, 1]), 4)
+
+
 @pytest.mark.parametrize("wd", [0.0, 0.3])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_gn_operator_matches_the_generic_one(wd, parallel):
+@pytest.mark.parametrize("fused", [False, True])
+def test_gn_operator_matches_the_generic_one(wd, parallel, fused, monkeypatch):
+    from rankopt.problems import completion
+
+    if fused:  # the one-pass sample_project_csr path (used once the factors leave the cache)
+        monkeypatch.setattr(completion, "FUSE_MIN_BYTES", 0)
     p = random_completion(60, 45, 3, oversampling=4, seed=1, weight_decay=wd)
     q = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, wd, parallel=parallel)
     M = p.manifold(3)

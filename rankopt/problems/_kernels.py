@@ -47,8 +47,11 @@ __all__ = [
     "csr_rmatmul",
     "gram_inverses",
     "rowwise_matmul",
+    "sample_project",
+    "sample_project_csr",
     "csc_pattern",
     "row_bounds",
+    "threads",
     "BlockedPattern",
     "BLOCK_BYTES",
 ]
@@ -244,6 +247,60 @@ def _coo_rmatmul(w, rows, cols, U, bounds, out):  # pragma: no cover - compiled
     return out
 
 
+def _sample_project(A, B, rows, cols, bounds, zv, ztu):  # pragma: no cover - compiled
+    # one pass over Omega: w = <A_i, B_j>, zv[.][i] += w B[j, :k], ztu[.][j] += w A[i, k:];
+    # chunk t (entries bounds[t]..bounds[t+1]-1) writes part t of an output with one part
+    # per chunk, or part 0 of a shared one (then the chunks own disjoint rows / columns).
+    # Products are formed in float64 (exact for float32 factors). Indexing A[i, k + c] with
+    # k = 2k / 2 (not a separate offset argument) keeps the loops vectorized: 40 against 53
+    # ns per entry measured at n = 1e5.
+    k2 = A.shape[1]
+    k = k2 // 2
+    sv = 1 if zv.shape[0] > 1 else 0
+    su = 1 if ztu.shape[0] > 1 else 0
+    for t in prange(bounds.shape[0] - 1):
+        pv = zv[t * sv]
+        pu = ztu[t * su]
+        for e in range(bounds[t], bounds[t + 1]):
+            i = rows[e]
+            j = cols[e]
+            w = 0.0
+            for c in range(k2):
+                w += np.float64(A[i, c]) * B[j, c]
+            for c in range(k):
+                pv[i, c] += w * B[j, c]
+            for c in range(k):
+                pu[j, c] += w * A[i, k + c]
+    return zv
+
+
+def _sample_project_csr(A, B, cols, indptr, bounds, zv, ztu):  # pragma: no cover - compiled
+    # _sample_project in CSR order: row i's sum of w B[j, :k] stays in a local accumulator;
+    # chunk t owns rows bounds[t]..bounds[t+1]-1 and scatters into ztu[t] (or the shared
+    # ztu[0] with one chunk)
+    k2 = A.shape[1]
+    k = k2 // 2
+    su = 1 if ztu.shape[0] > 1 else 0
+    for t in prange(bounds.shape[0] - 1):
+        pu = ztu[t * su]
+        acc = np.empty(k)
+        for i in range(bounds[t], bounds[t + 1]):
+            for c in range(k):
+                acc[c] = 0.0
+            for e in range(indptr[i], indptr[i + 1]):
+                j = cols[e]
+                w = 0.0
+                for c in range(k2):
+                    w += np.float64(A[i, c]) * B[j, c]
+                for c in range(k):
+                    acc[c] += w * B[j, c]
+                for c in range(k):
+                    pu[j, c] += w * A[i, k + c]
+            for c in range(k):
+                zv[i, c] = acc[c]
+    return zv
+
+
 def _block_sort(rows, cols, width, ptr, rows_out, cols_out):  # pragma: no cover - compiled
     # stable counting sort of the entries by column block cols // width
     nxt = ptr[:-1].copy()
@@ -268,6 +325,8 @@ def _block_sort_values(cols, width, ptr, vals, out):  # pragma: no cover - compi
 
 _SOURCES = {
     "block_sort_values": _block_sort_values,
+    "sample_project": _sample_project,
+    "sample_project_csr": _sample_project_csr,
     "coo_matmul": _coo_matmul,
     "coo_rmatmul": _coo_rmatmul,
     "block_sort": _block_sort,
@@ -298,7 +357,8 @@ def _compiled_csr(name: str, parallel: bool):
     return numba.njit(**opts)(serial)
 
 
-def _threads(parallel: bool | None) -> int:
+def threads(parallel: bool | None) -> int:
+    """Threads a kernel call with ``parallel`` runs on: ``numba.get_num_threads()`` or 1."""
     if not parallel:
         return 1
     import numba
@@ -337,7 +397,7 @@ def csr_rmatmul(
     """``W^T @ U`` (n x k) by scattering the rows of ``U``: O(nnz k). Threaded: rows split in
     equal-nnz shares, one private n x k accumulator per thread, summed (O(threads n k))."""
     U = np.ascontiguousarray(U, dtype=np.float64)
-    t = _threads(parallel)
+    t = threads(parallel)
     bounds = row_bounds(np.asarray(indptr), t)
     parts = np.empty((t, int(n), U.shape[1]))
     _compiled_csr("csr_rmatmul", bool(parallel))(w, cols, indptr, U, bounds, parts)
@@ -358,7 +418,7 @@ def gram_inverses(
     B = np.ascontiguousarray(B, dtype=np.float64)
     k = B.shape[1]
     out = np.empty((ptr.shape[0] - 1, k, k), dtype=np.float32)
-    bounds = row_bounds(np.asarray(ptr), _threads(parallel))
+    bounds = row_bounds(np.asarray(ptr), threads(parallel))
     return _compiled_csr("gram_inverses", bool(parallel))(B, idx, ptr, bounds, float(shift), out)
 
 
@@ -367,6 +427,94 @@ def rowwise_matmul(X: np.ndarray, G: np.ndarray, *, parallel: bool = False) -> n
     X = np.ascontiguousarray(X, dtype=np.float64)
     out = np.empty_like(X)
     return _compiled_csr("rowwise_matmul", bool(parallel))(X, G, out)
+
+
+def sample_project(
+    A: np.ndarray,
+    B: np.ndarray,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    bounds: np.ndarray | None = None,
+    disjoint: str | None = None,
+    parallel: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""``(W B[:, :k], W^T A[:, k:])`` for the sparse ``W = P_Omega(A B^T)``, in one pass.
+
+    ``A``, ``B`` have 2k columns. For each observed entry ``e = (i, j)``: ``w_e = <A_i,
+    B_j>``, then ``(W B_{:, :k})_i += w_e B_{j, :k}`` and ``(W^T A_{:, k:})_j += w_e
+    A_{i, k:}``: the rows ``A_i`` and ``B_j`` are read once per entry and ``w`` is never stored
+    (sampling, ``W V`` and ``W^T U`` took three passes before). With ``A = [U M + Up, U]`` and
+    ``B = [V, Vp]`` (k = r) this is the data part ``(W V, W^T U)`` of the Gauss-Newton operator
+    of completion. O(|Omega| k) time.
+
+    Parameters
+    ----------
+    A, B : float arrays (m, 2k), (n, 2k)
+        C-contiguous factors; float64 or float32 (products and sums in float64).
+    rows, cols : integer arrays (|Omega|,)
+        The entries, in any order (row-major or column-block order; indices are trusted).
+    shape : (m, n)
+    bounds : int64 array (chunks + 1,), optional
+        Entry boundaries of the chunks (run in parallel with ``parallel``; default: one
+        chunk, or ``numba.get_num_threads()`` equal chunks with ``parallel``).
+    disjoint : {None, "rows", "cols"}
+        What the chunks own: ``"rows"`` (whole rows, e.g. row-major order split at row
+        boundaries: ``W B_{:, :k}`` is shared), ``"cols"`` (whole columns, e.g. whole column
+        blocks: ``W^T A_{:, k:}`` shared), or None (both private, one m x k and one n x k
+        accumulator per chunk, summed: O(chunks (m + n) k)).
+    parallel : bool
+        numba threads over the chunks.
+
+    Returns
+    -------
+    (m x k, n x k) float64 arrays.
+    """
+    m, n = int(shape[0]), int(shape[1])
+    q = A.shape[1]
+    if B.shape[1] != q or q % 2 or q == 0:
+        raise ValueError(
+            f"sample_project needs A, B with the same even width, got {A.shape}, {B.shape}"
+        )
+    if bounds is None:
+        parts = threads(parallel)
+        bounds = (np.arange(parts + 1) * rows.shape[0]) // parts
+    bounds = np.asarray(bounds, dtype=np.int64)
+    t = bounds.shape[0] - 1
+    zv = np.zeros((1 if disjoint == "rows" else t, m, q // 2))
+    ztu = np.zeros((1 if disjoint == "cols" else t, n, q // 2))
+    _compiled_csr("sample_project", bool(parallel))(A, B, rows, cols, bounds, zv, ztu)
+    return (zv[0] if zv.shape[0] == 1 else zv.sum(0)), (ztu[0] if ztu.shape[0] == 1 else ztu.sum(0))
+
+
+def sample_project_csr(
+    A: np.ndarray,
+    B: np.ndarray,
+    cols: np.ndarray,
+    indptr: np.ndarray,
+    n: int,
+    *,
+    parallel: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sample_project` on a CSR pattern ``(cols, indptr)`` (m = ``len(indptr) - 1``).
+
+    Row i's ``(W B_{:, :k})_i`` is summed in a local accumulator (measured at n = 1e4,
+    |Omega| = 6e5, one thread: 22 ns per entry against 25 for the row-major
+    :func:`sample_project` and 24 for the three passes it replaces). Threaded: rows split in
+    equal-nnz shares, one private n x k accumulator of ``W^T A_{:, k:}`` per thread, summed.
+    """
+    q = A.shape[1]
+    if B.shape[1] != q or q % 2 or q == 0:
+        raise ValueError(
+            f"sample_project needs A, B with the same even width, got {A.shape}, {B.shape}"
+        )
+    bounds = row_bounds(np.asarray(indptr), threads(parallel))
+    t = bounds.shape[0] - 1
+    zv = np.empty((indptr.shape[0] - 1, q // 2))
+    ztu = np.zeros((t, int(n), q // 2))
+    _compiled_csr("sample_project_csr", bool(parallel))(A, B, cols, indptr, bounds, zv, ztu)
+    return zv, (ztu[0] if t == 1 else ztu.sum(0))
 
 
 def _counting_sort(rows, cols, ptr, out):  # pragma: no cover - compiled
@@ -441,11 +589,26 @@ class BlockedPattern:
         inner = self.block_ptr[np.searchsorted(self.block_ptr, targets)]
         return np.unique(np.concatenate([[0], inner, [nnz]])).astype(np.int64)
 
+    def sample_project(self, A: np.ndarray, B: np.ndarray, m: int, *, parallel: bool = False):
+        """:func:`sample_project` in block order: ``(W B[:, :k], W^T A[:, k:])`` for
+        ``W = P_Omega(A B^T)``; threaded chunks own whole blocks (``W^T A`` shared)."""
+        bounds = self.chunks(threads(parallel))
+        return sample_project(
+            A,
+            B,
+            self.rows,
+            self.cols,
+            (m, self.n),
+            bounds=bounds,
+            disjoint="cols",
+            parallel=parallel,
+        )
+
     def matmul(self, w: np.ndarray, V: np.ndarray, m: int, *, parallel: bool = False):
         """``W V`` for the values ``w`` in block order: O(nnz k); threaded chunks of blocks
         with one private m x k accumulator each (summed)."""
         V = np.ascontiguousarray(V, dtype=np.float64)
-        bounds = self.chunks(_threads(parallel))
+        bounds = self.chunks(threads(parallel))
         parts = np.empty((bounds.shape[0] - 1, int(m), V.shape[1]))
         _compiled_csr("coo_matmul", bool(parallel))(w, self.rows, self.cols, V, bounds, parts)
         return parts[0] if parts.shape[0] == 1 else parts.sum(axis=0)
@@ -455,7 +618,7 @@ class BlockedPattern:
         blocks, hence disjoint column ranges of the output (no private copies)."""
         U = np.ascontiguousarray(U, dtype=np.float64)
         out = np.zeros((self.n, U.shape[1]))
-        bounds = self.chunks(_threads(parallel))
+        bounds = self.chunks(threads(parallel))
         _compiled_csr("coo_rmatmul", bool(parallel))(w, self.rows, self.cols, U, bounds, out)
         return out
 
