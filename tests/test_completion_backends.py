@@ -229,11 +229,15 @@ def test_gn_operator_matches_the_generic_one(wd, parallel, fused, monkeypatch):
     q = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, wd, parallel=parallel)
     M = p.manifold(3)
     x = M.random_point(seed=2)
-    v = M.random_tangent_vector(x, seed=3)
-    fast = q.gn_operator(M, x)(v)
-    slow = M.projection(x, p.ehess(x, M.embed(x, v)))
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-12)
+    op = q.gn_operator(M, x)
+    # two applications of one operator (its work arrays are reused between calls): each
+    # result stays what it was when the next is computed
+    vs = [M.random_tangent_vector(x, seed=s) for s in (3, 4)]
+    fast = [op(v) for v in vs]
+    for v, f in zip(vs, fast, strict=True):
+        slow = M.projection(x, p.ehess(x, M.embed(x, v)))
+        for a, b in zip(f, slow, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-12)
 
 
 def test_block_preconditioner_is_spd_and_inverts_the_blocks():
@@ -307,12 +311,14 @@ def test_gn_operator_blocked_path_matches(monkeypatch):
     p = random_completion(60, 45, 3, oversampling=4, seed=1)
     M = p.manifold(3)
     x = M.random_point(seed=2)
-    v = M.random_tangent_vector(x, seed=3)
-    fast = p.gn_operator(M, x)(v)
+    op = p.gn_operator(M, x)
+    vs = [M.random_tangent_vector(x, seed=s) for s in (3, 4)]
+    fast = [op(v) for v in vs]
     assert p._blocked is not None and p._blocked.width == 5  # noqa: SLF001
-    slow = M.projection(x, p.ehess(x, M.embed(x, v)))
-    for a, b in zip(fast, slow, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-12)
+    for v, f in zip(vs, fast, strict=True):
+        slow = M.projection(x, p.ehess(x, M.embed(x, v)))
+        for a, b in zip(f, slow, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-12)
 
 
 def test_truncated_cg_reports_the_curvature_along_its_solution():
@@ -349,3 +355,29 @@ def test_spectral_start_through_the_blocked_operator_is_the_same(monkeypatch):
         sp.csr_matrix((vb, (bp.rows, bp.cols)), shape=p.shape).toarray(),
         sp.csr_matrix((p.vals, p.cols, p.indptr), shape=p.shape).toarray(),
     )
+
+
+def test_block_preconditioner_reused_blocks_are_rotated_into_place():
+    """At a point near the one whose blocks were computed, the blocks are reused, rotated by
+    R_u = U_0^T U, R_v = V_0^T V: each application equals (I - F F^T) R^T H_0 R applied row by
+    row (scratch arrays reused between calls leave earlier results intact)."""
+    from rankopt.problems import _kernels
+
+    q = random_completion(60, 50, 3, oversampling=4, seed=4)
+    p = MatrixCompletion(q.rows, q.cols, q.vals, (60, 50), preconditioner="block")
+    M = p.manifold(3)
+    x = M.random_point(seed=0)
+    p.gn_preconditioner(M, x)
+    y = M.retraction(x, M.random_tangent_vector(x, seed=5) * 1e-4)
+    P = p.gn_preconditioner(M, y)
+    U0, V0, Gr, Gc = p._block_cache  # noqa: SLF001
+    assert U0 is x.U  # reused, not recomputed
+    Ru, Rv = U0.T @ y.U, V0.T @ y.V
+    ts = [M.random_tangent_vector(y, seed=s) for s in (1, 2)]
+    outs = [P(t) for t in ts]
+    for t, out in zip(ts, outs, strict=True):
+        Up = _kernels.rowwise_matmul(t.Up @ Rv.T, Gr) @ Rv
+        Vp = _kernels.rowwise_matmul(t.Vp @ Ru.T, Gc) @ Ru
+        np.testing.assert_allclose(out.Up, Up - y.U @ (y.U.T @ Up), atol=1e-12)
+        np.testing.assert_allclose(out.Vp, Vp - y.V @ (y.V.T @ Vp), atol=1e-12)
+        np.testing.assert_allclose(out.M, t.M / (p.nnz / 3000), atol=1e-12)
