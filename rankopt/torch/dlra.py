@@ -35,7 +35,6 @@ or AdamW, as for :class:`rankopt.torch.RSGD` / :class:`rankopt.torch.RAdamW`.
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -45,7 +44,7 @@ from .. import rules
 from ..containers import FixedRankPoint
 from ._autograd import get_capture, start_capture
 from ._riemannian import RiemannianOptimizer
-from .optim import RSGD, RAdamW
+from .optim import RSGD, RAdamW, check_torch_eps, torch_default
 from .stacks import StateStack, write_point
 
 __all__ = [
@@ -55,11 +54,6 @@ __all__ = [
     "consistency_tolerance",
     "torch_default",
 ]
-
-
-def torch_default(cls: type, name: str) -> Any:
-    """The default of a keyword of a ``torch.optim`` optimizer (torch's value, not copied)."""
-    return inspect.signature(cls).parameters[name].default
 
 
 def consistency_tolerance(dtype: torch.dtype) -> float:
@@ -278,8 +272,7 @@ class DLRAAdam(CapturingOptimizer, RAdamW):
         stack_layers: bool = True,
         check_finite: bool = True,
     ) -> None:
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"invalid eps={eps!r}: must be > 0")
+        check_torch_eps(eps)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, metric_eps=metric_eps,
             second_moment=second_moment, rank_tol=rank_tol, max_rank=max_rank,

@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 
-def _torch_default(cls: type, name: str) -> Any:
+def torch_default(cls: type, name: str) -> Any:
     """The default of a keyword of a ``torch.optim`` optimizer (torch's value, not copied)."""
     return inspect.signature(cls).parameters[name].default
 
@@ -124,7 +124,8 @@ def _adagrad_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> No
     )  # fmt: skip
 
 
-def _check_torch_eps(eps: Any) -> None:
+def check_torch_eps(eps: Any) -> None:
+    """Refuse a non-positive (or non-numeric) ``eps`` of torch's rule for ordinary parameters."""
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"invalid eps={eps!r}: must be > 0")
 
@@ -142,7 +143,7 @@ def _adamw_init(A: type[rules.RAdamW]):
         params: Any,
         lr: float = A.lr,
         betas: tuple[float, float] = A.betas,
-        eps: float = _torch_default(torch.optim.AdamW, "eps"),
+        eps: float = torch_default(torch.optim.AdamW, "eps"),
         weight_decay: float = A.weight_decay,
         *,
         metric_eps: float = A.eps,
@@ -161,7 +162,7 @@ def _adamw_init(A: type[rules.RAdamW]):
         compile: bool | str | dict = False,
         check_finite: bool = True,
     ) -> None:
-        _check_torch_eps(eps)
+        check_torch_eps(eps)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, metric_eps=metric_eps,
             factoring=factoring, structure=structure, solver=solver, exact=exact, cg_tol=cg_tol,
@@ -257,10 +258,10 @@ class RAdaGrad(RiemannianOptimizer):
         lr: float = _G.lr,
         lr_decay: float = _G.lr_decay,
         weight_decay: float = _G.weight_decay,
-        initial_accumulator_value: float = _torch_default(
+        initial_accumulator_value: float = torch_default(
             torch.optim.Adagrad, "initial_accumulator_value"
         ),
-        eps: float = _torch_default(torch.optim.Adagrad, "eps"),
+        eps: float = torch_default(torch.optim.Adagrad, "eps"),
         *,
         metric_eps: float = _G.eps,
         factoring: str = _G.factoring,
@@ -278,7 +279,7 @@ class RAdaGrad(RiemannianOptimizer):
         compile: bool | str | dict = False,
         check_finite: bool = True,
     ) -> None:
-        _check_torch_eps(eps)
+        check_torch_eps(eps)
         if not initial_accumulator_value >= 0:
             raise ValueError(
                 f"invalid initial_accumulator_value={initial_accumulator_value!r}: must be >= 0"

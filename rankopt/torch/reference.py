@@ -23,8 +23,8 @@ import torch
 
 from .. import rules
 from ._riemannian import RiemannianOptimizer
-from .dlra import CapturingOptimizer, torch_default
-from .optim import RSGD, RAdamW
+from .dlra import CapturingOptimizer
+from .optim import RSGD, RAdamW, check_torch_eps, torch_default
 
 __all__ = ["ReferenceRAdamW", "ReferenceRAdaGrad", "RAdamWElementwise"]
 
@@ -130,8 +130,7 @@ class RAdamWElementwise(RAdamW):
         stack_layers: bool = True,
         check_finite: bool = True,
     ) -> None:
-        if not (isinstance(eps, (int, float)) and eps > 0):
-            raise ValueError(f"invalid eps={eps!r}: must be > 0")
+        check_torch_eps(eps)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, metric_eps=metric_eps,
             cg_tol=cg_tol, cg_maxiter=cg_maxiter, rank_tol=rank_tol, max_rank=max_rank,
