@@ -7,13 +7,18 @@
 * ``h``: small helpers (conversion to NumPy float64, sparse matrices of every backend, dense
   reference formulas) shared by the test modules. They are exposed as a fixture rather than
   imported so the test modules need no package ``__init__``.
+* ``run_script``: runs a script (benchmark, example, figure) in a fresh Python as a user runs it
+  and fails with the tail of its output when it exits with an error.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -220,6 +225,35 @@ def h() -> SimpleNamespace:
         METRIC_NAMES=METRIC_NAMES,
         SPARSE_FORMATS=SPARSE_FORMATS,
     )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_script(
+    args: list[Any], *, cwd: Path = ROOT, timeout: float = 300, check: bool = True, **env: str
+) -> subprocess.CompletedProcess:
+    """``python *args`` in ``cwd`` with matplotlib off screen and the extra environment ``env``;
+    with ``check``, a non-zero exit fails the test with the last 3000 characters of stdout and
+    stderr."""
+    proc = subprocess.run(
+        [sys.executable, *(str(a) for a in args)],
+        cwd=cwd,
+        env=dict(os.environ, MPLBACKEND="Agg", **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """The function that runs a script as a user runs it (see ``_run_script``)."""
+    return _run_script
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ AdamW's, the exact metric solve matching a tight PCG solve, a PNG marked as a sm
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("optimizer_step")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizer_step.py"), "--quick", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, MPLBACKEND="Agg"),
-        timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    script = ROOT / "benchmarks" / "optimizer_step.py"
+    proc = run_script([script, "--quick", "--out", out], timeout=600)
     return proc.stdout, out
 
 

@@ -5,9 +5,6 @@ table and writes a JSON, a markdown table and a PNG that say what they claim (ab
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,19 +18,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("optimizers_quick")
-    env = dict(os.environ, MPLBACKEND="Agg", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "optimizers.py"), "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    script = ROOT / "benchmarks" / "optimizers.py"
+    proc = run_script(
+        [script, "--quick", "--out", out],
         timeout=600,
-        check=False,
+        OPENBLAS_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, out
 
 

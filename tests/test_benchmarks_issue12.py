@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,24 +18,14 @@ BENCH = ROOT / "benchmarks"
 pytestmark = pytest.mark.timeout(300)
 
 
-def _run(args: list[str], tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, MPLBACKEND="Agg", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=280,
-        check=False,
+def _run(run_script, args: list[str], tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
+    return run_script([*args, "--out", tmp], timeout=280, check=check, PYTHONPATH=str(ROOT))
+
+
+def test_noise_and_sampling_sections(tmp_path, run_script):
+    proc = _run(
+        run_script, [str(BENCH / "completion.py"), "--noise", "--sampling", "--quick"], tmp_path
     )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def test_noise_and_sampling_sections(tmp_path):
-    proc = _run([str(BENCH / "completion.py"), "--noise", "--sampling", "--quick"], tmp_path)
     out = json.loads((tmp_path / "completion_noise_sampling.json").read_text())
     noise = out["noise"]
     assert len(noise) == 2 * 2 * 3  # two sigmas x two ways of calling solve x three kappas
@@ -51,8 +39,8 @@ def test_noise_and_sampling_sections(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
-def test_scale_section_reports_time_memory_and_error(tmp_path):
-    proc = _run([str(BENCH / "completion.py"), "--scale", "400", "--quick"], tmp_path)
+def test_scale_section_reports_time_memory_and_error(tmp_path, run_script):
+    proc = _run(run_script, [str(BENCH / "completion.py"), "--scale", "400", "--quick"], tmp_path)
     rows = json.loads((tmp_path / "completion_scale.json").read_text())["scale"]
     (r,) = rows
     assert r["n"] == 400 and r["nnz"] == round(3 * 10 * (800 - 10))
@@ -61,10 +49,11 @@ def test_scale_section_reports_time_memory_and_error(tmp_path):
     assert (tmp_path / "completion_scale.png").stat().st_size > 10_000
 
 
-def test_torch_backend_grid_on_the_cpu(tmp_path):
+def test_torch_backend_grid_on_the_cpu(tmp_path, run_script):
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch backend needs PyTorch")
     proc = _run(
+        run_script,
         [
             str(BENCH / "completion.py"),
             "--quick",
@@ -84,7 +73,7 @@ def test_torch_backend_grid_on_the_cpu(tmp_path):
     assert "pymanopt CG" not in {r["method"] for r in rows}
 
 
-def test_device_cuda_without_a_gpu_fails_clearly(tmp_path):
+def test_device_cuda_without_a_gpu_fails_clearly(tmp_path, run_script):
     torch_ok = importlib.util.find_spec("torch") is not None
     if torch_ok:
         import torch
@@ -92,16 +81,19 @@ def test_device_cuda_without_a_gpu_fails_clearly(tmp_path):
         if torch.cuda.is_available():
             pytest.skip("a CUDA GPU is present: the cuda run is a real benchmark, not smoke")
     proc = _run(
-        [str(BENCH / "completion.py"), "--quick", "--device", "cuda"], tmp_path, check=False
+        run_script,
+        [str(BENCH / "completion.py"), "--quick", "--device", "cuda"],
+        tmp_path,
+        check=False,
     )
     assert proc.returncode != 0
     assert "no CUDA GPU" in proc.stderr or "needs PyTorch" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_movielens_benchmark_quick(tmp_path):
+def test_movielens_benchmark_quick(tmp_path, run_script):
     if importlib.util.find_spec("recbole") is None:
         pytest.skip("recbole is not installed (pip install --no-deps recbole)")
-    proc = _run([str(BENCH / "movielens.py"), "--quick"], tmp_path)
+    proc = _run(run_script, [str(BENCH / "movielens.py"), "--quick"], tmp_path)
     (res,) = json.loads((tmp_path / "movielens_results.json").read_text())
     assert res["dataset"] == "MovieLens-100k"
     for key in ("biases", "soft-impute", "ALS (best rank)", 'rankopt solve(rank="auto")'):

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,19 +20,9 @@ SCRIPT = ROOT / "benchmarks" / "completion.py"
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("completion_quick")
-    env = dict(os.environ, MPLBACKEND="Agg")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--repeats", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script([SCRIPT, "--quick", "--repeats", "1", "--out", out])
     return proc.stdout, out
 
 

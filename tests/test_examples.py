@@ -5,10 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,24 +26,18 @@ def test_every_example_is_listed():
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
-def test_example_quick(name, tmp_path):
+def test_example_quick(name, tmp_path, run_script):
     missing = [m for m in EXAMPLES[name] if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(
             f"{name} needs {missing}: pip install -e '.[pymanopt,data]' (recbole with --no-deps)"
         )
-    env = dict(
-        os.environ,
-        OPENBLAS_NUM_THREADS="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        MPLBACKEND="Agg",
-    )
-    cmd = [sys.executable, str(ROOT / "examples" / name), "--quick"]
+    cmd = [ROOT / "examples" / name, "--quick"]
     if name != "pymanopt_completion.py":
-        cmd += ["--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        cmd += ["--out", tmp_path]
+    proc = run_script(
+        cmd, cwd=tmp_path, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"
+    )
     assert proc.stdout.strip(), "an example must print its results"
     if name != "pymanopt_completion.py":
         pngs = list(tmp_path.glob("*.png"))

