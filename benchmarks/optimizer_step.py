@@ -1,6 +1,6 @@
 r"""Benchmark: the torch optimizers' step against torch AdamW on LoRA factors of the same rank.
 
-Three parts (issue 8 of the project):
+Five parts (issue 8 of the project):
 
 1. **Step time and optimizer state.** For sets of layer shapes (``--sets``), the same number of
    rankopt low-rank layers (started, with random tangent gradients) and of LoRA factor pairs
@@ -23,6 +23,11 @@ Three parts (issue 8 of the project):
    the MiniLM shape, interleaved, with the line ``T(B) = a + b B`` through the medians: the
    cost per call ``a`` (operations and Python) and per layer ``b`` (arithmetic), beside the
    time per matrix of one batched thin product.
+5. **Floor** (``--floor``): a lower bound of RAdamW's step at the MiniLM set from parts timed
+   apart (the rule's operations and Python on tiny arrays, its LAPACK calls and thin products
+   on arrays of its shapes, the optimizer's work outside the rule) against 4x AdamW foreach,
+   and a probe: the metric's direct solve as one numba call (``_fused_probe.py``) against
+   torch's operations.
 
 Run ``python benchmarks/optimizer_step.py`` (CPU, 1 thread by default; about 10 minutes), or
 ``--quick`` (seconds; a smoke test). ``--device cuda`` with ``--sets llama-224`` is the GPU part
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", action="store_true", help="part 3: a full MiniLM training step")
     p.add_argument(
         "--breakdown", action="store_true", help="part 4: per-call and per-layer cost of the rule"
+    )
+    p.add_argument(
+        "--floor", action="store_true", help="part 5: a lower bound of the step from its parts"
     )
     p.add_argument("--out", default=str(HERE.parent / "out"))
     a = p.parse_args(argv)
@@ -426,6 +434,174 @@ def breakdown_table(res: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- part 5
+
+
+def _thin_products(spec, man, x, g, st) -> list[tuple]:
+    """Operand shapes of every batched product of one rule step with an m- or n-sized side
+    (the thin products and Grams; r x r products are left out), from the torch profiler."""
+    import torch
+
+    m, n = x.shape
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:  # fmt: skip
+        spec.step(man, x, g, st)
+    shapes = []
+    for e in prof.events():
+        if e.name in ("aten::bmm", "aten::baddbmm", "aten::baddbmm_"):
+            a, b = [sh for sh in e.input_shapes if len(sh) == 3][-2:]  # baddbmm: C, A, B
+            if {a[-2], a[-1], b[-1]} & {m, n}:
+                shapes.append((tuple(a), tuple(b)))
+    return shapes
+
+
+def _floor_parts(quick: bool) -> tuple[dict, dict]:
+    """The timed parts of :func:`run_floor` (callables) and what they were built from."""
+    import types
+
+    import torch
+
+    import rankopt as ro
+    import rankopt.torch as rt
+    from rankopt.metrics import KroneckerDiagonal
+    from rankopt.rules import RAdamW
+
+    (m, n), r = ((32, 24), 4) if quick else ((384, 384), 8)
+    B = 3 if quick else 12
+    mods, lora = make_layers([(m, n)] * B, r, torch.float32, "cpu")
+    spec = RAdamW(lr=1e-8)
+
+    def started(m_, n_, r_, b_):
+        man = ro.FixedRankManifold(m_, n_, r_, backend="torch", dtype="float32", validate=False)
+        x = man.random_point(0, batch_shape=(b_,))
+        g = man.random_tangent_vector(x, 1)
+        x, st = spec.step(man, x, g, spec.init(man, x))
+        return man, x, g, st
+
+    man, x, g, st = started(m, n, r, B)
+    tiny = started(16, 16, 2, 1)
+    gen = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    prods = [(rnd(*a), rnd(*b)) for a, b in _thin_products(spec, man, x, g, st)]
+    cores, pu, pv = rnd(B, 2 * r, 2 * r), rnd(B, m, r), rnd(B, n, r)
+    grams = rnd(2, B, r, r) + r * torch.eye(r)
+    dl, dr = torch.rand(B, m, generator=gen) + 0.5, torch.rand(B, n, generator=gen) + 0.5
+    metric = KroneckerDiagonal(dl, dr)
+    fns = {
+        "AdamW foreach": torch.optim.AdamW(lora, lr=1e-8, foreach=True).step,
+        "RAdamW optimizer step": rt.RAdamW(mods.parameters(), lr=1e-8).step,
+        "rule step": lambda: spec.step(man, x, g, st),
+        "rule step, 16 x 16, r = 2, one layer": lambda: spec.step(*tiny),
+        "SVD of the 2r x 2r cores": lambda: torch.linalg.svd(cores),
+        "the two complement QRs": lambda: (torch.linalg.qr(pu), torch.linalg.qr(pv)),
+        "the metric's two r x r inverses": lambda: torch.linalg.inv(grams),
+        "thin products": lambda: [torch.bmm(a, b) for a, b in prods],
+        "direct solve, torch": lambda: metric.solve(man, x, g),
+        "direct solve, one numba call": lambda: _fused_solve(x, g, dl, dr),
+    }
+    parts = {k: types.SimpleNamespace(step=f) for k, f in fns.items()}
+    return parts, dict(shape=[m, n, r], layers=B, thin_products=len(prods))
+
+
+def _fused_solve(x, g, dl, dr):
+    from _fused_probe import fused_solve
+
+    return fused_solve(x.U, x.V, dl, dr, g.M, g.Up, g.Vp)
+
+
+def fused_solve_error() -> float:
+    """Largest relative difference, float64, between the numba probe and the torch solve."""
+    import torch
+
+    import rankopt as ro
+    from rankopt.metrics import KroneckerDiagonal
+
+    man = ro.FixedRankManifold(40, 30, 5, backend="torch", dtype="float64", validate=False)
+    x = man.random_point(0, batch_shape=(3,))
+    g = man.random_tangent_vector(x, 1)
+    gen = torch.Generator().manual_seed(1)
+    dl = torch.rand(3, 40, generator=gen, dtype=torch.float64) + 0.5
+    dr = torch.rand(3, 30, generator=gen, dtype=torch.float64) + 0.5
+    ref = KroneckerDiagonal(dl, dr).solve(man, x, g)
+    out = _fused_solve(x, g, dl, dr)
+    return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(out, ref, strict=True))
+
+
+def _time_back_to_back(parts: dict, reps: int) -> dict:
+    """Each part alone in its own loop of ``reps`` steps (warm caches): CPU-time seconds."""
+    out = {}
+    for name, part in parts.items():
+        for _ in range(3):
+            part.step()
+        ts = []
+        for _ in range(reps):
+            t = time.thread_time()
+            part.step()
+            ts.append(time.thread_time() - t)
+        out[name] = ts
+    return out
+
+
+FLOOR_KEYS = (
+    "rule step, 16 x 16, r = 2, one layer",
+    "SVD of the 2r x 2r cores",
+    "the two complement QRs",
+    "the metric's two r x r inverses",
+    "thin products",
+)
+
+
+def run_floor(reps: int, quick: bool, progress) -> dict:
+    """Part 5: a lower bound on the RAdamW step at the MiniLM set, from parts timed apart.
+
+    ``floor = (rule on 16 x 16, r = 2: its operations and Python, no arithmetic to speak of)
+    + SVD + QRs + inverses + thin products (the LAPACK calls and products the rule makes, on
+    arrays of its shapes) + (optimizer step - rule step: gather, finite check, write back)``.
+    Everything else the step does (about 40 elementwise passes per layer, r x r products)
+    comes on top. Two clocks of the same parts (CPU time of the stepping thread, medians):
+    interleaved (each part's data evicted by the others, as between two training steps) and
+    back to back (each part alone in its loop, warm caches, as in part 1's plain command).
+    """
+    import torch
+
+    parts, meta = _floor_parts(quick)
+    progress(f"floor: {len(parts)} parts, {reps} rounds, interleaved and back to back")
+    res = dict(meta, fused_error=fused_solve_error(), floor_parts=list(FLOOR_KEYS))
+    with torch.no_grad():
+        for mode, times in (
+            ("interleaved", time_interleaved(parts, 4 * reps, "cpu", "cpu")),
+            ("back to back", _time_back_to_back(parts, 4 * reps)),
+        ):
+            ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            ms["outside the rule"] = ms["RAdamW optimizer step"] - ms["rule step"]
+            ms["floor"] = sum(ms[k] for k in FLOOR_KEYS) + ms["outside the rule"]
+            ms["4 x AdamW foreach"] = 4 * ms["AdamW foreach"]
+            res[mode] = ms
+    return res
+
+
+def floor_table(res: dict) -> str:
+    m, n, r = res["shape"]
+    a, b = res["interleaved"], res["back to back"]
+    labels = {
+        "outside the rule": "optimizer step - rule step (gather, check, write back)",
+        "floor": "**floor**: 16 x 16 rule + SVD + QRs + inverses + products + outside",
+        "4 x AdamW foreach": "4 x AdamW foreach (the issue's target)",
+    }
+    lines = [
+        f"Lower bound of the RAdamW step, {res['layers']} layers of {m} x {n}, r = {r} "
+        f"({res['thin_products']} thin products per step); CPU time, medians",
+        "",
+        "| part | interleaved ms | back to back ms |",
+        "|---|---|---|",
+        *(f"| {labels.get(k, k)} | {a[k]:.3f} | {b[k]:.3f} |" for k in a),
+        "",
+        "numba probe against the torch solve (float64, 3 x 40 x 30, r = 5): largest relative "
+        f"difference {res['fused_error']:.1e}",
+    ]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -500,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.breakdown or args.quick:
         results["breakdown"] = run_breakdown(args.reps, args.quick, progress)
         md.append(breakdown_table(results["breakdown"]))
+    if args.floor or args.quick:
+        results["floor"] = run_floor(args.reps, args.quick, progress)
+        md.append(floor_table(results["floor"]))
     text = "\n\n".join(md)
     print(text)
     (out / "optimizer_step.md").write_text(text + "\n")

@@ -52,3 +52,19 @@ def test_breakdown_splits_per_call_and_per_layer_cost(quick):
     for r in res["rows"]:  # the line passes near every median (timings: a loose check)
         assert abs(a + b * r["layers"] - r["step_ms"]) < r["step_ms"]
     assert "per call" in stdout and "| layers B |" in stdout
+
+
+def test_floor_sums_its_parts_and_probe_agrees(quick):
+    """Part 5: the floor is the sum of the parts it names (both clocks), every part was timed,
+    and the numba probe computes the same direct solve as torch (float64)."""
+    stdout, out = quick
+    res = json.loads((out / "optimizer_step.json").read_text())["floor"]
+    assert res["fused_error"] < 1e-12
+    assert res["thin_products"] > 0
+    for mode in ("interleaved", "back to back"):
+        ms = res[mode]
+        assert all(v > 0 for k, v in ms.items() if k != "outside the rule")
+        parts = sum(ms[k] for k in res["floor_parts"]) + ms["outside the rule"]
+        assert ms["floor"] == pytest.approx(parts)
+        assert ms["4 x AdamW foreach"] == pytest.approx(4 * ms["AdamW foreach"])
+    assert "**floor**" in stdout and "numba probe" in stdout
