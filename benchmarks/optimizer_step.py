@@ -373,6 +373,19 @@ def train_table(rows: list[dict] | str) -> str:
 # --------------------------------------------------------------------------- part 4
 
 
+def started_stack(spec, m: int, n: int, r: int, layers: int, dtype: str = "float32") -> tuple:
+    """``(manifold, x, g, state)``: a stack of ``layers`` random points of the torch manifold
+    (m x n, rank r), a random tangent vector, and ``spec``'s state after one step (so that
+    every further ``spec.step(manifold, x, g, state)`` does the same work)."""
+    import rankopt as ro
+
+    man = ro.FixedRankManifold(m, n, r, backend="torch", dtype=dtype, validate=False)
+    x = man.random_point(0, batch_shape=(layers,))
+    g = man.random_tangent_vector(x, 1)
+    x, st = spec.step(man, x, g, spec.init(man, x))
+    return man, x, g, st
+
+
 def run_breakdown(reps: int, quick: bool, progress) -> dict:
     """Where a step's time goes: the RAdamW rule's step alone on stacks of B same-shape layers
     (MiniLM's 384 x 384, r = 8), interleaved over B, and a batched product of B pairs
@@ -384,7 +397,6 @@ def run_breakdown(reps: int, quick: bool, progress) -> dict:
     import numpy as np
     import torch
 
-    import rankopt as ro
     from rankopt.rules import RAdamW
 
     m, n, r = (32, 24, 4) if quick else (384, 384, 8)
@@ -393,10 +405,7 @@ def run_breakdown(reps: int, quick: bool, progress) -> dict:
     gen = torch.Generator().manual_seed(0)
     steps, prods = {}, {}
     for B in sizes:
-        M = ro.FixedRankManifold(m, n, r, backend="torch", dtype="float32", validate=False)
-        x = M.random_point(0, batch_shape=(B,))
-        g = M.random_tangent_vector(x, 1)
-        x, st = spec.step(M, x, g, spec.init(M, x))
+        M, x, g, st = started_stack(spec, m, n, r, B)
         steps[B] = types.SimpleNamespace(step=lambda M=M, x=x, g=g, st=st: spec.step(M, x, g, st))
         A, K = torch.randn(B, m, r, generator=gen), torch.randn(B, r, r, generator=gen)
         prods[B] = types.SimpleNamespace(step=lambda A=A, K=K: torch.bmm(A, K))
@@ -461,7 +470,6 @@ def _floor_parts(quick: bool) -> tuple[dict, dict]:
 
     import torch
 
-    import rankopt as ro
     import rankopt.torch as rt
     from rankopt.metrics import KroneckerDiagonal
     from rankopt.rules import RAdamW
@@ -471,15 +479,8 @@ def _floor_parts(quick: bool) -> tuple[dict, dict]:
     mods, lora = make_layers([(m, n)] * B, r, torch.float32, "cpu")
     spec = RAdamW(lr=1e-8)
 
-    def started(m_, n_, r_, b_):
-        man = ro.FixedRankManifold(m_, n_, r_, backend="torch", dtype="float32", validate=False)
-        x = man.random_point(0, batch_shape=(b_,))
-        g = man.random_tangent_vector(x, 1)
-        x, st = spec.step(man, x, g, spec.init(man, x))
-        return man, x, g, st
-
-    man, x, g, st = started(m, n, r, B)
-    tiny = started(16, 16, 2, 1)
+    man, x, g, st = started_stack(spec, m, n, r, B)
+    tiny = started_stack(spec, 16, 16, 2, 1)
     gen = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     prods = [(rnd(*a), rnd(*b)) for a, b in _thin_products(spec, man, x, g, st)]
@@ -527,21 +528,6 @@ def fused_solve_error() -> float:
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(out, ref, strict=True))
 
 
-def _time_back_to_back(parts: dict, reps: int) -> dict:
-    """Each part alone in its own loop of ``reps`` steps (warm caches): CPU-time seconds."""
-    out = {}
-    for name, part in parts.items():
-        for _ in range(3):
-            part.step()
-        ts = []
-        for _ in range(reps):
-            t = time.thread_time()
-            part.step()
-            ts.append(time.thread_time() - t)
-        out[name] = ts
-    return out
-
-
 FLOOR_KEYS = (
     "rule step, 16 x 16, r = 2, one layer",
     "SVD of the 2r x 2r cores",
@@ -570,7 +556,10 @@ def run_floor(reps: int, quick: bool, progress) -> dict:
     with torch.no_grad():
         for mode, times in (
             ("interleaved", time_interleaved(parts, 4 * reps, "cpu", "cpu")),
-            ("back to back", _time_back_to_back(parts, 4 * reps)),
+            (
+                "back to back",
+                {k: time_interleaved({k: p}, 4 * reps, "cpu", "cpu")[k] for k, p in parts.items()},
+            ),  # each part alone in its loop
         ):
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             ms["outside the rule"] = ms["RAdamW optimizer step"] - ms["rule step"]
