@@ -43,18 +43,29 @@ def _adafactor(vl, vr, eps):
     return np.sqrt(vl + eps**2 * mu) / mu**0.25, np.sqrt(vr + eps**2 * mu) / mu**0.25
 
 
+def _new_directions(P, basis):
+    """An orthonormal basis of span(P) (full column rank): its QR factor ("qr", the group's), or
+    its left singular vectors ("svd", rankopt's choice, the same span; computed as rankopt does,
+    ``Q_0 W`` from ``P = Q_0 R``, ``R = W D Z^T``, then a second QR, because the core Adam's
+    second moment also sees the signs LAPACK gives the vectors)."""
+    Q0, R = np.linalg.qr(P)
+    return Q0 if basis == "qr" else np.linalg.qr(Q0 @ np.linalg.svd(R)[0])[0]
+
+
 def dense_bug_step(U, s, V, G, moments, count, *, kind, lr, tol, hi, lo=1, mu=0.9,
-                   betas=(0.9, 0.999), eps=1e-3, wd=0.0):  # fmt: skip
+                   betas=(0.9, 0.999), eps=1e-3, wd=0.0, basis="svd"):  # fmt: skip
     """One augmented BUG step, dense. ``kind``: "hb" (heavy ball on the core), "core" (Adam on
     the core entries, the DLRA group's layers) or "factored" (Adam first moment on the core, the
     Galerkin step under the Adafactor-factored metric with ambient row/column statistics).
+    ``basis``: how the new directions are made orthonormal ("svd": left singular vectors of the
+    K-/L-step directions, as rankopt does; "qr": the group's QR, the same span).
     Returns (U1, s1, V1, moments in the new bases)."""
     r = U.shape[1]
     X = U @ np.diag(s) @ V.T
     K_dir = G @ V  # K = U S moves along -dL/dK = -G V
     L_dir = G.T @ U  # L = V S^T moves along -G^T U
-    Qu = np.linalg.qr(K_dir - U @ (U.T @ K_dir))[0]
-    Qv = np.linalg.qr(L_dir - V @ (V.T @ L_dir))[0]
+    Qu = _new_directions(K_dir - U @ (U.T @ K_dir), basis)
+    Qv = _new_directions(L_dir - V @ (V.T @ L_dir), basis)
     Uh, Vh = np.hstack([U, Qu]), np.hstack([V, Qv])
     S0 = Uh.T @ X @ Vh
     Gh = Uh.T @ G @ Vh  # gradient of the loss with respect to the augmented core
@@ -123,13 +134,19 @@ def _zero_moments(kind, r, m, n):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["hb", "core", "factored"])
+@pytest.mark.parametrize(
+    ("kind", "basis"),
+    [("hb", "svd"), ("hb", "qr"), ("core", "svd"), ("factored", "svd"), ("factored", "qr")],
+)
 @pytest.mark.parametrize("tol", [None, 1e-2])
-def test_step_equals_dense_augmented_bug(backend, kind, tol):
+def test_step_equals_dense_augmented_bug(backend, kind, basis, tol):
     """Three steps of the rule equal the dense augmented BUG steps (float64, 1e-12): the
     point, and the moments (compared as ambient matrices ``U m V^T``, which do not depend on
     the sign conventions of QR and SVD; the squared second moment entrywise). With
-    ``tol=1e-2`` the rank changes (it grows from 3 and the small directions are truncated)."""
+    ``tol=1e-2`` the rank changes (it grows from 3 and the small directions are truncated).
+    The heavy ball and the factored Adam depend only on the span of the new directions (they
+    also equal the reference with the group's QR basis); the core Adam's elementwise second
+    moment sees the basis too (rankopt's: the left singular vectors)."""
     if backend == "torch":
         pytest.importorskip("torch")
     m, n, r = 30, 24, 3
@@ -152,7 +169,7 @@ def test_step_equals_dense_augmented_bug(backend, kind, tol):
             Mk, x, Mk.geometry.project(x, Gb), st, normal=rules.normal_block_of(Mk, Gb)
         )
         U, s, V, mom = dense_bug_step(
-            U, s, V, G, mom, k, kind=kind, lr=0.05, tol=tol, hi=5, eps=EPS[kind]
+            U, s, V, G, mom, k, kind=kind, lr=0.05, tol=tol, hi=5, eps=EPS[kind], basis=basis
         )
         ranks.append(x.rank)
         assert x.rank == len(s)

@@ -9,9 +9,10 @@ as the group's public training layers implement it for optimizers with state. On
    ``-dL/dK = -G V``, the L-step ``L = V S^T`` along ``-G^T U``; the new bases span
    ``[U, G V]`` and ``[V, G^T U]``: ``U_hat = [U, Q_u]``, ``V_hat = [V, Q_v]`` with
    ``Q_u`` an orthonormal basis of ``U.grad = (I - U U^T) G V`` and ``Q_v`` of
-   ``V.grad = (I - V V^T) G^T U`` (:func:`complement_basis`: at most ``min(r, m - r)`` and
-   ``min(r, n - r)`` columns; columns that only complete a rank-deficient tangent piece get no
-   gradient, so the step never moves along them). Rank at most ``2r``.
+   ``V.grad = (I - V V^T) G^T U`` (:func:`complement_basis`: left singular vectors, at most
+   ``min(r, m - r)`` and ``min(r, n - r)`` columns; columns that only complete a rank-deficient
+   tangent piece are set by rounding and get no gradient, no moment and no metric coupling, so
+   the step never depends on them). Rank at most ``2r``.
 2. **Moments carried over.** The core ``S_hat = U_hat^T X V_hat = [[S, 0], [0, 0]]``; the
    optimizer's moments live on the core, in the current bases, and are carried the same way
    (zero blocks for the new directions).
@@ -99,18 +100,25 @@ def _omega(be, m: int, r: int) -> Any:
 
 
 def complement_basis(be, F: Any, P: Any, k: int | None = None) -> tuple[Any, Any]:
-    r"""An orthonormal basis ``Q`` (..., m, k) of (the dominant part of) ``span(P)``, orthogonal to
-    ``F``, completed to k columns.
+    r"""An orthonormal basis ``Q`` (..., m, k) of the dominant part of ``span(P)``, orthogonal to
+    ``F``, completed to k columns; the columns in ``span(P)`` come first.
 
     ``P`` (..., m, r) is (nearly) orthogonal to the orthonormal ``F`` (m x r, a tangent piece);
     ``k`` defaults to r and is at most ``m - r`` (the room left next to ``F``). With
     ``tau = eps max|P|``, ``P_t = (I - F F^T)(P + tau Omega)`` (``Omega`` a fixed Gaussian
-    matrix, so that ``Q`` has k independent columns even where ``P`` is rank-deficient); ``Q`` is
-    its QR factor (k = r) or its top-k left singular vectors (k < r), projected against ``F``
-    and orthonormalized once more ("twice is enough"), which makes ``F^T Q`` rounding-level also
-    for the completing columns. Returns ``Q`` and a 0/1 array (..., k) marking the columns that
-    lie in ``span(P)`` (QR diagonal or singular value above ``SPAN_FACTOR tau sqrt(m)``).
-    O(m r^2): two factorizations and four products of size m x r x r.
+    matrix, so that ``Q`` has k independent columns even where ``P`` is rank-deficient).
+    ``P_t = Q_0 R`` (QR), ``R = W diag(d) Z^T`` (SVD): ``Q_0 W`` are the left singular vectors
+    of ``P_t``, ordered by ``d``, and ``Q`` is its first k columns, projected against ``F`` and
+    orthonormalized once more ("twice is enough"; Gram-Schmidt order keeps the span of the
+    leading columns), which makes ``F^T Q`` rounding-level also for the completing columns.
+
+    Returns ``Q`` and a 0/1 array (..., k) marking the columns that lie in ``span(P)``
+    (singular value above ``SPAN_FACTOR tau sqrt(m)``): a leading block. The span of that block
+    is a continuous function of ``P`` (a rank-revealing factorization: a plain QR of ``P_t``
+    would mix a completing direction into later columns whenever an early column of ``P`` is
+    negligible, and so make even the kept span depend on rounding). The completing columns are
+    set by rounding and ``Omega``: callers must not let anything depend on them.
+    O(m r^2 + r^3): a QR, an r x r SVD, a second QR and four products of size m x r x r.
     """
     xp = be.xp
     m, r = P.shape[-2], P.shape[-1]
@@ -119,12 +127,9 @@ def complement_basis(be, F: Any, P: Any, k: int | None = None) -> tuple[Any, Any
     tau = be.eps * (xp.max(xp.abs(P), axis=(-2, -1)) + tiny)
     Pt = P + tau[..., None, None] * _omega(be, m, r)
     Pt = Pt - F @ (_t(F) @ Pt)
-    if k == r:
-        Q, R = be.qr(Pt)
-        d = xp.abs(be.diagonal(R))
-    else:
-        W, sv, _ = be.svd(Pt)
-        Q, d = W[..., :, :k], sv[..., :k]
+    Q0, R = be.qr(Pt)
+    W, sv, _ = be.svd(R)
+    Q, d = Q0 @ W[..., :, :k], sv[..., :k]
     Q = Q - F @ (_t(F) @ Q)
     Q, _ = be.qr(Q)
     keep = d > (SPAN_FACTOR * float(np.sqrt(m))) * tau[..., None]
@@ -186,11 +191,14 @@ class _BUG(Rule):
     rank_tol: float | None = 1e-3
 
     def _augment(self, manifold, x: FixedRankPoint, grad: TangentVector, normal: Any):
-        """``(U, Q_u, V, Q_v, G_hat, S_hat)``: the augmented bases, the core gradient and core.
+        """``((U, Q_u, V, Q_v), G_hat, S_hat, (k_u, k_v))``: the augmented bases, the core
+        gradient, the core, and the 0/1 flags of the columns of ``Q_u``, ``Q_v`` in the span of
+        the K-step (L-step).
 
         Directions of ``Q_u`` (``Q_v``) that only complete a rank-deficient ``U.grad``
-        (``V.grad``) to r columns are not in the span of the K-step (L-step): their rows
-        (columns) of ``G_hat`` are set to zero, so the step never moves along them.
+        (``V.grad``) to r columns (flag 0) are not in that span and are set by rounding: their
+        rows (columns) of ``G_hat`` are set to zero, so the step never moves along them, and
+        nothing else may depend on them (see :meth:`DLRAAdam._factored`).
         """
         if normal is None:
             raise ValueError(
@@ -207,7 +215,7 @@ class _BUG(Rule):
         Rv = (_t(qv) @ grad.Vp) * kv[..., :, None]
         N = normal(qu, qv) * (ku[..., :, None] * kv[..., None, :])
         G = be.concat([be.concat([grad.M, _t(Rv)], -1), be.concat([Ru, N], -1)], -2)
-        return U, qu, V, qv, G, _pad(be, be.diag(x.s), *G.shape[-2:])
+        return (U, qu, V, qv), G, _pad(be, be.diag(x.s), *G.shape[-2:]), (ku, kv)
 
     def _ranks(self, manifold, x: FixedRankPoint, d: Any, cap: Any) -> list[int]:
         """The kept rank of each item (one host read of the singular values)."""
@@ -299,7 +307,7 @@ class DLRAHeavyBall(_BUG):
     def step(self, manifold, x, grad, state: DLRAState, *, lr: Any = None, normal: Any = None):
         lr = self.lr if lr is None else lr
         be = manifold.backend
-        U, qu, V, qv, G, S = self._augment(manifold, x, grad, normal)
+        bases, G, S, _ = self._augment(manifold, x, grad, normal)
         if self.weight_decay != 0:
             G = G + self.weight_decay * S
         on = started(state.count, be.xp)
@@ -307,7 +315,7 @@ class DLRAHeavyBall(_BUG):
         buf = (on * self.momentum) * _pad(be, state.momentum_buffer, *G.shape[-2:]) + G
         core = S - _lr(lr) * buf
         fields = {"count": state.count + 1, "momentum_buffer": buf, "rank_cap": state.rank_cap}
-        return self._finish(manifold, x, (U, qu, V, qv), core, fields, DLRAState)
+        return self._finish(manifold, x, bases, core, fields, DLRAState)
 
 
 def _lr(lr: Any) -> Any:
@@ -371,7 +379,7 @@ class DLRAAdam(_BUG):
         lr = self.lr if lr is None else lr
         be = manifold.backend
         b1, b2 = self.betas
-        U, qu, V, qv, G, S = self._augment(manifold, x, grad, normal)
+        bases, G, S, keep = self._augment(manifold, x, grad, normal)
         t = state.count + 1
         tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
         m = b1 * _pad(be, state.exp_avg, *G.shape[-2:]) + (1.0 - b1) * G
@@ -381,17 +389,25 @@ class DLRAAdam(_BUG):
             direction = (m / (1.0 - b1**tt)) / (be.xp.sqrt(v / (1.0 - b2**tt)) + self.eps)
             fields["exp_avg_sq"] = v
         else:
-            direction, rows, cols = self._factored(manifold, (U, qu, V, qv), G, m, state, tt)
+            direction, rows, cols = self._factored(manifold, bases, keep, G, m, state, tt)
             fields.update(row_stats=rows, col_stats=cols)
         core = S * (1.0 - _lr(lr) * self.weight_decay) - _lr(lr) * direction
-        return self._finish(manifold, x, (U, qu, V, qv), core, fields, DLRAAdamState)
+        return self._finish(manifold, x, bases, core, fields, DLRAAdamState)
 
-    def _factored(self, manifold, bases, G, m, state, tt):
+    def _factored(self, manifold, bases, keep, G, m, state, tt):
         r"""``A_L^{-1} m_hat A_R^{-1}`` and the new row/column statistics.
 
         The ambient matrix of the core gradient is ``U_hat G_hat V_hat^T``; with orthonormal
         ``V_hat`` its row squares are those of ``U_hat G_hat`` (m x <= 2r), its column squares
-        those of ``V_hat G_hat^T``. O((m + n) r^2).
+        those of ``V_hat G_hat^T``. The Galerkin space is spanned by ``U`` and the flagged
+        columns of ``Q_u`` (``keep``; likewise for ``V``): the metric's Gram matrices are taken
+        over those columns only, ``A_L = K U_hat^T D_L U_hat K + (I - K)`` with ``K`` the 0/1
+        diagonal of the flags, so that ``A_L`` is block diagonal between the Galerkin space and
+        the completing columns. ``m_hat`` is zero on the completing rows and columns, hence so is
+        the direction, and the step does not depend on the completing columns (which rounding
+        sets). Without the mask the off-diagonal blocks of ``A_L^{-1}`` carry the step into those
+        columns: a discontinuous step whenever the gradient's rank is below the layer's.
+        O((m + n) r^2 + r^3).
         """
         be = manifold.backend
         xp = be.xp
@@ -407,8 +423,20 @@ class DLRAAdam(_BUG):
         dl, dr = adaptive_diagonals(
             rows / (1.0 - b2**c2), cols / (1.0 - b2**c2), self.eps, "adafactor", xp
         )
-        AL = _t(Uh) @ (dl[..., :, None] * Uh)
-        AR = _t(Vh) @ (dr[..., :, None] * Vh)
+        AL = _galerkin_gram(be, Uh, dl, keep[0])
+        AR = _galerkin_gram(be, Vh, dr, keep[1])
         inv = xp.linalg.inv
         direction = inv(AL) @ (m / (1.0 - b1**tt)) @ inv(AR)
         return direction, rows, cols
+
+
+def _galerkin_gram(be, B: Any, w: Any, keep: Any) -> Any:
+    """``K B^T diag(w) B K + (I - K)`` with ``K = diag([1] * r + keep)`` for the augmented basis
+    ``B = [F, Q]`` (..., m, r + k): the Gram matrix of the flagged columns, the identity on the
+    others. O(m r^2)."""
+    r = B.shape[-1] - keep.shape[-1]
+    k = be.concat(
+        [be.xp.ones((*keep.shape[:-1], r), dtype=keep.dtype, device=be.device_of(keep)), keep], -1
+    )
+    Bk = B * k[..., None, :]
+    return _t(Bk) @ (w[..., :, None] * Bk) + be.diag(1.0 - k)
