@@ -142,6 +142,7 @@ def resize_parameter_(p: torch.Tensor, new: torch.Tensor) -> None:
     changes, so the data is set once in another dtype and then in its own.
     """
     other = torch.float32 if new.dtype == torch.float64 else torch.float64
+    new = new.contiguous()  # every factor row-major, whoever wrote it (same kernels, same rounding)
     p.data = new.to(other)
     p.data = new
     p.grad = None
@@ -163,7 +164,7 @@ def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> torch.Tensor
     the signs of ``diag(R)`` fixed. The QR runs in torch (its thread setting), not NumPy: a
     multi-threaded OpenBLAS spinning on a loaded machine made a 1536 x 32 QR take ~1 s."""
     q, rr = torch.linalg.qr(torch.from_numpy(rng.standard_normal((rows, cols))))
-    return q * torch.sign(torch.diagonal(rr))[None, :]
+    return (q * torch.sign(torch.diagonal(rr))[None, :]).contiguous()
 
 
 class _LowRankBase(nn.Module):
