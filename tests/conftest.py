@@ -33,6 +33,24 @@ import rankopt as ro
 # must be set before torch is first imported, which happens after this conftest is loaded.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+#: What tests/test_continuity.py asserts for every torch optimizer: a relative change ``delta``
+#: of the point or of the gradient moves the weights after three steps by at most
+#: ``CONTINUITY_GAIN * delta`` relative (1e-13 -> 1e-8). Two computation paths of the same
+#: steps (stacked and per-layer groups, a reload and an uninterrupted run, another numerics
+#: path) differ in each step only by rounding, a relative ``ROUNDING_PER_STEP * eps`` or less
+#: (a few hundred operations on vectors of a few dozen entries), so after ``k`` steps they agree
+#: to ``path_tolerance(k, eps)``; an equality test uses that, never the luck of identical rounding.
+CONTINUITY_GAIN = 1e5
+ROUNDING_PER_STEP = 64
+#: other factors of the same matrix: the same next weights to this relative tolerance
+INVARIANCE_RTOL = 1e-12
+
+
+def path_tolerance(steps: int, eps: float = float(np.finfo(np.float64).eps)) -> float:
+    """Relative tolerance for two computation paths of ``steps`` optimizer steps (see above)."""
+    return CONTINUITY_GAIN * ROUNDING_PER_STEP * steps * eps
+
+
 CUPY_REASON = "CuPy not installed / no CUDA GPU"
 TORCH_REASON = "PyTorch not installed (pip install 'rankopt[torch]')"
 

@@ -173,6 +173,31 @@ def _pad(be, a: Any, rows: int, cols: int) -> Any:
     return be.concat([top, bottom], -2)
 
 
+def _used_columns(be, x: FixedRankPoint, grad: TangentVector) -> tuple[TangentVector, tuple]:
+    r"""The gradient without the columns of ``U``, ``V`` that carry neither the point nor the
+    gradient, and the 0/1 flags (..., r) of the others.
+
+    Column i of ``U`` counts when ``s_i > 0`` or the gradient touches it,
+    ``||M_{i,:}||^2 + ||Vp_{:,i}||^2 > (SPAN_FACTOR sqrt(max(m, n)) tau)^2`` with
+    ``tau = eps max|grad|`` (column j of ``V`` with ``M_{:,j}`` and ``Up_{:,j}``): at a point
+    with ``s_i = 0`` and no gradient there (an adapter's start from a gradient of lower rank),
+    ``u_i`` is arbitrary, and the gradient's rounding-level entries there are set to zero. At
+    a point with ``s > 0`` every flag is 1 and the gradient is unchanged. O((m + n) r).
+    """
+    xp = be.xp
+    (m, n), tiny = x.shape, (1e-25 if be.is_float32 else 1e-280)
+    big = xp.maximum(xp.max(xp.abs(grad.M), axis=(-2, -1)), xp.max(xp.abs(grad.Up), axis=(-2, -1)))
+    big = xp.maximum(big, xp.max(xp.abs(grad.Vp), axis=(-2, -1)))
+    thr = (SPAN_FACTOR * float(np.sqrt(max(m, n))) * be.eps * (big + tiny))[..., None] ** 2
+    on = x.s > 0
+    u_sq = xp.sum(grad.M * grad.M, axis=-1) + xp.sum(grad.Vp * grad.Vp, axis=-2)
+    v_sq = xp.sum(grad.M * grad.M, axis=-2) + xp.sum(grad.Up * grad.Up, axis=-2)
+    u0 = xp.astype(on | (u_sq > thr), grad.M.dtype)
+    v0 = xp.astype(on | (v_sq > thr), grad.M.dtype)
+    M = grad.M * (u0[..., :, None] * v0[..., None, :])
+    return TangentVector(M, grad.Up * v0[..., None, :], grad.Vp * u0[..., None, :]), (u0, v0)
+
+
 def _cap_init(manifold, x: FixedRankPoint) -> Any:
     if not x.batch_shape:
         return x.rank
@@ -192,13 +217,15 @@ class _BUG(Rule):
 
     def _augment(self, manifold, x: FixedRankPoint, grad: TangentVector, normal: Any):
         """``((U, Q_u, V, Q_v), G_hat, S_hat, (k_u, k_v))``: the augmented bases, the core
-        gradient, the core, and the 0/1 flags of the columns of ``Q_u``, ``Q_v`` in the span of
-        the K-step (L-step).
+        gradient, the core, and the 0/1 flags (..., r + k) of the columns of ``[U, Q_u]``,
+        ``[V, Q_v]`` that span the Galerkin space.
 
         Directions of ``Q_u`` (``Q_v``) that only complete a rank-deficient ``U.grad``
-        (``V.grad``) to r columns (flag 0) are not in that span and are set by rounding: their
-        rows (columns) of ``G_hat`` are set to zero, so the step never moves along them, and
-        nothing else may depend on them (see :meth:`DLRAAdam._factored`).
+        (``V.grad``) to r columns, and columns of ``U`` (``V``) of a zero singular value that the
+        gradient does not touch (an adapter's start, ``S = 0``, from a gradient of rank below r:
+        its basis beyond the gradient's range is arbitrary), get flag 0: they are set by
+        rounding, their rows (columns) of ``G_hat`` are zero, so the step never moves along
+        them, and nothing else may depend on them (see :meth:`DLRAAdam._factored`).
         """
         if normal is None:
             raise ValueError(
@@ -209,13 +236,15 @@ class _BUG(Rule):
         be = manifold.backend
         U, V = x.U, x.V
         (m, n), r = x.shape, x.rank
+        grad, (u0, v0) = _used_columns(be, x, grad)
         qu, ku = complement_basis(be, U, grad.Up, min(r, m - r))
         qv, kv = complement_basis(be, V, grad.Vp, min(r, n - r))
         Ru = (_t(qu) @ grad.Up) * ku[..., :, None]
         Rv = (_t(qv) @ grad.Vp) * kv[..., :, None]
         N = normal(qu, qv) * (ku[..., :, None] * kv[..., None, :])
         G = be.concat([be.concat([grad.M, _t(Rv)], -1), be.concat([Ru, N], -1)], -2)
-        return (U, qu, V, qv), G, _pad(be, be.diag(x.s), *G.shape[-2:]), (ku, kv)
+        keep = (be.concat([u0, ku], -1), be.concat([v0, kv], -1))
+        return (U, qu, V, qv), G, _pad(be, be.diag(x.s), *G.shape[-2:]), keep
 
     def _ranks(self, manifold, x: FixedRankPoint, d: Any, cap: Any) -> list[int]:
         """The kept rank of each item (one host read of the singular values)."""
@@ -399,11 +428,11 @@ class DLRAAdam(_BUG):
 
         The ambient matrix of the core gradient is ``U_hat G_hat V_hat^T``; with orthonormal
         ``V_hat`` its row squares are those of ``U_hat G_hat`` (m x <= 2r), its column squares
-        those of ``V_hat G_hat^T``. The Galerkin space is spanned by ``U`` and the flagged
-        columns of ``Q_u`` (``keep``; likewise for ``V``): the metric's Gram matrices are taken
-        over those columns only, ``A_L = K U_hat^T D_L U_hat K + (I - K)`` with ``K`` the 0/1
-        diagonal of the flags, so that ``A_L`` is block diagonal between the Galerkin space and
-        the completing columns. ``m_hat`` is zero on the completing rows and columns, hence so is
+        those of ``V_hat G_hat^T``. The Galerkin space is spanned by the flagged columns of
+        ``U_hat = [U, Q_u]`` (``keep``, see :meth:`_augment`; likewise for ``V``): the metric's
+        Gram matrices are taken over those columns only,
+        ``A_L = K U_hat^T D_L U_hat K + (I - K)`` with ``K`` the 0/1 diagonal of the flags, so
+        that ``A_L`` is block diagonal between the Galerkin space and the completing columns. ``m_hat`` is zero on the completing rows and columns, hence so is
         the direction, and the step does not depend on the completing columns (which rounding
         sets). Without the mask the off-diagonal blocks of ``A_L^{-1}`` carry the step into those
         columns: a discontinuous step whenever the gradient's rank is below the layer's.
@@ -431,12 +460,8 @@ class DLRAAdam(_BUG):
 
 
 def _galerkin_gram(be, B: Any, w: Any, keep: Any) -> Any:
-    """``K B^T diag(w) B K + (I - K)`` with ``K = diag([1] * r + keep)`` for the augmented basis
-    ``B = [F, Q]`` (..., m, r + k): the Gram matrix of the flagged columns, the identity on the
-    others. O(m r^2)."""
-    r = B.shape[-1] - keep.shape[-1]
-    k = be.concat(
-        [be.xp.ones((*keep.shape[:-1], r), dtype=keep.dtype, device=be.device_of(keep)), keep], -1
-    )
-    Bk = B * k[..., None, :]
-    return _t(Bk) @ (w[..., :, None] * Bk) + be.diag(1.0 - k)
+    """``K B^T diag(w) B K + (I - K)`` with ``K = diag(keep)`` for the augmented basis ``B``
+    (..., m, r + k) and its 0/1 flags (..., r + k): the Gram matrix of the flagged columns, the
+    identity on the others. O(m r^2)."""
+    Bk = B * keep[..., None, :]
+    return _t(Bk) @ (w[..., :, None] * Bk) + be.diag(1.0 - keep)
