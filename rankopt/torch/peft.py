@@ -11,13 +11,16 @@ r"""PEFT interop: LoRA adapters in, rankopt fixed-rank adapters out, and back.
 * :func:`to_peft` writes rankopt adapters as a PEFT LoRA adapter folder that
   ``PeftModel.from_pretrained(base_model, path)`` loads with the same outputs: rank-r factors
   ``B = U diag(sqrt(s))``, ``A = diag(sqrt(s)) V^T`` with ``lora_alpha = r`` (scaling 1, the
-  scale folded in), per-layer ranks in ``rank_pattern`` / ``alpha_pattern``.
+  scale folded in), per-layer ranks in ``rank_pattern`` / ``alpha_pattern`` under anchored keys
+  (``^sub\.q``: PEFT matches a key as a regex suffix, so a bare ``q`` would match ``sub.q``).
 
 Supported: LoRA on ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` (the kinds rankopt has),
-one adapter at a time. Not supported (``ValueError``): DoRA and other LoRA variants (their weight
-is not ``W0`` plus a low-rank matrix), ``lora_bias``, ``fan_in_fan_out`` (GPT-2's ``Conv1D``),
-compressed layers (``mode="compress"``: no frozen base) in :func:`to_peft`. LoRA dropout has no
-rankopt counterpart and is dropped (a warning); outputs in eval mode are unchanged.
+one adapter at a time (:func:`from_peft` converts the named or active adapter and removes the
+others; merged adapters are unmerged first, with a warning). Not supported (``ValueError``):
+DoRA and other LoRA variants (their weight is not ``W0`` plus a low-rank matrix),
+``lora_bias``, ``fan_in_fan_out`` (GPT-2's ``Conv1D``), compressed layers (``mode="compress"``:
+no frozen base) in :func:`to_peft`. LoRA dropout has no rankopt counterpart and is dropped (a
+warning); outputs in eval mode are unchanged.
 """
 
 from __future__ import annotations
@@ -104,15 +107,32 @@ def from_peft(
     base_model : nn.Module, optional
         With a folder: the base model to load it onto (``PeftModel.from_pretrained``).
     adapter_name : str, optional
-        Which adapter (default: the active one).
+        Which adapter (default: the active one). Exactly this adapter is converted; the other
+        adapters of the model are removed (their layers become the plain base layers again).
 
     Returns
     -------
     nn.Module
-        The base model: each LoRA layer replaced by a rankopt low-rank layer of the same rank
-        (adapter mode, frozen base), each ``modules_to_save`` wrapper by its trained module;
-        the adapters and saved modules trainable, everything else frozen. Train it with
+        The base model: each LoRA layer of the adapter replaced by a rankopt low-rank layer of
+        the same rank (adapter mode, frozen base), each ``modules_to_save`` wrapper by the
+        adapter's trained module (or the original module where the adapter has none); the
+        adapters and saved modules trainable, everything else frozen. It computes what the
+        PEFT model computes with only ``adapter_name`` active and nothing merged. Train it with
         :class:`~rankopt.torch.RAdamW` & co, write it back with :func:`to_peft`.
+
+    Raises
+    ------
+    ValueError
+        ``adapter_name`` is not an adapter of the model, several adapters are active and none
+        is named, the adapter is not LoRA or has no LoRA layer, unsupported LoRA options (see
+        the module docstring), tuner layers or wrappers other than LoRA and
+        ``modules_to_save`` (checked before the model is changed).
+
+    Notes
+    -----
+    Adapters merged into the base weights (``merge_adapter()``) are unmerged first, as PEFT's
+    ``unmerge_adapter()`` does (a ``UserWarning`` says so): the frozen base is the pretrained
+    weight again, to rounding (``W0 + d - d``), and the adapter is not counted twice.
     """
     peft = _peft()
     if isinstance(peft_model, (str, Path)):
@@ -123,29 +143,88 @@ def from_peft(
         raise TypeError(
             f"from_peft takes a peft.PeftModel or a folder, got {type(peft_model).__name__}"
         )
-    adapter = adapter_name or peft_model.active_adapter
-    config = peft_model.peft_config[adapter]
-    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
-        raise ValueError(f"adapter {adapter!r} is {config.peft_type}, not LoRA")
+    adapter = _adapter_to_convert(peft_model, adapter_name)
     root = peft_model.get_base_model()
-    factors, saved = {}, []
-    for name, mod in list(root.named_modules()):
-        if isinstance(mod, peft.tuners.lora.LoraLayer) and adapter in getattr(mod, "scaling", {}):
-            factors[name] = _lora_factors(mod, name, adapter)
-            if float(getattr(mod.lora_dropout[adapter], "p", 0.0)) > 0:
-                warnings.warn(
-                    f"{name}: LoRA dropout is dropped (rankopt adapters have none)", stacklevel=2
-                )
-            _set_module(root, name, mod.get_base_layer())
-        elif isinstance(mod, peft.utils.other.ModulesToSaveWrapper):
-            _set_module(root, name, mod.modules_to_save[adapter])
-            saved.append(name)
-    if not factors:
-        raise ValueError(f"no LoRA layer of adapter {adapter!r} found")
+    factors = _collect_factors(root, adapter)
+    _unmerge(root)
+    saved = _unwrap(root, adapter)
     if "peft_config" in vars(root):  # PEFT's bookkeeping on the base model: no longer true
         del root.peft_config
     _convert(root, factors, saved)
     return root
+
+
+def _adapter_to_convert(peft_model: Any, adapter_name: str | None) -> str:
+    """The adapter to convert: ``adapter_name`` (checked) or the one active adapter (LoRA)."""
+    names = list(peft_model.peft_config)
+    if adapter_name is None:
+        active = list(peft_model.active_adapters)
+        if len(active) != 1:
+            raise ValueError(f"several adapters are active ({active}): pass adapter_name=, one "
+                             f"of {names}")  # fmt: skip
+        adapter_name = active[0]
+    elif adapter_name not in peft_model.peft_config:
+        raise ValueError(f"adapter_name={adapter_name!r}: the PeftModel has no such adapter; it "
+                         f"has {names}")  # fmt: skip
+    config = peft_model.peft_config[adapter_name]
+    if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        raise ValueError(f"adapter {adapter_name!r} is {config.peft_type}, not LoRA")
+    return adapter_name
+
+
+def _collect_factors(root: nn.Module, adapter: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    """``{name: (P, Q)}`` of the adapter's LoRA layers; every check before the model changes."""
+    peft = _peft()
+    lora, other = peft.tuners.lora.LoraLayer, peft.utils.other
+    factors = {}
+    for name, mod in root.named_modules():
+        if isinstance(mod, lora):
+            if adapter in getattr(mod, "scaling", {}):
+                factors[name] = _lora_factors(mod, name, adapter)
+                if float(getattr(mod.lora_dropout[adapter], "p", 0.0)) > 0:
+                    warnings.warn(f"{name}: LoRA dropout is dropped (rankopt adapters have none)",
+                                  stacklevel=3)  # fmt: skip
+        elif isinstance(mod, peft.tuners.tuners_utils.BaseTunerLayer):
+            raise ValueError(f"module {name!r} is a {type(mod).__name__}: only LoRA layers are "
+                             "supported")  # fmt: skip
+        elif isinstance(mod, other.AuxiliaryTrainingWrapper) and not isinstance(
+            mod, other.ModulesToSaveWrapper
+        ):
+            raise ValueError(f"module {name!r} is a {type(mod).__name__} (e.g. "
+                             "trainable_token_indices): not supported, only modules_to_save")  # fmt: skip
+    if not factors:
+        raise ValueError(f"no LoRA layer of adapter {adapter!r} found")
+    return factors
+
+
+def _unmerge(root: nn.Module) -> None:
+    """Unmerge every merged LoRA layer (PEFT's ``unmerge_adapter()``), with a warning."""
+    lora = _peft().tuners.lora.LoraLayer
+    merged = [m for m in root.modules() if isinstance(m, lora) and m.merged]
+    if merged:
+        names = sorted({a for m in merged for a in m.merged_adapters})
+        warnings.warn(f"from_peft: adapter(s) {names} were merged into the base weights "
+                      "(merge_adapter()); unmerged them first as unmerge_adapter() does, so that "
+                      "the frozen base is the pretrained weight (to rounding)", stacklevel=3)  # fmt: skip
+        for mod in merged:
+            mod.unmerge()
+
+
+def _unwrap(root: nn.Module, adapter: str) -> list[str]:
+    """Every LoRA layer becomes its base layer, every ``modules_to_save`` wrapper the adapter's
+    module (or the original one where the adapter has none); returns the saved modules' names."""
+    peft = _peft()
+    saved = []
+    for name, mod in list(root.named_modules()):
+        if isinstance(mod, peft.tuners.lora.LoraLayer):
+            _set_module(root, name, mod.get_base_layer())
+        elif isinstance(mod, peft.utils.other.ModulesToSaveWrapper):
+            if adapter in mod.modules_to_save:
+                _set_module(root, name, mod.modules_to_save[adapter])
+                saved.append(name)
+            else:
+                _set_module(root, name, mod.original_module)
+    return saved
 
 
 def _convert(root: nn.Module, factors: dict, saved: list[str]) -> None:
@@ -225,7 +304,9 @@ def to_peft(
         modules_to_save = saved_module_names(model)
     ranks = {n: m.rank for n, m in layers.items()}
     r0 = collections.Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(n): r for n, r in ranks.items() if r != r0}
+    # PEFT looks a module up in rank_pattern with re.match(rf"(.*\.)?({key})$", name): a bare
+    # name "q" would match "sub.q" too; "^q" matches only the module named "q"
+    pattern = {"^" + re.escape(n): r for n, r in ranks.items() if r != r0}
     config = peft.LoraConfig(
         r=r0, lora_alpha=r0, rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0,
         target_modules="|".join(re.escape(n) for n in layers), modules_to_save=modules_to_save or None,
