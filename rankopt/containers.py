@@ -12,6 +12,7 @@ coefficients: an array of shape ``(...)`` multiplies each matrix of the stack by
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from numbers import Number
 from typing import Any
@@ -41,6 +42,39 @@ def _coefficient(a: Any, batch_shape: tuple[int, ...]) -> Any:
 
 def _batch_of(a: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in a.shape[:-2])
+
+
+def _real_factor(a: Any, what: str) -> float:
+    """A scalar factor of a point as a float; raises unless it is real and finite."""
+    if isinstance(a, complex) or "complex" in str(getattr(a, "dtype", "")):
+        raise TypeError(f"cannot {what} the complex number {a!r}: rankopt points are real")
+    c = float(a)
+    if not math.isfinite(c):
+        raise ValueError(
+            f"cannot {what} {c}: the factor must be a finite nonzero real number (the result "
+            "would have non-finite singular values, which is not a point of the manifold)"
+        )
+    return c
+
+
+def _check_scaled(s: Any, c: float) -> None:
+    """Raise unless the scaled singular values are finite and positive (O(r), one host read)."""
+    if not bool(((s > 0) & (s < math.inf)).all()):
+        raise ValueError(
+            f"scaling a FixedRankPoint by {c:g} makes its singular values overflow to inf or "
+            "underflow to 0 (not a point of the manifold); rescale the factor"
+        )
+
+
+def _no_point_plus_tangent(other: Any) -> None:
+    """A clear error for ``x + xi``: a tangent vector only makes sense through the manifold."""
+    if isinstance(other, TangentVector):
+        raise TypeError(
+            "adding or subtracting a TangentVector and a FixedRankPoint is not defined: a "
+            "tangent vector is stored in the point's frame (M, Up, Vp). Use "
+            "manifold.retraction(x, xi) to move along it, or manifold.embed(x, xi) for the "
+            "ambient matrix (a LowRankMatrix) to add to x"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,34 +234,51 @@ class FixedRankPoint:
 
     # point arithmetic leaves the manifold: sums are LowRankMatrix, scalings stay points
     def __add__(self, other: Any) -> LowRankMatrix:
+        _no_point_plus_tangent(other)
         return self.to_lowrank() + other
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> LowRankMatrix:
+        _no_point_plus_tangent(other)
         return self.to_lowrank() - other
 
     def __rsub__(self, other: Any) -> LowRankMatrix:
+        _no_point_plus_tangent(other)
         return other - self.to_lowrank()
 
     def __neg__(self) -> FixedRankPoint:
         return FixedRankPoint(-self.U, self.s, self.V)
 
     def __mul__(self, a: Any) -> FixedRankPoint:
+        """``a X`` for a finite nonzero real scalar ``a``: a point again (``s`` scaled by ``|a|``).
+
+        Raises ``ValueError`` when ``a`` is 0, nan or inf, or when the scaled singular values
+        overflow or underflow (the result would not be a rank-r point). O(r).
+        """
         if not _is_scalar(a):
             return NotImplemented
-        if float(a) == 0.0:
+        c = _real_factor(a, "scale a FixedRankPoint by")
+        if c == 0.0:
             raise ValueError("scaling a FixedRankPoint by 0 leaves the manifold (rank 0)")
-        if float(a) < 0:
-            return FixedRankPoint(-self.U, self.s * (-a), self.V)
-        return FixedRankPoint(self.U, self.s * a, self.V)
+        out = (
+            FixedRankPoint(-self.U, self.s * (-a), self.V)
+            if c < 0
+            else FixedRankPoint(self.U, self.s * a, self.V)
+        )
+        _check_scaled(out.s, c)
+        return out
 
     __rmul__ = __mul__
 
     def __truediv__(self, a: Any) -> FixedRankPoint:
+        """``X / a`` for a finite nonzero real scalar ``a`` (see :meth:`__mul__`)."""
         if not _is_scalar(a):
             return NotImplemented
-        return self * (1.0 / a)
+        c = _real_factor(a, "divide a FixedRankPoint by")
+        if c == 0.0:
+            raise ValueError("cannot divide a FixedRankPoint by 0 (the result is not a matrix)")
+        return self * (1.0 / c)
 
     # Pymanopt-style unpacking: ``u, s, vt = point`` as with Pymanopt's FixedRankEmbedded
     @property

@@ -165,7 +165,51 @@ def _as_float(be, v) -> float:
     return be.to_float(v) if not isinstance(v, float) else v
 
 
+def _cost_value(be, v: Any) -> float:
+    """The value of ``cost(point)`` as a float; raises unless it is a real scalar.
+
+    A Python or NumPy number, or a 0-d array of any backend. An array with dimensions (even
+    of size 1) raises ``ValueError`` naming its shape; a non-number or a complex value
+    ``TypeError``.
+    """
+    if isinstance(v, float):
+        return v
+    shape = getattr(v, "shape", None)
+    if shape is not None and len(shape) > 0:
+        raise ValueError(
+            f"cost must return a scalar (a float or a 0-d array), but it returned an array of "
+            f"shape {tuple(shape)}: reduce it to the cost's value, e.g. 0.5 * np.sum(R**2)"
+        )
+    if isinstance(v, (bool, np.bool_, str, bytes)) or "complex" in str(
+        getattr(v, "dtype", type(v))
+    ):
+        raise TypeError(f"cost must return a real scalar, got {v!r} ({type(v).__name__})")
+    try:
+        return _as_float(be, v)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"cost must return a real scalar (a float or a 0-d array), got {type(v).__name__}"
+        ) from None
+
+
+def _cost_at_base(be, cost: Callable, x: FixedRankPoint) -> float:
+    """``cost(x)`` at the base point: a finite real scalar, else an error naming it."""
+    f0 = _cost_value(be, cost(x))
+    if not math.isfinite(f0):
+        raise ValueError(f"cost(x) is {f0} at the base point x: the check needs a finite cost")
+    return f0
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(
+            f"seed must be an integer or None (it seeds the point and the directions: seed, "
+            f"seed + 1, ...), got {type(seed).__name__}"
+        )
+
+
 def _setup(manifold, x, direction, seed):
+    _check_seed(seed)
     if x is None:
         x = manifold.random_point(seed)
     manifold.check_point(x)
@@ -200,9 +244,13 @@ def check_gradient(
     manifold : FixedRankManifold
         Its metric defines the Riemannian gradient being checked.
     cost : callable(point) -> float
+        A real scalar (a number or a 0-d array); an array with dimensions raises
+        ``ValueError`` naming its shape, a non-finite ``cost(x)`` at the base point too.
     egrad : callable(point) -> ambient matrix (dense, sparse or LowRankMatrix)
         Euclidean gradient; converted with ``manifold.euclidean_to_riemannian_gradient``.
     x, direction : optional point and tangent direction (random from ``seed`` otherwise)
+    seed : int or None
+        Seeds ``x`` and ``direction`` when they are not given (``seed``, ``seed + 1``).
     rgrad : callable(point) -> TangentVector, optional
         Riemannian gradient given directly (instead of ``egrad``).
 
@@ -225,12 +273,12 @@ def check_gradient(
     x, d = _setup(manifold, x, direction, seed)
     g = manifold.euclidean_to_riemannian_gradient(x, egrad(x)) if rgrad is None else rgrad(x)
     manifold.check_tangent(x, g)
-    f0 = _as_float(be, cost(x))
+    f0 = _cost_at_base(be, cost, x)
     slope_d = manifold.inner_product(x, g, d)
     ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else _check_steps(steps)
     errs = np.array(
         [
-            abs(_as_float(be, cost(manifold.retraction(x, d * float(t)))) - f0 - t * slope_d)
+            abs(_cost_value(be, cost(manifold.retraction(x, d * float(t)))) - f0 - t * slope_d)
             for t in ts
         ]
     )
@@ -255,7 +303,8 @@ def check_hessian(
     """Check a Hessian: second-order Taylor model along the retraction, expected slope 3.
 
     ``ehess(x, D)`` is the Euclidean Hessian applied to an ambient direction ``D`` (given as
-    the ``LowRankMatrix`` that ``manifold.embed`` returns). ``extra["symmetry"]`` is
+    the ``LowRankMatrix`` that ``manifold.embed`` returns); ``cost`` returns a real scalar,
+    as in :func:`check_gradient`. ``extra["symmetry"]`` is
     ``|g(H d1, d2) - g(d1, H d2)|`` relative to ``|g(H d1, d2)|`` for two random directions.
     """
     be = manifold.backend
@@ -266,14 +315,14 @@ def check_hessian(
     def hess(v):
         return manifold.euclidean_to_riemannian_hessian(x, Z, ehess(x, manifold.embed(x, v)), v)
 
-    f0 = _as_float(be, cost(x))
+    f0 = _cost_at_base(be, cost, x)
     gd = manifold.inner_product(x, g, d)
     hdd = manifold.inner_product(x, hess(d), d)
     ts = _default_steps(be, _step_scale(manifold, x, d)) if steps is None else _check_steps(steps)
     errs = np.array(
         [
             abs(
-                _as_float(be, cost(manifold.retraction(x, d * float(t))))
+                _cost_value(be, cost(manifold.retraction(x, d * float(t))))
                 - f0
                 - t * gd
                 - 0.5 * t * t * hdd

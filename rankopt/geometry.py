@@ -26,7 +26,7 @@ import numpy as np
 from ._backend import Backend
 from .containers import FixedRankPoint, LowRankMatrix, TangentVector
 
-__all__ = ["Geometry", "truncation_rank"]
+__all__ = ["Geometry", "check_rank_bounds", "truncation_rank"]
 
 
 def _t(a: Any) -> Any:
@@ -45,6 +45,19 @@ def truncation_rank(s: np.ndarray, rank_tol: float) -> int:
     """
     tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1])  # tails[k] = ||s_{k:}||
     return next((k for k in range(1, len(s)) if tails[k] <= rank_tol * tails[0]), len(s))
+
+
+def check_rank_bounds(max_rank: int | None, min_rank: int) -> None:
+    """Raise ``ValueError`` unless ``min_rank`` is an integer >= 1 and ``max_rank`` is None or
+    an integer with ``min_rank <= max_rank``. O(1), no array is read."""
+    for name, v in (("max_rank", max_rank), ("min_rank", min_rank)):
+        if name == "max_rank" and v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            none = " (or None: no cap)" if name == "max_rank" else ""
+            raise ValueError(f"{name} must be an integer >= 1{none}, got {v!r}")
+    if max_rank is not None and min_rank > max_rank:
+        raise ValueError(f"min_rank={min_rank} exceeds max_rank={max_rank}")
 
 
 class Geometry:
@@ -299,7 +312,10 @@ class Geometry:
         ``[min_rank, max_rank]`` and never keeping exact zeros. For a stack, each item gets its
         own rank and the result is a list of points (one per item, in C order of the stack
         dimensions). Reads the singular values on the host (one synchronization on GPUs).
+        ``max_rank``, ``min_rank``: integers >= 1 (``max_rank`` None: no cap), ``min_rank <=
+        max_rank`` (else ``ValueError``, :func:`check_rank_bounds`).
         """
+        check_rank_bounds(max_rank, min_rank)
         U, qu, A, s2, B, V, qv = self.sum_svd(x, xi, t)
         sv = self.backend.to_numpy(s2).astype(np.float64)
         batch = x.batch_shape

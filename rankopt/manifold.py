@@ -21,15 +21,80 @@ of shape ``(...)``. The methods here validate their input and call :class:`ranko
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Any
 
 import numpy as np
 
 from ._backend import Backend, as_rng, backend_name_of, make_backend
 from .containers import FixedRankPoint, LowRankMatrix, TangentVector
-from .geometry import Geometry, truncation_rank
+from .geometry import Geometry, check_rank_bounds, truncation_rank
 
-__all__ = ["FixedRankManifold", "truncation_rank"]
+__all__ = ["FixedRankManifold", "check_metric", "truncation_rank"]
+
+_METRIC_NAMES = {
+    "euclidean": "Euclidean()",
+    "preconditioned": "Preconditioned(core_weight=0.5)",
+    "blockscaled": "Preconditioned(core_weight=0.5)",
+    "kroneckerdiagonal": "KroneckerDiagonal(left, right)",
+    "adagrad": "AdaGrad()",
+    "adam": "Adam()",
+    "elementwise": "ElementwiseDiagonal(weights)",
+    "elementwisediagonal": "ElementwiseDiagonal(weights)",
+}
+
+
+def check_metric(metric: Any) -> Any:
+    """Return ``metric`` (the default :class:`~rankopt.metrics.Euclidean` for ``None``), or raise.
+
+    Parameters
+    ----------
+    metric : rankopt.metrics.Metric or None
+        A metric *object* (an instance, e.g. ``rankopt.metrics.Euclidean()``,
+        ``Preconditioned(...)``, ``AdaGrad(...)``, ``Adam(...)``), or any object with the
+        methods ``inner``, ``apply`` and ``solve`` of :class:`~rankopt.metrics.Metric`.
+
+    Returns
+    -------
+    rankopt.metrics.Metric
+
+    Raises
+    ------
+    TypeError
+        For a metric name (a string), a metric class instead of an instance, or any other
+        object without the metric methods; the message names the metric objects to use.
+    """
+    from . import metrics
+
+    if metric is None:
+        return metrics.Euclidean()
+    allowed = (
+        "pass a metric object: rankopt.metrics.Euclidean() (the default), "
+        "Preconditioned(core_weight=...), AdaGrad(...), Adam(...), KroneckerDiagonal(left, right) "
+        "or ElementwiseDiagonal(weights), or None"
+    )
+    if isinstance(metric, str):
+        key = metric.lower().replace("-", "").replace("_", "").replace(" ", "")
+        hint = (
+            f" (did you mean rankopt.metrics.{_METRIC_NAMES[key]}?)" if key in _METRIC_NAMES else ""
+        )
+        raise TypeError(
+            f"metric must be a metric object, not the string {metric!r}{hint}; {allowed}"
+        )
+    if isinstance(metric, type):
+        raise TypeError(
+            f"metric must be a metric object, not the class {metric.__name__}: instantiate it "
+            f"(metric={metric.__name__}(...)); {allowed}"
+        )
+    missing = [a for a in ("inner", "apply", "solve") if not callable(getattr(metric, a, None))]
+    if missing:
+        name = getattr(metric, "__name__", type(metric).__name__)
+        call = f": call it, metric={name}(...)" if callable(metric) else ""
+        raise TypeError(
+            f"metric must be a metric object, got {name} (no {', '.join(missing)} method){call}; "
+            f"{allowed}"
+        )
+    return metric
 
 
 class FixedRankManifold:
@@ -48,7 +113,9 @@ class FixedRankManifold:
     device : None or device
         Torch / CuPy device (CPU for torch by default).
     metric : rankopt.metrics.Metric, optional
-        Riemannian metric; the embedded Euclidean one by default.
+        Riemannian metric, a metric object (``rankopt.metrics.Euclidean()``,
+        ``Preconditioned(...)``, ``AdaGrad(...)``, ``Adam(...)``, ...); the embedded Euclidean
+        one by default. Names (strings) and classes raise ``TypeError`` (:func:`check_metric`).
     validate : bool
         Check finiteness of inputs and orthonormality of points (O((m+n) r^2) each, and a
         device synchronization on GPUs). Shapes and backends are always checked.
@@ -73,12 +140,8 @@ class FixedRankManifold:
         if r < 1 or r > min(m, n):
             raise ValueError(f"rank r={r} must satisfy 1 <= r <= min(m, n) = {min(m, n)}")
         self.m, self.n, self.r = int(m), int(n), int(r)
+        self.metric = check_metric(metric)
         self.backend: Backend = make_backend(backend, dtype, device)
-        if metric is None:
-            from .metrics import Euclidean
-
-            metric = Euclidean()
-        self.metric = metric
         self.validate = bool(validate)
         self.geometry = Geometry(self.backend)
         """The unchecked, stack-aware fast path (:class:`rankopt.geometry.Geometry`)."""
@@ -153,8 +216,10 @@ class FixedRankManifold:
     def check_point(self, x: FixedRankPoint, orthonormal: bool | None = None) -> None:
         """Raise ``ValueError`` unless ``x`` is a valid point (or stack of points) of this manifold.
 
-        Shapes and backend are always checked; finiteness, positivity of ``s`` and
-        orthonormality of ``U``, ``V`` (O((m+n) r^2)) when ``validate`` (or ``orthonormal``) is on.
+        Shapes and backend are always checked. When ``validate`` is on: ``s`` finite and
+        positive (O(r)), and, unless ``orthonormal=False``, finiteness of ``U``, ``V`` and their
+        orthonormality (O((m+n) r^2)). ``orthonormal=True`` runs every check even without
+        ``validate``.
         """
         if not isinstance(x, FixedRankPoint):
             raise ValueError(f"expected a FixedRankPoint, got {type(x).__name__}")
@@ -169,12 +234,22 @@ class FixedRankManifold:
         self._check_array(x.V, "point factor V", (self.n, self.r), batch)
         if orthonormal is None:
             orthonormal = self.validate
-        if not orthonormal:
+        if not (orthonormal or self.validate):
             return
         be, xp = self.backend, self.backend.xp
-        self._check_finite((x.U, x.s, x.V), "point")
-        if not bool(xp.all(x.s > 0)):
-            raise ValueError("point has non-positive singular values s; a rank-r point needs s > 0")
+        if not bool(xp.all((x.s > 0) & (x.s < math.inf))):  # O(r): one reduction over s
+            if not be.all_finite(x.s):
+                raise ValueError(
+                    "point contains non-finite values (nan or inf) in its singular values s "
+                    f"(min {self._min(x.s)}, max {self._max(x.s)}); a rank-r point needs 0 < s < inf"
+                )
+            raise ValueError(
+                f"point has non-positive singular values s (min {self._min(x.s)}); a rank-r point "
+                "needs s > 0"
+            )
+        if not orthonormal:
+            return
+        self._check_finite((x.U, x.V), "point")
         tol = 100.0 * math.sqrt(be.eps) if be.is_float32 else 1e-8 * max(10.0, self.r)
         eye = be.eye(self.r)
         for f, name in ((x.U, "U"), (x.V, "V")):
@@ -184,6 +259,12 @@ class FixedRankManifold:
                     f"point factor {name} is not orthonormal (max |{name}^T {name} - I| = {err:.2e}); "
                     "build points with from_matrix() or random_point()"
                 )
+
+    def _min(self, a: Any) -> float:
+        return self.backend.to_float(self.backend.xp.min(a))
+
+    def _max(self, a: Any) -> float:
+        return self.backend.to_float(self.backend.xp.max(a))
 
     def check_tangent(self, x: FixedRankPoint, xi: TangentVector, tangency: bool = False) -> None:
         """Raise ``ValueError`` on a malformed tangent vector (shapes, backend, finiteness).
@@ -430,11 +511,16 @@ class FixedRankManifold:
         rank can grow up to 2r or shrink. Returns a point whose rank may differ from ``self.r``
         (use :meth:`with_rank` for a manifold that matches it); for a stack, a list of points,
         one per item, each with its own rank. Cost O((m+n) r^2 + r^3).
+
+        ``rank_tol`` is a real number >= 0; ``max_rank`` (None: no cap beyond ``2r`` and
+        ``min(m, n)``) and ``min_rank`` are integers >= 1 with ``min_rank <= max_rank``: other
+        values raise ``ValueError`` naming the argument.
         """
+        check_rank_bounds(max_rank, min_rank)
+        if isinstance(rank_tol, bool) or not isinstance(rank_tol, Real) or not rank_tol >= 0:
+            raise ValueError(f"rank_tol must be a real number >= 0, got {rank_tol!r}")
         self.check_point(x)
         self.check_tangent(x, xi)
-        if not rank_tol >= 0:
-            raise ValueError(f"rank_tol must be >= 0, got {rank_tol}")
         return self.geometry.retract_adaptive(x, xi, rank_tol, max_rank, min_rank)
 
     def transport(self, x: FixedRankPoint, y: FixedRankPoint, xi: TangentVector) -> TangentVector:

@@ -7,6 +7,7 @@ history, callbacks, progress bar); the stochastic-style ones call the update rul
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -35,7 +36,14 @@ from .base import (
 )
 from .gradient import RCG, RGD
 from .newton import RGN
-from .options import check_solve_args, is_rank_adaptive, make_solver, method_options
+from .options import (
+    METHOD_CLASSES,
+    check_single_rank,
+    check_solve_args,
+    is_rank_adaptive,
+    make_solver,
+    method_options,
+)
 from .rank_adaptive import Auto, RankAdaptive
 
 __all__ = [
@@ -68,20 +76,13 @@ __all__ = [
     "get_blas_threads",
 ]
 
-#: method name -> solver factory (``solve`` builds solvers through :mod:`.options`)
-METHODS = {
-    "rgd": RGD,
-    "rcg": RCG,
-    "rgn": RGN,
-    "newton": lambda **kw: RGN(hessian="exact", **kw),
-    "rheavyball": RHeavyBall,
-    "radagrad": RAdaGrad,
-    "radamw": RAdamW,
-    "dlra-heavyball": DLRAHeavyBall,
-    "dlra-adam": DLRAAdam,
-    "radamw-elementwise": RAdamWElementwise,
-    "reference-radamw": ReferenceRAdamW,
-    "reference-radagrad": ReferenceRAdaGrad,
+#: method name -> solver factory (the class, or the class with the arguments ``solve`` fixes,
+#: e.g. ``"newton"`` is ``RGN(hessian="exact")``): every method :func:`solve` accepts besides
+#: ``"adaptive-<method>"``. Derived from :data:`rankopt.solvers.options.METHOD_CLASSES`, the one
+#: table ``solve`` builds its solvers from.
+METHODS: dict[str, Any] = {
+    name: functools.partial(cls, **fixed) if fixed else cls
+    for name, (cls, fixed) in METHOD_CLASSES.items()
 }
 
 
@@ -119,8 +120,8 @@ def solve(
         ``"newton"``, ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``,
         ``"dlra-adam"``, ``"radamw-elementwise"``, ``"reference-radamw"``,
         ``"reference-radagrad"`` (the authors' code, dense m x n state), or
-        ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them. See "Which
-        solver when" in the docs.
+        ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them. With
+        ``"auto"`` these are the keys of :data:`METHODS`. See "Which solver when" in the docs.
     tol : float
         Relative gradient tolerance (``||grad|| <= tol ||grad(x0)||``).
     max_iter : int, optional
@@ -158,6 +159,7 @@ def solve(
         non-finite) is reported by a :class:`ConvergenceWarning`.
     """
     threads = options.pop("threads", "default")
+    check_single_rank(problem, rank, method)
     if isinstance(rank, str) and rank == "auto":  # the plan checks it, gives the largest rank
         plan = noise.plan(problem, rank, method, options)  # pops the noise options
         rank, x0 = check_solve_args(problem, plan.rank, method, x0, options)
@@ -232,7 +234,7 @@ def _full_rank_start(problem: Any, rank: int, seed: Any) -> Any:
         return problem.spectral_init(rank, seed=seed)
     except ValueError:
         if rank < 2:
-            raise
+            return _vector_start(problem, seed)
     x = problem.spectral_init(rank - 1, seed=seed)
     if x is None:
         return None
@@ -249,6 +251,32 @@ def _full_rank_start(problem: Any, rank: int, seed: Any) -> Any:
         t = float(t) if t is not None and np.isfinite(t) and t > 0 else 1.0
     grown = x.to_lowrank() + LowRankMatrix(u * (t * sigma), v)
     return problem.manifold(rank).from_matrix(grown)
+
+
+def _vector_start(problem: Any, seed: Any) -> Any:
+    """A start for a 1 x n or m x 1 problem (rank 1 = min(m, n), no truncated spectral start).
+
+    ``X_0 = t H_1(-egrad(0))``: the negative gradient at ``X = 0`` (for completion the observed
+    entries, ``P_Omega^*(b)``), scaled by the exact line-search step when the problem has one;
+    a random point when that gradient is zero. O(problem's gradient + max(m, n)).
+    """
+    import numpy as np
+
+    from ..containers import FixedRankPoint
+    from .adaptive import dense_gradient
+
+    M = problem.manifold(1)
+    r0 = M.random_point(seed)
+    zero = FixedRankPoint(r0.U, r0.s * 0.0, r0.V)  # X = 0, in the factored form of rank 1
+    _, Z = problem.cost_and_egrad(zero)
+    try:
+        x = M.from_matrix(-1.0 * dense_gradient(M, Z))  # 1 x n or m x 1: max(m, n) numbers
+    except ValueError:  # the gradient at 0 is 0 (or not finite): nothing to start from
+        return r0
+    t = problem.exact_step(zero, x.to_lowrank())
+    if t is not None and np.isfinite(t) and t > 0:
+        x = FixedRankPoint(x.U, x.s * float(t), x.V)
+    return x
 
 
 # new singular value, relative to the last one, when the gradient has no normal part at

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..containers import FixedRankPoint, TangentVector
+from ..manifold import check_metric
 
 __all__ = [
     "StopReason",
@@ -299,6 +300,8 @@ class Solver:
             raise ValueError(f"max_iter must be >= 0, got {max_iter}")
         if not tol >= 0 or not gtol >= 0 or not ftol >= 0:
             raise ValueError("tolerances must be >= 0")
+        if metric is not None:
+            check_metric(metric)  # a TypeError naming the metric objects, before any work
         self.max_iter, self.tol, self.gtol, self.ftol = int(max_iter), tol, gtol, ftol
         self.patience, self.target_cost, self.max_time = patience, target_cost, max_time
         self.min_step, self.metric, self.verbose, self.track_error = (

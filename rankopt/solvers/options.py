@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from ..containers import FixedRankPoint
-from .adaptive import DLRAAdam, DLRAHeavyBall, RAdaGrad, RAdamW, RHeavyBall
+from .adaptive import (
+    DLRAAdam,
+    DLRAHeavyBall,
+    RAdaGrad,
+    RAdamW,
+    RAdamWElementwise,
+    ReferenceRAdaGrad,
+    ReferenceRAdamW,
+    RHeavyBall,
+)
 from .base import RankWarning, Solver
 from .gradient import RCG, RGD
 from .newton import RGN
@@ -33,11 +42,14 @@ __all__ = [
     "option_table",
     "is_rank_adaptive",
     "check_solve_args",
+    "check_single_rank",
     "make_solver",
     "solve_keywords",
 ]
 
-#: method name -> (solver class, constructor arguments ``solve`` fixes itself)
+#: method name -> (solver class, constructor arguments ``solve`` fixes itself). The one table
+#: of :func:`rankopt.solve`'s methods: ``rankopt.solvers.METHODS`` is derived from it, and
+#: ``docs/solvers.md`` lists exactly these names (``tests/test_input_checks.py`` checks both).
 METHOD_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
     "auto": (Auto, {}),
     "rgd": (RGD, {}),
@@ -49,6 +61,9 @@ METHOD_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
     "radamw": (RAdamW, {}),
     "dlra-heavyball": (DLRAHeavyBall, {}),
     "dlra-adam": (DLRAAdam, {}),
+    "radamw-elementwise": (RAdamWElementwise, {}),
+    "reference-radamw": (ReferenceRAdamW, {}),
+    "reference-radagrad": (ReferenceRAdaGrad, {}),
 }
 
 # arguments of solve() itself: given as options they would clash
@@ -261,6 +276,36 @@ def _check_x0(problem: Any, x0: Any, rank: int, adaptive: bool) -> FixedRankPoin
             "'adaptive-<method>'), which starts from x0 and grows up to rank"
         )
     return x0
+
+
+def check_single_rank(problem: Any, rank: Any, method: Any) -> None:
+    """Refuse ``"auto"`` on a 1 x n or m x 1 problem that has no rank-1 spectral start.
+
+    Such a matrix has a single rank, 1 = min(m, n). The fixed-rank methods handle it
+    (:func:`rankopt.solve` starts them from the negative gradient at 0, for completion the
+    observed entries), but ``method="auto"`` and ``rank="auto"`` may go on to their
+    rank-adaptive search, which starts from ``problem.spectral_init(1)``; a problem whose
+    truncated spectral start needs ``rank < min(m, n)`` (``MatrixCompletion``) refuses it.
+    Raises ``ValueError`` naming the shape and the methods to use instead. Cost: one
+    ``spectral_init(1)`` of a 1 x n problem, only for such shapes.
+    """
+    shape = tuple(getattr(problem, "shape", ()) or ())
+    if len(shape) != 2 or min(shape) != 1 or not isinstance(method, str):
+        return
+    if _split_method(method) != (None, "auto") and not (isinstance(rank, str) and rank == "auto"):
+        return
+    try:
+        problem.spectral_init(1, seed=0)
+    except ValueError as err:
+        m, n = shape
+        raise ValueError(
+            f"method={method!r}, rank={rank!r} cannot solve this {m}x{n} "
+            f"{type(problem).__name__}: a {m}x{n} matrix has the single rank 1 = min(m, n), and "
+            "the rank-adaptive search of 'auto' starts from problem.spectral_init(1), which this "
+            "problem refuses at rank = min(m, n) (its truncated spectral start needs rank < "
+            "min(m, n)). Use a fixed-rank method with rank=1: method='rgn' (the Gauss-Newton of "
+            "'auto'), 'rcg' or 'rgd'"
+        ) from err
 
 
 def check_solve_args(
