@@ -51,19 +51,30 @@ def _authors_truncation(s2r, theta, r):
     return max(min(rmax, r), 2)
 
 
-def dense_radamw(X, U, V, G, m, v, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.01):
+def dense_radamw(X, U, V, G, m, v, lr, b1=0.9, b2=0.999, eps=1e-6, wd=0.01, first=False):
+    """One step of the code's RAdamW; ``first``: its first step (``p.s is None``), the best
+    rank-r approximation of the stepped dense weight itself, not of its projection."""
     m = b1 * m + (1 - b1) * G
     v = b2 * v + (1 - b2) * G * G
     W = X - lr * m / (np.sqrt(v) + eps)  # no bias correction
     W = W - lr * wd * W  # decoupled decay applied to the stepped weight
-    return _best(_proj(U, V, W), U.shape[1])[0], m, v
+    return _best(W if first else _proj(U, V, W), U.shape[1])[0], m, v
 
 
-def dense_radagrad(X, U, V, G, lr, faithful, epsilon=1.0):
+def dense_radagrad(X, U, V, G, lr, faithful, epsilon=1.0, first=False):
+    """The matrix the code's RAdaGrad truncates; ``first``: its first step (``p.s is None``),
+    where the stepped dense weight is first truncated, ``X_1 = H_r(W')``, and the formula is
+    applied at ``X_1`` to ``X_1`` itself."""
     m, n = G.shape
     L = np.diag((epsilon + np.diag(G @ G.T)) ** 0.25)  # (eps I + diag(G G^T))^(1/4)
     R = np.diag((epsilon + np.diag(G.T @ G)) ** 0.25)
     W = X - lr * np.linalg.inv(L) @ G @ np.linalg.inv(R)
+    if first:
+        r = U.shape[1]
+        u, sv, vt = np.linalg.svd(W)
+        U, V, W = u[:, :r], vt[:r].T, (u[:, :r] * sv[:r]) @ vt[:r]
+        if not faithful:
+            return W
     if not faithful:
         return _proj(U, V, W)
     Ut, Vt = U.T, V.T  # the code's y1/y2/k0 formulas, with pos_l = L, pos_r = R
@@ -92,10 +103,10 @@ def test_reference_radamw_equals_dense_steps(backend, wd):
     st = spec.init(M, x)
     m_, v_ = np.zeros((30, 24)), np.zeros((30, 24))
     X = _np(x.to_dense())
-    for _ in range(4):
+    for k in range(4):
         G = rng.standard_normal((30, 24))
         U, V = _np(x.U), _np(x.V)
-        X, m_, v_ = dense_radamw(X, U, V, G, m_, v_, 0.02, wd=wd)
+        X, m_, v_ = dense_radamw(X, U, V, G, m_, v_, 0.02, wd=wd, first=k == 0)
         Gb = M.backend.asarray(G)
         x, st = spec.step(M, x, M.geometry.project(x, Gb), st, egrad=Gb)
         np.testing.assert_allclose(_np(x.to_dense()), X, atol=1e-12)
@@ -110,13 +121,19 @@ def test_reference_radagrad_equals_dense_steps(backend, faithful):
     M, x, rng = _setup(backend)
     spec = rules.ReferenceRAdaGrad(lr=0.3, faithful=faithful)
     st = spec.init(M, x)
-    for _ in range(3):
+    for k in range(3):
         G = rng.standard_normal((30, 24)) * 2.0
         X, U, V = _np(x.to_dense()), _np(x.U), _np(x.V)
-        want = _best(dense_radagrad(X, U, V, G, 0.3, faithful), 3)[0]
+        want = _best(dense_radagrad(X, U, V, G, 0.3, faithful, first=k == 0), 3)[0]
         Gb = M.backend.asarray(G)
         x, st = spec.step(M, x, M.geometry.project(x, Gb), st, egrad=Gb)
         np.testing.assert_allclose(_np(x.to_dense()), want, atol=1e-12)
+
+
+def _later(M, spec, x):
+    """The state of a rule after its first step (count 1, zero moments)."""
+    st = spec.init(M, x)
+    return rules.state_from_arrays(type(st), {**rules.state_arrays(st), "count": 1})
 
 
 def test_faithful_radagrad_is_not_a_projection():
@@ -126,7 +143,7 @@ def test_faithful_radagrad_is_not_a_projection():
     G = rng.standard_normal((30, 24))
     for faithful, moves in ((True, True), (False, False)):
         spec = rules.ReferenceRAdaGrad(lr=0.0, faithful=faithful)
-        y, _ = spec.step(M, x, M.geometry.project(x, G), spec.init(M, x), egrad=G)
+        y, _ = spec.step(M, x, M.geometry.project(x, G), _later(M, spec, x), egrad=G)
         change = np.linalg.norm(y.to_dense() - x.to_dense()) / np.linalg.norm(x.to_dense())
         assert (change > 1e-3) == moves, (faithful, change)
 
@@ -170,7 +187,8 @@ def test_reference_truncation_in_the_step(faithful, which):
         T = dense_radagrad(X, U, V, G, lr, faithful)
     sv = np.linalg.svd(T, compute_uv=False)[:10]
     j = faithful_truncation_rank(sv, theta, 5) if faithful else min(truncation_rank(sv, theta), 5)
-    y, _ = spec.step(M, x, M.geometry.project(x, G), spec.init(M, x), egrad=G)
+    # a later step (the first one is the code's dense truncation, tested below)
+    y, _ = spec.step(M, x, M.geometry.project(x, G), _later(M, spec, x), egrad=G)
     assert y.rank == j <= 5
     assert faithful or j < 5  # the corrected rule does truncate here
     np.testing.assert_allclose(y.to_dense(), _best(T, j)[0], atol=1e-12)
@@ -256,3 +274,65 @@ def test_stacked_step_equals_single_steps(backend, spec):
         if isinstance(new, list):
             break
         xs, st = new, st_new
+
+
+@pytest.mark.parametrize("theta", [0.3, 0.5])
+@pytest.mark.parametrize("which", ["radamw", "radagrad"])
+def test_faithful_first_step_truncates_like_the_code(which, theta):
+    """From W = 0 (an adapter's start, passed as U0 0 V0^T) with faithful=True and rank_tol:
+    the code truncates the dense stepped weight to rank r, then applies its retraction and its
+    theta rule in the same step, so the rank drops at step 1 (to the code's floor of 2 here:
+    one dominant direction)."""
+    M = ro.FixedRankManifold(30, 24, 5, validate=False)
+    x0 = M.random_point(0)
+    x = ro.FixedRankPoint(x0.U, 0.0 * x0.s, x0.V)
+    rng = np.random.default_rng(3)
+    G = 30.0 * np.outer(rng.standard_normal(30), rng.standard_normal(24))
+    G += rng.standard_normal((30, 24))  # one dominant direction (also in AdamW's sign pattern)
+    if which == "radamw":
+        spec = rules.ReferenceRAdamW(lr=0.01, weight_decay=0.0, rank_tol=theta, faithful=True)
+        T = _best(_step_w(np.zeros((30, 24)), G, 0.01), 5)[0]
+    else:
+        spec = rules.ReferenceRAdaGrad(lr=0.01, rank_tol=theta, faithful=True)
+        T = dense_radagrad(np.zeros((30, 24)), x.U, x.V, G, 0.01, True, first=True)
+    sv = np.linalg.svd(T, compute_uv=False)[:10]  # the 2r values the code's core SVD gives
+    j = _authors_truncation(sv, theta, 5)
+    y, st = spec.step(M, x, M.geometry.project(x, G), spec.init(M, x), egrad=G)
+    assert y.rank == j == 2
+    np.testing.assert_allclose(y.to_dense(), _best(T, j)[0], atol=1e-12)
+    assert st.count == 1
+
+
+def test_first_step_from_a_point_is_the_codes_dense_truncation():
+    """From a point X of rank r (the code's layer holds it as a dense weight until its first
+    step) the first step is H_r(W'') of the stepped dense weight, not H_r(P_X(W'')): here they
+    are 10-60% apart; later steps are on the manifold."""
+    M, x, rng = _setup("numpy")
+    G = 5.0 * rng.standard_normal((30, 24))
+    spec = rules.ReferenceRAdamW(lr=0.05, weight_decay=0.0)
+    W = _step_w(x.to_dense(), G, 0.05)
+    y, _ = spec.step(M, x, M.geometry.project(x, G), spec.init(M, x), egrad=G)
+    np.testing.assert_allclose(y.to_dense(), _best(W, 3)[0], atol=1e-12)
+    on_manifold = _best(_proj(x.U, x.V, W), 3)[0]
+    apart = np.linalg.norm(on_manifold - y.to_dense()) / np.linalg.norm(y.to_dense())
+    assert 0.1 < apart < 0.6, apart
+
+
+@pytest.mark.parametrize("which", ["radamw", "radagrad"])
+def test_stack_of_first_and_later_steps_equals_single_steps(which):
+    """A stack whose items are at their first step (count 0) and at a later one (count 1), as
+    after a regrouping of torch layers, equals the items stepped alone."""
+    M, _, rng = _setup("numpy")
+    xs = M.random_point(0, batch_shape=(2,))
+    spec = rules.ReferenceRAdamW(lr=0.01) if which == "radamw" else rules.ReferenceRAdaGrad(lr=0.1)
+    st0 = spec.init(M, xs)
+    arrays = rules.state_arrays(st0)
+    st = rules.state_from_arrays(type(st0), {**arrays, "count": np.array([0.0, 1.0])})
+    G = rng.standard_normal((2, 30, 24))
+    ys, sts = spec.step(M, xs, M.geometry.project(xs, G), st, egrad=G)
+    for k in range(2):
+        xk = ro.FixedRankPoint(xs.U[k], xs.s[k], xs.V[k])
+        sk = spec.init(M, xk) if k == 0 else _later(M, spec, xk)
+        y, s1 = spec.step(M, xk, M.geometry.project(xk, G[k]), sk, egrad=G[k])
+        assert_paths_agree(ys[k], y, 1, "point")
+        assert float(sts[k].count) == float(s1.count) == k + 1

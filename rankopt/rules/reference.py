@@ -35,11 +35,16 @@ only) but forms m x n matrices every step. Cost per step O(m n r) for both.
 
 In both modes the rank never grows (the authors' truncation keeps at most the current rank).
 
-The code's first step truncates the *dense* layer by SVD after a dense AdamW/SGD step; from
-``X = 0`` (every ``s`` zero, e.g. an adapter's start, for which the torch optimizers pass
-``U0 0 V0^T``) these rules do the same, ``X_1 = H_r(W')``, by a dense SVD. From a nonzero
-point they step on the manifold as described. Not reproduced, in either mode (documented in
-``docs/optimizers.md``): in the MNIST code, a ``momentum`` buffer and a
+**The first step** (state count 0), from any start, is the code's: its layers hold a dense
+weight until their first step (``p.s is None``), which is the dense AdamW/SGD step ``W'`` of
+the current weight followed by ``X_1 = H_r(W')``, a truncated **dense** SVD (O(m n min(m, n)),
+once per matrix), and then, in the same step, the code's retraction and truncation at that
+point: the weighted formula ``T(X_1)`` (RAdaGrad with ``faithful=True``; otherwise ``X_1``
+itself) retracted, and with ``rank_tol`` truncated by the rule above (so a faithful run with
+``rank_tol`` may lower the rank at step 1, e.g. to 2 at ``theta`` 0.3). From a point ``X`` of
+rank r this differs from a step on the manifold (``H_r(W')`` against ``H_r(P_X(W'))``). The
+torch optimizers pass an adapter's start ``X = 0`` as ``U0 0 V0^T``. Not reproduced, in either
+mode (documented in ``docs/optimizers.md``): in the MNIST code, a ``momentum`` buffer and a
 coupled weight decay that are computed but never used by the update (dead code); and the case
 ``rank < minimum_rank``, where the code skips the retraction and leaves the weight dense.
 """
@@ -124,16 +129,48 @@ def _truncated(spec: Any, manifold, x: FixedRankPoint, xi: TangentVector) -> Any
     return points if batch else points[0]
 
 
-def _is_zero(manifold, x: FixedRankPoint) -> bool:
-    """Whether every item of ``x`` is the zero matrix (``s = 0``: an adapter's start ``X = 0``).
-    One host read."""
-    return not bool(manifold.backend.xp.any(x.s != 0))
+def _first_items(count: Any) -> Any:
+    """Which items take the code's first step: True/False for all of them, or None when a
+    stack mixes first and later steps (then each item is stepped on its own)."""
+    first = np.asarray(count) == 0
+    return bool(first.all()) if first.all() or not first.any() else None
 
 
 def _dense_truncation(manifold, W: Any, r: int) -> FixedRankPoint:
     """``H_r(W)`` of a dense (stack of) m x n matrices by a full SVD: O(m n min(m, n))."""
     U, s, Vh = manifold.backend.svd(W)
     return FixedRankPoint(U[..., :, :r], s[..., :r], _t(Vh[..., :r, :]))
+
+
+def _first_step(spec: Any, manifold, W: Any, r: int, weighted: Any = None) -> Any:
+    """The code's first step from the dense stepped weight ``W``: ``X_1 = H_r(W)``, then its
+    retraction of ``T(X_1)`` (``weighted(X_1)``, a tangent vector, or ``X_1`` itself) with the
+    truncation at ``rank_tol``. O(m n min(m, n))."""
+    y = _dense_truncation(manifold, W, r)
+    if weighted is None and spec.rank_tol is None:
+        return y
+    xi = weighted(y) if weighted is not None else manifold.geometry.zero_vector(y)
+    return _truncated(spec, manifold, y, xi)
+
+
+def _item(a: Any, k: tuple) -> Any:
+    """Item ``k`` of a per-item array (numbers pass through)."""
+    return a if np.ndim(a) == 0 else a[k]
+
+
+def _item_steps(spec: Any, manifold, x: FixedRankPoint, state: Any, egrad: Any, lr: Any):
+    """Step each item of a stack on its own (lists of points and states): a stack whose items
+    are at their first step and at later steps."""
+    batch = x.batch_shape
+    points, states = [], []
+    for i in range(int(np.prod(batch))):
+        k = np.unravel_index(i, batch)
+        xk = FixedRankPoint(x.U[k], x.s[k], x.V[k])
+        sk = type(state)(*(getattr(state, f)[k] for f in type(state).FIELDS))
+        y, st = spec.step(manifold, xk, None, sk, lr=_item(lr, k), egrad=egrad[k])
+        points.append(y)
+        states.append(st)
+    return points, states
 
 
 def _need_dense(egrad: Any, x: FixedRankPoint, name: str) -> None:
@@ -201,6 +238,9 @@ class ReferenceRAdamW(Rule):
     ):
         _need_dense(egrad, x, type(self).__name__)
         lr = self.lr if lr is None else lr
+        first = _first_items(state.count)
+        if first is None:
+            return _item_steps(self, manifold, x, state, egrad, lr)
         xp = manifold.backend.xp
         b1, b2 = self.betas
         t = state.count + 1
@@ -214,17 +254,16 @@ class ReferenceRAdamW(Rule):
         # W'' - X = (1 - lr wd)(X + D) - X = (1 - lr wd) D - lr wd X; X is tangent at X
         decay = 1.0 - lr * self.weight_decay
         new = ReferenceAdamState(t, m, v)
-        if _is_zero(manifold, x):  # the code's first step from a dense zero weight: H_r(W'')
-            return _dense_truncation(manifold, D * decay, x.rank), new
+        if first:  # the code's first step: H_r(W'') of the dense weight, then its truncation
+            y = _first_step(self, manifold, (x.to_dense() + D) * decay, x.rank)
+            return _split_items(x, y, new, lambda k: ReferenceAdamState(_item(t, k), m[k], v[k]))
         xi = manifold.geometry.project(x, D * decay)
         if self.weight_decay != 0:
             xi = TangentVector(
                 xi.M - (lr * self.weight_decay) * manifold.backend.diag(x.s), xi.Up, xi.Vp
             )
         y = _truncated(self, manifold, x, xi)
-        return _split_items(
-            x, y, new, lambda k: ReferenceAdamState(t if np.ndim(t) == 0 else t[k], m[k], v[k])
-        )
+        return _split_items(x, y, new, lambda k: ReferenceAdamState(_item(t, k), m[k], v[k]))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,25 +302,30 @@ class ReferenceRAdaGrad(Rule):
     def step(self, manifold, x, grad, state: ReferenceState, *, lr: Any = None, egrad: Any = None):
         _need_dense(egrad, x, type(self).__name__)
         lr = self.lr if lr is None else lr
+        first = _first_items(state.count)
+        if first is None:
+            return _item_steps(self, manifold, x, state, egrad, lr)
         xp = manifold.backend.xp
         sq = egrad * egrad
         dl = (self.epsilon + xp.sum(sq, axis=-1)) ** 0.25  # (..., m)
         dr = (self.epsilon + xp.sum(sq, axis=-2)) ** 0.25  # (..., n)
         D = (-lr) * egrad / (dl[..., :, None] * dr[..., None, :])  # W' - X
         t = state.count + 1
-        if _is_zero(manifold, x):  # the code's first step from a dense zero weight: H_r(W')
-            y = _dense_truncation(manifold, D, x.rank)
-            if self.faithful:  # then its weighted formula at that point (as the code does)
-                y = manifold.geometry.retract(y, self._weighted(manifold, y, 0.0 * D, dl, dr))
-            return y, ReferenceState(t)
+        new = ReferenceState(t)
+        if first:  # the code's first step: H_r(W'), then its weighted formula at that point
+
+            def weighted(y):
+                return self._weighted(manifold, y, 0.0 * D, dl, dr)
+
+            W = x.to_dense() + D
+            y = _first_step(self, manifold, W, x.rank, weighted if self.faithful else None)
+            return _split_items(x, y, new, lambda k: ReferenceState(_item(t, k)))
         if self.faithful:
             xi = self._weighted(manifold, x, D, dl, dr)
         else:
             xi = manifold.geometry.project(x, D)
         y = _truncated(self, manifold, x, xi)
-        return _split_items(
-            x, y, ReferenceState(t), lambda k: ReferenceState(t if np.ndim(t) == 0 else t[k])
-        )
+        return _split_items(x, y, new, lambda k: ReferenceState(_item(t, k)))
 
     @staticmethod
     def _weighted(manifold, x: FixedRankPoint, D: Any, dl: Any, dr: Any) -> TangentVector:
