@@ -19,6 +19,7 @@ sit far from a truncation threshold, and a test fails if a rank differs.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,3 +268,16 @@ def test_rule_steps_are_continuous_on_numpy(name, what, grad_rank):
     assert a.shape == b.shape
     change = np.linalg.norm(a - b) / np.linalg.norm(a)
     assert change <= CONTINUITY_GAIN * DELTA, (name, what, change)
+
+
+def test_benchmark_prints_the_perturbation_table(tmp_path, run_script):
+    """``benchmarks/continuity.py --quick`` (the mixed model of the reported case, every
+    optimizer): it runs as a user runs it, and every relative change it reports is within the
+    continuity bound."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "continuity.py"
+    proc = run_script([script, "--quick", "--out", tmp_path])
+    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| optimizer")]  # fmt: skip
+    assert {r[0].strip() for r in rows} >= set(OPTIMIZERS)
+    assert all(float(r[3]) <= CONTINUITY_GAIN * DELTA for r in rows), rows
+    assert (tmp_path / "continuity.png").stat().st_size > 10_000
