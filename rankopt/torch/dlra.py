@@ -27,7 +27,8 @@ zeroed by ``model.zero_grad()`` without this optimizer's ``zero_grad``, or a dis
 all-reduce) it raises a ``ValueError`` instead of taking an inconsistent step.
 
 Gradient accumulation works (the captures accumulate like ``.grad``; they are cleared by the
-optimizer's ``step`` and ``zero_grad``). **DistributedDataParallel is not supported**: the
+optimizer's ``step`` and ``zero_grad``; a step that raises keeps them, like the gradients, so it
+can be retried). **DistributedDataParallel is not supported**: the
 captured batch is each process's own (and rank changes resize parameters, which DDP does not
 allow either); the consistency check raises. Ordinary parameters get torch's SGD (heavy ball)
 or AdamW, as for :class:`rankopt.torch.RSGD` / :class:`rankopt.torch.RAdamW`.
@@ -45,7 +46,7 @@ from ..containers import FixedRankPoint
 from ._autograd import get_capture, start_capture
 from ._riemannian import RiemannianOptimizer
 from .optim import RSGD, RAdamW, check_torch_eps, torch_default
-from .stacks import StateStack, write_point
+from .stacks import BucketUpdate
 
 __all__ = [
     "CapturingOptimizer",
@@ -91,10 +92,14 @@ class CapturingOptimizer:
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        try:
-            return super().step(closure)
-        finally:
-            self._clear_captures()
+        """The step of :class:`~rankopt.torch.RiemannianOptimizer`; it consumes the captures.
+
+        A step that raises keeps them with the gradients (nothing was changed): it can be
+        retried on the same backward (e.g. after lowering ``lr``), or ``zero_grad`` drops both.
+        """
+        loss = super().step(closure)
+        self._clear_captures()
+        return loss
 
     # -- the captured gradient, scaled like .grad ----------------------------------------
     def _captures(self, layers: list, x: FixedRankPoint, xi: Any, started: bool) -> list:
@@ -152,33 +157,23 @@ class CapturingOptimizer:
             return {"egrad": torch.stack([s * c.dense.to(dtype) for c, s in caps])}
         return {}
 
-    def _bucket_step(self, group: dict, spec: rules.Rule, layers: list, x, xi) -> None:
-        started = layers[0].U.link.started
-        caps = self._captures(layers, x, xi, started)
+    def _bucket_update(
+        self, group: dict, spec: rules.Rule, layers: list, x, xi
+    ) -> BucketUpdate | None:
+        """The new point and state of one bucket, from the rule with the layers' captures
+        (nothing written)."""
+        caps = self._captures(layers, x, xi, layers[0].U.link.started)
+        by_layer = {id(L): c for L, c in zip(layers, caps, strict=True)}
         man = self._layer_manifold(layers[0])
-        if not started:
-            x, xi, kept = self._start(man, layers, xi)
-            caps = [c for L, c in zip(layers, caps, strict=True) if L in kept]
-            layers = kept
-            if not layers:
-                return
-            stack, state = None, spec.init(man, x)
-        else:
-            stack = self._stack(spec, man, layers, x)
-            state = stack.state()
-        extra = self._extra(spec, caps, x)
+        begun = self._begin(spec, man, layers, x, xi)
+        if begun is None:
+            return None
+        layers, x, xi, state, stack = begun
+        extra = self._extra(spec, [by_layer[id(L)] for L in layers], x)
         x_new, new_state = spec.step(man, x, xi, state, lr=group["lr"], **extra)
         if not isinstance(x_new, list) and x_new.rank != x.rank:
             x_new, new_state = _items(x_new, new_state)
-        if isinstance(x_new, list):  # each layer its own (new) rank
-            self._write_items(layers, x_new, new_state)
-            return
-        write_point(layers, x_new)
-        if stack is None:
-            key = tuple(id(L.U) for L in layers)
-            self._stacks[key] = StateStack.build(self.state, layers, new_state)
-        else:
-            stack.store(new_state)
+        return BucketUpdate(layers, x_new, new_state, stack, cache_point=False)
 
 
 def _capture_dtype(cap: Any) -> torch.dtype:
@@ -212,6 +207,7 @@ class DLRAHeavyBall(CapturingOptimizer, RSGD):
     """
 
     spec_class = rules.DLRAHeavyBall
+    rank_options = "budget"
 
     def __init__(
         self,
@@ -253,6 +249,7 @@ class DLRAAdam(CapturingOptimizer, RAdamW):
 
     spec_class = rules.DLRAAdam
     spec_keys = {"eps": "metric_eps"}
+    rank_options = "budget"
 
     def __init__(
         self,

@@ -73,12 +73,15 @@ def _step_tensor(p: torch.Tensor, fused: bool | None) -> torch.Tensor:
 
 def _adamw_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
     grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
+    fresh = {}  # new entries are stored once torch's update went through
     for p in params:
-        st = opt.state[p]
-        if len(st) == 0:
-            st["step"] = _step_tensor(p, group["fused"])
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        st = opt.state.get(p)
+        if not st:
+            st = fresh[p] = {
+                "step": _step_tensor(p, group["fused"]),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
         grads.append(p.grad)
         exp_avgs.append(st["exp_avg"])
         exp_avg_sqs.append(st["exp_avg_sq"])
@@ -91,29 +94,35 @@ def _adamw_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None
         amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
         weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
     )  # fmt: skip
+    for p, st in fresh.items():
+        opt.state[p] = st
 
 
 def _sgd_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
     grads = [p.grad for p in params]
-    bufs = [opt.state[p].get("momentum_buffer") for p in params]
+    bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]
     torch_sgd(
         params, grads, bufs, foreach=group["foreach"], fused=group["fused"],
         weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
         dampening=group["dampening"], nesterov=group["nesterov"], maximize=False,
     )  # fmt: skip
-    if group["momentum"] != 0:
-        for p, b in zip(params, bufs, strict=True):
-            opt.state[p]["momentum_buffer"] = b
+    for p, b in zip(params, bufs, strict=True):  # an entry per stepped parameter, as torch's
+        entry = opt.state[p]
+        if group["momentum"] != 0:
+            entry["momentum_buffer"] = b
 
 
 def _adagrad_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> None:
     sums, steps = [], []
+    fresh = {}  # new entries are stored once torch's update went through
     for p in params:
-        st = opt.state[p]
-        if len(st) == 0:
-            st["step"] = _step_tensor(p, group["fused"])
+        st = opt.state.get(p)
+        if not st:
             init = group["initial_accumulator_value"]
-            st["sum"] = torch.full_like(p, init, memory_format=torch.preserve_format)
+            st = fresh[p] = {
+                "step": _step_tensor(p, group["fused"]),
+                "sum": torch.full_like(p, init, memory_format=torch.preserve_format),
+            }
         sums.append(st["sum"])
         steps.append(st["step"])
     torch_adagrad(
@@ -122,6 +131,8 @@ def _adagrad_ordinary(opt: RiemannianOptimizer, group: dict, params: list) -> No
         lr=group["lr"], weight_decay=group["weight_decay"], lr_decay=group["lr_decay"],
         eps=group["eps"], maximize=False,
     )  # fmt: skip
+    for p, st in fresh.items():
+        opt.state[p] = st
 
 
 def check_torch_eps(eps: Any) -> None:
@@ -231,6 +242,15 @@ class RAdamW(RiemannianOptimizer):
     spec_class = rules.RAdamW
     spec_keys = {"eps": "metric_eps"}
     __init__ = _adamw_init(rules.RAdamW)
+
+    def _check_group(self, index: int, group: dict) -> None:
+        super()._check_group(index, group)
+        if isinstance(group["lr"], torch.Tensor) and group["foreach"] and not group["fused"]:
+            raise ValueError(
+                f"param group {index}: a tensor lr needs foreach=False (or fused=True) for "
+                "torch's AdamW of the ordinary parameters (torch: 'lr as a Tensor is not "
+                "supported for capturable=False and foreach=True'); the step was not taken"
+            )
 
     def _euclidean_step(self, group, params):
         _adamw_ordinary(self, group, params)

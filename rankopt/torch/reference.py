@@ -39,6 +39,7 @@ class ReferenceRAdamW(CapturingOptimizer, RAdamW):
 
     spec_class = rules.ReferenceRAdamW
     capture_kind = "dense"
+    rank_options = "truncation"
     spec_keys: dict[str, str] = {}
 
     def __init__(
@@ -77,6 +78,7 @@ class ReferenceRAdaGrad(CapturingOptimizer, RSGD):
 
     spec_class = rules.ReferenceRAdaGrad
     capture_kind = "dense"
+    rank_options = "truncation"
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ __all__ = [
     "write_point",
     "PointCache",
     "StateStack",
+    "BucketUpdate",
 ]
 
 
@@ -158,28 +159,42 @@ class StateStack:
         self.cls = cls
         self.buffers = buffers
         self.views = {k: list(b.unbind(0)) for k, b in buffers.items()}
+        #: whether ``opt_state`` holds this stack's views (see :meth:`bind`)
+        self.bound = False
 
     @classmethod
     def build(cls, opt_state: Any, layers: list[Layer], init_state: Any) -> StateStack:
+        """:meth:`gather` and :meth:`bind`: the stack, its views in ``opt_state``."""
+        out = cls.gather(opt_state, layers, init_state)
+        out.bind(opt_state, layers)
+        return out
+
+    @classmethod
+    def gather(cls, opt_state: Any, layers: list[Layer], init_state: Any) -> StateStack:
         """Stack the layers' saved entries (``opt_state[U]``) over a fresh stacked ``init_state``.
 
         Layers without saved entries start from ``init_state``; saved entries must match the
-        rule's names and shapes (checked when loading, see ``RiemannianOptimizer``).
+        rule's names and shapes (checked when loading, see ``RiemannianOptimizer``). Reads
+        ``opt_state`` only (no entry is created or changed): the stack is not yet bound.
         """
         buffers = state_arrays(init_state)
         for i, L in enumerate(layers):
-            saved = opt_state[L.U]
+            saved = opt_state.get(L.U) or {}
             for k, buf in buffers.items():
                 if k in saved:
                     buf[i].copy_(saved[k])
-        out = cls(layers, buffers, type(init_state))
+        return cls(layers, buffers, type(init_state))
+
+    def bind(self, opt_state: Any, layers: list[Layer]) -> None:
+        """Make each layer's entries in ``opt_state`` views of the buffers (other entries of a
+        layer are dropped)."""
         for i, L in enumerate(layers):
             entry = opt_state[L.U]
             for k in list(entry):
-                if k not in buffers:
+                if k not in self.buffers:
                     del entry[k]
-            entry.update({k: v[i] for k, v in out.views.items()})
-        return out
+            entry.update({k: v[i] for k, v in self.views.items()})
+        self.bound = True
 
     def valid_for(self, opt_state: Any, layers: list[Layer]) -> bool:
         """Whether every layer's entries are still this stack's views (nothing re-bound them)."""
@@ -209,3 +224,46 @@ class StateStack:
 
 def _as_tensor(v: Any, like: torch.Tensor) -> torch.Tensor:
     return v if isinstance(v, torch.Tensor) else torch.full_like(like, float(v))
+
+
+@dataclass(eq=False)
+class BucketUpdate:
+    """The computed step of a group of layers, not yet written: the new point and rule state of
+    the stack, or (a rank-adaptive step) one per layer.
+
+    ``stack`` is the state stack the step read (None at adapters' first step, when the state
+    came from ``init``); ``cache_point`` whether the new point may be kept for the next step
+    (:class:`PointCache`).
+    """
+
+    layers: list[Layer]
+    point: Any
+    state: Any
+    stack: StateStack | None
+    cache_point: bool = True
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every floating-point tensor of the new points and states (what the finite check
+        reads)."""
+        points = self.point if isinstance(self.point, list) else [self.point]
+        states = self.state if isinstance(self.state, list) else [self.state]
+        out = [t for x in points for t in (x.U, x.s, x.V)]
+        for st in states:
+            out += [v for v in state_arrays(st).values() if _is_float_tensor(v)]
+        return out
+
+    def parts(self, k: int) -> dict[str, Any]:
+        """The new factors (``U``, ``S``, ``V``) and state entries of layer ``k``, by name."""
+        if isinstance(self.point, list):
+            x, st = self.point[k], state_arrays(self.state[k])
+            item = lambda v: v  # noqa: E731
+        else:
+            x, st = self.point, state_arrays(self.state)
+            item = lambda v: v[k] if getattr(v, "ndim", 0) > 0 else v  # noqa: E731
+        out = {"U": item(x.U), "S": item(x.s), "V": item(x.V)}
+        out.update({f"state {n!r}": item(v) for n, v in st.items() if _is_float_tensor(v)})
+        return out
+
+
+def _is_float_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
