@@ -41,8 +41,11 @@ def _t(a: Any) -> Any:
 def truncation_rank(s: np.ndarray, rank_tol: float) -> int:
     """Smallest ``j >= 1`` with ``||s_{j:}||_2 <= rank_tol ||s||_2`` (``len(s)`` if none smaller).
 
-    ``s`` are singular values in descending order (a NumPy array). O(len(s)).
+    ``s`` are singular values in descending order (a NumPy array), scaled by their largest
+    before squaring (no overflow for values near 1e300, no underflow near 1e-300). O(len(s)).
     """
+    top = float(np.max(np.abs(s))) if len(s) else 0.0
+    s = s / top if 0.0 < top < np.inf else s
     tails = np.sqrt(np.cumsum((s**2)[::-1])[::-1])  # tails[k] = ||s_{k:}||
     return next((k for k in range(1, len(s)) if tails[k] <= rank_tol * tails[0]), len(s))
 

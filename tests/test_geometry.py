@@ -272,3 +272,13 @@ def test_bad_stacks_are_refused_clearly():
         M.projection(x, sp.random(M_, N_, density=0.3, format="csr"))
     with pytest.raises(ValueError, match="same leading dimensions"):
         LowRankMatrix(np.ones((2, 5, 1)), np.ones((3, 4, 1)))
+
+
+def test_truncation_rank_does_not_overflow():
+    """The rank a truncation keeps depends only on the ratios of the singular values, also
+    near the ends of the float64 range (squares of 1e300 overflow, of 1e-300 underflow)."""
+    from rankopt.geometry import truncation_rank
+
+    s = np.array([1.0, 0.1, 1e-5])
+    for scale in (1e-300, 1.0, 1e300):
+        assert truncation_rank(s * scale, 1e-3) == 2
