@@ -1,12 +1,11 @@
 """rankopt: Riemannian optimization on the manifold of fixed-rank matrices.
 
-``import rankopt`` loads NumPy/SciPy only; torch, cupy and pymanopt load on first use.
+``import rankopt`` loads NumPy/SciPy only: the manifold, its points and the metrics. ``solve``,
+the other submodules (``solvers``, ``problems``, ``diagnostics``, ...) load on first use, and
+torch, cupy and pymanopt only when their parts of rankopt are used.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+import importlib as _importlib
 
 from . import metrics
 from .containers import FixedRankPoint, LowRankMatrix, TangentVector
@@ -14,7 +13,11 @@ from .manifold import FixedRankManifold
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("diagnostics", "problems", "solvers", "pymanopt", "torch", "data")
+# Submodules that need only NumPy/SciPy: ``from rankopt import *`` may import them.
+_LAZY_SUBMODULES = ("diagnostics", "problems", "solvers", "rules", "data")
+# Submodules that need an optional dependency (torch, pymanopt): listed by ``dir(rankopt)`` and
+# loaded on attribute access, never by ``from rankopt import *``.
+_OPTIONAL_SUBMODULES = ("pymanopt", "torch")
 _LAZY_ATTRS = {
     "solve": ("rankopt.solvers", "solve"),
     "SolverResult": ("rankopt.solvers", "SolverResult"),
@@ -28,17 +31,21 @@ __all__ = [
     "LowRankMatrix",
     "TangentVector",
     "metrics",
-    "solve",
-    "RankWarning",
-    "ConvergenceWarning",
+    *_LAZY_ATTRS,
     *_LAZY_SUBMODULES,
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY_SUBMODULES:
-        return importlib.import_module(f"rankopt.{name}")
+def __getattr__(name: str) -> object:
+    """Load ``solve``, the solver warnings and the submodules on first access (PEP 562)."""
+    if name in _LAZY_SUBMODULES or name in _OPTIONAL_SUBMODULES:
+        return _importlib.import_module(f"rankopt.{name}")
     if name in _LAZY_ATTRS:
-        mod, attr = _LAZY_ATTRS[name]
-        return getattr(importlib.import_module(mod), attr)
+        module, attr = _LAZY_ATTRS[name]
+        return getattr(_importlib.import_module(module), attr)
     raise AttributeError(f"module 'rankopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, loaded or not (not the helpers this module imports)."""
+    return sorted({*__all__, *_OPTIONAL_SUBMODULES, "__version__", "__doc__", "__name__"})

@@ -54,3 +54,52 @@ def test_torch_backend_loads_torch_on_first_use():
         "ro.FixedRankManifold(5, 4, 2, backend='torch').random_point(0)\n"
     )
     assert "torch" in _loaded_after(code)
+
+
+API_NAMES = (
+    "FixedRankManifold", "FixedRankPoint", "LowRankMatrix", "TangentVector", "metrics",
+    "problems", "solve", "solvers", "diagnostics", "pymanopt", "torch", "rules", "SolverResult",
+    "RankWarning", "ConvergenceWarning", "__version__",
+)  # fmt: skip
+
+
+def test_dir_lists_the_public_names_and_loads_nothing_heavy():
+    """``dir(rankopt)`` shows the API (API.md's names, loaded or not) and none of the module's
+    helpers; listing it, reading ``__all__`` and ``from rankopt import *`` load no optional
+    library (torch and pymanopt are in ``dir`` but not in ``__all__``)."""
+    code = (
+        "import json, rankopt\n"
+        "ns = {}\n"
+        "exec('from rankopt import *', ns)\n"
+        "print(json.dumps({'dir': dir(rankopt), 'all': rankopt.__all__,\n"
+        "                  'star': sorted(k for k in ns if not k.startswith('__'))}))\n"
+    )
+    probe = (
+        code + "import sys\nprint(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+    )
+    probe += f"{HEAVY!r})))"
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+        )
+        .stdout.strip()
+        .splitlines()
+    )
+    names, heavy = json.loads(out[-2]), json.loads(out[-1])
+    assert heavy == []
+    for name in API_NAMES:
+        assert name in names["dir"], name
+    for helper in ("Any", "annotations", "importlib", "containers", "geometry", "manifold"):
+        assert helper not in names["dir"], helper
+    assert set(names["star"]) == set(names["all"])
+    assert "torch" not in names["all"] and "pymanopt" not in names["all"]
+
+
+def test_every_listed_name_resolves():
+    import rankopt
+
+    for name in rankopt.__all__:
+        assert getattr(rankopt, name) is not None, name
+    assert rankopt.solve is rankopt.solvers.solve
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rankopt.nope  # noqa: B018

@@ -5,14 +5,25 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_example_runs():
+def test_readme_example_runs(capsys):
+    """The "Fifteen lines" example (fifteen lines of code at most, blank lines aside) runs, and
+    every number it prints comes with its label."""
     src = README.read_text()
     code = re.search(r"## Fifteen lines\n\n```python\n(.*?)```", src, re.S).group(1)
-    assert len(code.strip().splitlines()) <= 15
+    assert len([line for line in code.splitlines() if line.strip()]) <= 15
     exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("stop: gradient, iterations: "), out
+    for label in ("time: ", "relative error: "):
+        assert label in out
+    for number in re.findall(r"[-+]?\d[\d.e+-]*", out):  # each number follows "label: "
+        assert re.search(r"\w: " + re.escape(number), out), (number, out)
+    assert float(out.split("relative error: ")[1]) < 1e-8
 
 
 def test_readme_commands_match_ci():
@@ -26,11 +37,12 @@ def test_readme_commands_match_ci():
 
 
 def _demo_rows(text: str) -> dict[str, tuple[int, float, int, str]]:
-    """method -> (iterations, relative error, rank, stop) from the demo's table."""
+    """method -> (iterations, relative error, rank, stop) from the demo's table (its columns:
+    method, iterations, time, relative error, rank, stop, converged in words)."""
     rows = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) == 6 and parts[1].isdigit():
+        if len(parts) >= 7 and parts[1].isdigit():
             rows[parts[0]] = (int(parts[1]), float(parts[3]), int(parts[4]), parts[5])
     return rows
 
@@ -59,3 +71,27 @@ def test_demo_numbers_meet_its_claims_and_repeat(tmp_path, capsys):
     assert main(args[:-1] + [""]) == 0
     second = _demo_rows(capsys.readouterr().out)
     assert {k: v[0] for k, v in first.items()} == {k: v[0] for k, v in second.items()}
+
+
+# The user docs of this repository that say how to install rankopt and what it measured today
+# (docs/torch.md, optimizers.md, solvers.md and manifold.md are checked by their own tests).
+USER_DOCS = ["README.md"] + [
+    f"docs/{name}.md"
+    for name in ("index", "completion", "pymanopt", "backends", "figures", "optimizer-core")
+]
+INTERNAL_HISTORY = re.compile(
+    r"\bissue \d|\bissue's\b|\b(last|later|lead) session\b|before the rewrite|"
+    r"until 20\d\d-\d\d|\bthe old code\b|\bprevious default\b|\bbefore this change\b",
+    re.IGNORECASE,
+)
+
+
+@pytest.mark.parametrize("name", USER_DOCS)
+def test_user_docs_install_from_a_clone_and_state_what_is_true_now(name):
+    """rankopt is not published: install lines are ``pip install -e ".[extra]"`` from a clone,
+    never ``pip install 'rankopt[extra]'``; and no development history ("issue 12", "last
+    session", ...) in place of what is true now."""
+    text = (README.parent / name).read_text()
+    assert not re.search(r"pip install\s+['\"]?rankopt\b", text), name
+    found = [m.group(0) for m in INTERNAL_HISTORY.finditer(text)]
+    assert not found, f"{name}: {found}"
