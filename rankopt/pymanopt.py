@@ -23,7 +23,7 @@ with respect to the factors), :func:`from_factor_functions` wraps the cost and t
 gradient, and :func:`factor_gradient` converts one factor gradient; points unpack as
 ``u, s, vt = point``.
 
-Pymanopt is an optional dependency: ``pip install 'rankopt[pymanopt]'``. ``import rankopt``
+Pymanopt is an optional dependency: ``pip install -e '.[pymanopt]'``. ``import rankopt``
 never imports it; importing this module does.
 """
 
@@ -42,7 +42,7 @@ try:  # absolute import: this is the real Pymanopt package, not rankopt.pymanopt
 except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "rankopt.pymanopt needs Pymanopt 2.x, which is not installed: "
-        "pip install 'rankopt[pymanopt]'"
+        "pip install -e '.[pymanopt]'"
     ) from _err
 
 from ._backend import as_rng, backend_name_of
@@ -54,7 +54,7 @@ __all__ = ["FixedRank", "function", "to_pymanopt", "factor_gradient", "from_fact
 if int(str(getattr(pymanopt, "__version__", "0")).split(".")[0]) < 2:  # pragma: no cover
     raise ImportError(
         f"rankopt.pymanopt needs Pymanopt >= 2 (found {pymanopt.__version__}): "
-        "pip install 'rankopt[pymanopt]'"
+        "pip install -e '.[pymanopt]'"
     )
 
 

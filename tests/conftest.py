@@ -54,7 +54,7 @@ def path_tolerance(steps: int, eps: float = float(np.finfo(np.float64).eps)) -> 
 
 
 CUPY_REASON = "CuPy not installed / no CUDA GPU"
-TORCH_REASON = "PyTorch not installed (pip install 'rankopt[torch]')"
+TORCH_REASON = "PyTorch not installed (pip install -e '.[torch]')"
 
 
 def torch_available() -> bool:

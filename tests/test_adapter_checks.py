@@ -16,8 +16,8 @@ import re
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
-transformers = pytest.importorskip("transformers", reason="pip install 'rankopt[data]'")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
+transformers = pytest.importorskip("transformers", reason="pip install -e '.[data]'")
 from torch import nn  # noqa: E402
 
 import rankopt.torch as rt  # noqa: E402

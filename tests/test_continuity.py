@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import CONTINUITY_GAIN, INVARIANCE_RTOL
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 from torch import nn  # noqa: E402
 
 import rankopt as ro  # noqa: E402

@@ -26,7 +26,7 @@ import pytest
 import scipy.sparse as sp
 
 pymanopt = pytest.importorskip(
-    "pymanopt", reason="pymanopt is optional: pip install 'rankopt[pymanopt]'"
+    "pymanopt", reason="pymanopt is optional: pip install -e '.[pymanopt]'"
 )
 
 import pymanopt.tools.diagnostics as pm_diagnostics  # noqa: E402
@@ -532,7 +532,7 @@ def test_import_error_without_pymanopt():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert "IMPORTERROR:" in out.stdout and "pip install 'rankopt[pymanopt]'" in out.stdout
+    assert "IMPORTERROR:" in out.stdout and "pip install -e '.[pymanopt]'" in out.stdout
 
 
 def test_example_quick(capsys):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU: torch.cuda.is_available() is False", allow_module_level=True)
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 from conftest import assert_paths_agree
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 import torch.distributed as dist  # noqa: E402
 
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover

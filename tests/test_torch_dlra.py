@@ -9,7 +9,7 @@ import gc
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 from torch import nn  # noqa: E402
 
 import rankopt as ro  # noqa: E402

@@ -10,8 +10,8 @@ import os
 import pytest
 from conftest import assert_same_outputs
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
-transformers = pytest.importorskip("transformers", reason="pip install 'rankopt[data]'")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
+transformers = pytest.importorskip("transformers", reason="pip install -e '.[data]'")
 from torch import nn  # noqa: E402
 
 import rankopt.torch as rt  # noqa: E402

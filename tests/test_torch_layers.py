@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 from torch import nn  # noqa: E402
 
 import rankopt as ro  # noqa: E402
@@ -516,4 +516,4 @@ def test_import_without_torch_gives_install_hint():
         "try:\n    import rankopt.torch\nexcept ImportError as e:\n    print('IMPORTERROR:', e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "IMPORTERROR:" in out.stdout and "pip install 'rankopt[torch]'" in out.stdout, out
+    assert "IMPORTERROR:" in out.stdout and "pip install -e '.[torch]'" in out.stdout, out

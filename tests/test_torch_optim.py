@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import CONTINUITY_GAIN, assert_paths_agree
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 from torch import nn  # noqa: E402
 
 import rankopt as ro  # noqa: E402

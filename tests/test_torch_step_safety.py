@@ -21,7 +21,7 @@ import warnings
 
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install 'rankopt[torch]')")
+torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
 from torch import nn  # noqa: E402
 
 import rankopt.torch as rt  # noqa: E402

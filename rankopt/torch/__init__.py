@@ -18,7 +18,7 @@ try:
     import torch as _torch  # noqa: F401
 except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "rankopt.torch needs PyTorch, which is not installed: pip install 'rankopt[torch]' "
+        "rankopt.torch needs PyTorch, which is not installed: pip install -e '.[torch]' "
         "(or torch itself, see https://pytorch.org for the CUDA/CPU builds)"
     ) from _err
 

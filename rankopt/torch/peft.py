@@ -49,7 +49,7 @@ def _peft():
         import peft
     except ImportError as err:  # pragma: no cover - exercised without peft
         raise ImportError(
-            "rankopt.torch.from_peft / to_peft need PEFT: pip install 'rankopt[data]' (or peft)"
+            "rankopt.torch.from_peft / to_peft need PEFT: pip install -e '.[data]' (or peft)"
         ) from err
     return peft
 
