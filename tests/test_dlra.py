@@ -115,7 +115,7 @@ EPS = {"hb": None, "core": 1e-4, "factored": 1e-3}
 def _spec(kind, **kw):
     if kind == "hb":
         return rules.DLRAHeavyBall(**kw)
-    return rules.DLRAAdam(second_moment=kind, eps=EPS[kind], **kw)
+    return rules.DLRAAdam(second_moment=kind, metric_eps=EPS[kind], **kw)
 
 
 def _moments(kind, st):

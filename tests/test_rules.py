@@ -27,7 +27,7 @@ SPECS = {
     "radamw-block": rules.RAdamW(lr=0.01, structure="block"),
     "radamw-pcg": rules.RAdamW(lr=0.01, solver="pcg"),
     "radamw-precondition": rules.RAdamW(lr=0.01, exact=False),
-    "radamw-quartic": rules.RAdamW(lr=0.01, factoring="quartic", eps=1e-8),
+    "radamw-quartic": rules.RAdamW(lr=0.01, factoring="quartic", metric_eps=1e-8),
     # a tangent step and the rank-adaptive retraction (not DLRA: see tests/test_dlra.py)
     "rsgd-rank-adaptive": rules.RSGD(lr=0.1, momentum=0.9, rank_tol=1e-2),
     "radamw-rank-adaptive": rules.RAdamW(lr=0.01, rank_tol=1e-2),
@@ -258,7 +258,7 @@ def test_torch_and_numpy_rules_agree():
         (lambda: rules.RAdamW(structure="diag"), "structure"),
         (lambda: rules.RAdamW(factoring="quad"), "factoring"),
         (lambda: rules.RAdamW(solver="lu"), "solver"),
-        (lambda: rules.RAdamW(eps=0.0), "eps"),
+        (lambda: rules.RAdamW(metric_eps=0.0), "metric_eps"),
         (lambda: rules.DLRAAdam(max_rank=0), "max_rank"),
         (lambda: rules.DLRAAdam(min_rank=3, max_rank=2), "exceeds max_rank"),
         (lambda: rules.RAdaGrad(lr_decay=-1), "lr_decay"),

@@ -72,7 +72,7 @@ CASES = {
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.05, rank_tol=1e-6, max_rank=5),
                  rules.DLRAAdam(lr=0.05, rank_tol=1e-6, max_rank=5)),
     "DLRAAdam-core": (rt.DLRAAdam, dict(lr=0.05, rank_tol=1e-2, second_moment="core", metric_eps=1e-4),
-                      rules.DLRAAdam(lr=0.05, rank_tol=1e-2, second_moment="core", eps=1e-4)),
+                      rules.DLRAAdam(lr=0.05, rank_tol=1e-2, second_moment="core", metric_eps=1e-4)),
     "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01), rules.ReferenceRAdamW(lr=0.01)),
     "ReferenceRAdaGrad": (rt.ReferenceRAdaGrad, dict(lr=0.2, faithful=True),
                           rules.ReferenceRAdaGrad(lr=0.2, faithful=True)),

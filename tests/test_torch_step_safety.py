@@ -277,7 +277,6 @@ BAD_OPTIONS = [
     ("weight_decay", math.inf),
     ("eps", 0.0),
     ("metric_eps", -1.0),
-    ("epsilon", 0.0),
     ("betas", (0.9, 1.5)),
     ("momentum", -0.5),
     ("lr_decay", -1.0),

@@ -77,11 +77,11 @@ def _mean_squares(manifold, x: FixedRankPoint, g: TangentVector) -> tuple[Any, A
 class AdaptiveRule(Rule):
     """The fields RAdaGrad and RAdamW share: the adaptive metric built from their statistics.
 
-    ``eps``, ``factoring``: :func:`rankopt.metrics.adaptive_diagonals`; ``structure``,
+    ``metric_eps``, ``factoring``: :func:`rankopt.metrics.adaptive_diagonals` (its ``eps``); ``structure``,
     ``solver``, ``exact``, ``cg_tol``, ``cg_maxiter``: :class:`rankopt.metrics.KroneckerDiagonal`.
     """
 
-    eps: float = ADAPTIVE_EPS
+    metric_eps: float = ADAPTIVE_EPS
     factoring: str = ADAPTIVE_FACTORING
     structure: str = "full"
     solver: str = "direct"
@@ -108,7 +108,7 @@ class AdaptiveRule(Rule):
     def metric(self, manifold, row_ms: Any, col_ms: Any) -> KroneckerDiagonal:
         """The metric with weights from (bias-corrected) mean squares ``(..., m)``, ``(..., n)``."""
         left, right = adaptive_diagonals(
-            row_ms, col_ms, self.eps, self.factoring, manifold.backend.xp
+            row_ms, col_ms, self.metric_eps, self.factoring, manifold.backend.xp
         )
         return KroneckerDiagonal(
             left, right, self.exact, self.cg_tol, self.cg_maxiter, self.structure, self.solver

@@ -87,9 +87,10 @@ def check_common(spec: Any) -> None:
     wd = getattr(spec, "weight_decay", 0.0)
     if not (isinstance(wd, (int, float)) and wd >= 0):
         raise ValueError(f"invalid weight_decay={wd!r}: must be >= 0")
-    eps = getattr(spec, "eps", 1.0)
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"invalid eps={eps!r}: must be > 0")
+    for name in ("eps", "metric_eps"):
+        eps = getattr(spec, name, 1.0)
+        if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+            raise ValueError(f"invalid {name}={eps!r}: must be a finite number > 0")
     betas = getattr(spec, "betas", None)
     if betas is not None and not (len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
         raise ValueError(f"invalid betas={betas!r}: two numbers, each in [0, 1)")

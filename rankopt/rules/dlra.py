@@ -364,15 +364,15 @@ class DLRAAdam(_BUG):
 
     * ``"factored"`` (default): the Galerkin step under rankopt's adaptive metric
       ``<xi, D_L eta D_R>`` (:func:`rankopt.metrics.adaptive_diagonals`, Adafactor factoring,
-      relative ``eps``), ``d = A_L^{-1} m_hat A_R^{-1}`` with ``A_L = U_hat^T D_L U_hat`` and
+      relative ``metric_eps``), ``d = A_L^{-1} m_hat A_R^{-1}`` with ``A_L = U_hat^T D_L U_hat`` and
       ``A_R = V_hat^T D_R V_hat`` (at most 2r x 2r), i.e. the gradient of the loss with respect to the
       core under that metric. ``D_L``, ``D_R`` come from exponential moving averages of the row
       and column mean squares of ``U_hat G_hat V_hat^T`` (bias-corrected): ambient statistics,
       which need no rotation when the bases change. State O(m + n + r^2).
-    * ``"core"``: Adam on the entries of the core, ``d = m_hat / (sqrt(v_hat) + eps)`` with
+    * ``"core"``: Adam on the entries of the core, ``d = m_hat / (sqrt(v_hat) + metric_eps)`` with
       ``v`` elementwise on the core and rotated through its square root,
       ``v <- (P^T sqrt(v) Q)^2``: what the DLRA group's training layers do. ``eps`` is then
-      Adam's absolute one (pass e.g. ``eps=1e-8``). State O(r^2).
+      Adam's absolute one (pass e.g. ``metric_eps=1e-8``). State O(r^2).
 
     Then truncation at ``rank_tol`` within ``[min_rank, max_rank]`` (``max_rank=None``: the
     starting rank). ``step(manifold, x, grad, state, lr=..., normal=f)``.
@@ -383,7 +383,7 @@ class DLRAAdam(_BUG):
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = ADAPTIVE_EPS
+    metric_eps: float = ADAPTIVE_EPS
     weight_decay: float = 0.0
     second_moment: str = "factored"
 
@@ -415,7 +415,7 @@ class DLRAAdam(_BUG):
         fields = {"count": t, "exp_avg": m, "rank_cap": state.rank_cap}
         if self.second_moment == "core":
             v = b2 * _pad(be, state.exp_avg_sq, *G.shape[-2:]) + (1.0 - b2) * G * G
-            direction = (m / (1.0 - b1**tt)) / (be.xp.sqrt(v / (1.0 - b2**tt)) + self.eps)
+            direction = (m / (1.0 - b1**tt)) / (be.xp.sqrt(v / (1.0 - b2**tt)) + self.metric_eps)
             fields["exp_avg_sq"] = v
         else:
             direction, rows, cols = self._factored(manifold, bases, keep, G, m, state, tt)
@@ -450,7 +450,7 @@ class DLRAAdam(_BUG):
         cols = be.lerp(be.rowdot(B, B) / mm, state.col_stats, b2)
         c2 = tt[..., 0] if getattr(tt, "ndim", 0) > 0 else tt
         dl, dr = adaptive_diagonals(
-            rows / (1.0 - b2**c2), cols / (1.0 - b2**c2), self.eps, "adafactor", xp
+            rows / (1.0 - b2**c2), cols / (1.0 - b2**c2), self.metric_eps, "adafactor", xp
         )
         AL = _galerkin_gram(be, Uh, dl, keep[0])
         AR = _galerkin_gram(be, Vh, dr, keep[1])

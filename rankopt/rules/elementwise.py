@@ -2,8 +2,8 @@ r"""RAdamWElementwise: RAdamW under the elementwise Adam metric (m x n second mo
 
 The metric rankopt's :class:`~rankopt.rules.RAdamW` approximates with O(m + n) statistics, in
 full: ``v <- beta2 v + (1 - beta2) xi * xi`` with ``xi`` the ambient m x n matrix of the tangent
-gradient, weights ``D = sqrt(v_hat + eps^2 mean(v_hat))``
-(:func:`rankopt.metrics.elementwise_weights`, the same relative ``eps`` as the factored
+gradient, weights ``D = sqrt(v_hat + metric_eps^2 mean(v_hat))``
+(:func:`rankopt.metrics.elementwise_weights`, the same relative ``metric_eps`` as the factored
 metric), and the direction ``G_x^{-1} m_hat``, the Riemannian gradient of
 ``<xi, D * eta>`` restricted to ``T_x`` (:class:`rankopt.metrics.ElementwiseDiagonal`, solved by
 PCG). First moment, bias corrections, decoupled decay and transport as :class:`RAdamW`.
@@ -48,13 +48,13 @@ class RAdamWElementwise(Rule):
 
     ``t <- t + 1``; ``m <- beta1 m + (1 - beta1) grad`` (tangent, transported);
     ``v <- beta2 v + (1 - beta2) xi * xi`` (m x n); ``d = G_x^{-1} (m / (1 - beta1^t))`` under
-    the weights ``sqrt(v / (1 - beta2^t) + eps^2 mu)``; ``x <- R_x(-lr (d + wd X))``.
+    the weights ``sqrt(v / (1 - beta2^t) + metric_eps^2 mu)``; ``x <- R_x(-lr (d + wd X))``.
     """
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    eps: float = ADAPTIVE_EPS
+    metric_eps: float = ADAPTIVE_EPS
     cg_tol: float | None = 1e-6
     cg_maxiter: int = 50
 
@@ -80,7 +80,7 @@ class RAdamWElementwise(Rule):
         mom = lerp(manifold, grad, state.exp_avg, b1)
         tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
         metric = ElementwiseDiagonal(
-            elementwise_weights(v / (1.0 - b2**tt), self.eps, be.xp), self.cg_tol, self.cg_maxiter
+            elementwise_weights(v / (1.0 - b2**tt), self.metric_eps, be.xp), self.cg_tol, self.cg_maxiter
         )
         c1 = 1.0 - b1**t
         d = metric.solve(manifold, x, mom)

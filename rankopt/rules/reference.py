@@ -272,14 +272,15 @@ class ReferenceRAdaGrad(Rule):
 
     With the dense gradient ``G``::
 
-        D_L = (epsilon + diag(G G^T))^{1/4},  D_R = (epsilon + diag(G^T G))^{1/4}
+        D_L = (metric_eps + diag(G G^T))^{1/4},  D_R = (metric_eps + diag(G^T G))^{1/4}
         W' = X - lr D_L^{-1} G D_R^{-1}              (an SGD step on the preconditioned G)
         X <- H_r(T(W'))
 
     where ``T`` is the code's weighted formula (``faithful=True``, see the module docstring;
     not a projection) or the tangent projection ``P_X`` (``faithful=False``). The preconditioner
     comes from the current gradient alone (no accumulation over steps, despite the name), with
-    ``epsilon = 1`` as in the MNIST training script (the class default there is 0.01).
+    ``metric_eps = 1`` (absolute; the code's ``epsilon``) as in the MNIST training script (the
+    class default there is 0.01).
     ``rank_tol`` is their ``theta`` (off by default; see :class:`ReferenceRAdamW`).
 
     State: the count only. Cost: O(m n r) per step (m x n temporaries).
@@ -288,13 +289,11 @@ class ReferenceRAdaGrad(Rule):
     gradient_input: ClassVar[str] = "dense"
 
     lr: float = 1e-2
-    epsilon: float = 1.0
+    metric_eps: float = 1.0
     faithful: bool = False
 
     def __post_init__(self) -> None:
         check_common(self)
-        if not self.epsilon > 0:
-            raise ValueError(f"invalid epsilon={self.epsilon!r}: must be > 0")
 
     def init(self, manifold, x: FixedRankPoint) -> ReferenceState:
         return ReferenceState(count_init(manifold, x))
@@ -307,8 +306,8 @@ class ReferenceRAdaGrad(Rule):
             return _item_steps(self, manifold, x, state, egrad, lr)
         xp = manifold.backend.xp
         sq = egrad * egrad
-        dl = (self.epsilon + xp.sum(sq, axis=-1)) ** 0.25  # (..., m)
-        dr = (self.epsilon + xp.sum(sq, axis=-2)) ** 0.25  # (..., n)
+        dl = (self.metric_eps + xp.sum(sq, axis=-1)) ** 0.25  # (..., m)
+        dr = (self.metric_eps + xp.sum(sq, axis=-2)) ** 0.25  # (..., n)
         D = (-lr) * egrad / (dl[..., :, None] * dr[..., None, :])  # W' - X
         t = state.count + 1
         new = ReferenceState(t)

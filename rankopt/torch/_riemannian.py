@@ -106,7 +106,7 @@ def adapter_start(manifold, Y, C, Z) -> tuple[FixedRankPoint, TangentVector, tor
 
 #: param-group options that must be finite numbers >= 0, and those that must be > 0
 _AT_LEAST_ZERO = ("weight_decay", "momentum", "lr_decay", "initial_accumulator_value")
-_ABOVE_ZERO = ("eps", "metric_eps", "epsilon")
+_ABOVE_ZERO = ("eps", "metric_eps")
 
 
 def _is_number(v: Any) -> bool:
@@ -126,7 +126,7 @@ def check_group(index: int, group: dict) -> None:
     Reads Python numbers only (microseconds, no device synchronization): ``lr`` a finite number
     >= 0 or a 0-d floating-point tensor (whose value the finite check reads), ``weight_decay``,
     ``momentum``, ``lr_decay``, ``initial_accumulator_value`` finite and >= 0, ``eps``,
-    ``metric_eps``, ``epsilon`` finite and > 0, ``dampening`` in [0, 1], ``betas`` two numbers
+    ``metric_eps`` finite and > 0, ``dampening`` in [0, 1], ``betas`` two numbers
     in [0, 1), ``nesterov`` a bool. The rule spec checks its other options when they change.
     """
     lr = group["lr"]

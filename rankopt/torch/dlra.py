@@ -248,7 +248,7 @@ class DLRAAdam(CapturingOptimizer, RAdamW):
     """
 
     spec_class = rules.DLRAAdam
-    spec_keys = {"eps": "metric_eps"}
+    spec_keys: dict[str, str] = {}
     rank_options = "budget"
 
     def __init__(
@@ -259,7 +259,7 @@ class DLRAAdam(CapturingOptimizer, RAdamW):
         eps: float = torch_default(torch.optim.AdamW, "eps"),
         weight_decay: float = _A.weight_decay,
         *,
-        metric_eps: float = _A.eps,
+        metric_eps: float = _A.metric_eps,
         second_moment: str = _A.second_moment,
         rank_tol: float | None = _A.rank_tol,
         max_rank: int | None = _A.max_rank,

@@ -157,7 +157,7 @@ def _adamw_init(A: type[rules.RAdamW]):
         eps: float = torch_default(torch.optim.AdamW, "eps"),
         weight_decay: float = A.weight_decay,
         *,
-        metric_eps: float = A.eps,
+        metric_eps: float = A.metric_eps,
         factoring: str = A.factoring,
         structure: str = A.structure,
         solver: str = A.solver,
@@ -240,7 +240,7 @@ class RAdamW(RiemannianOptimizer):
     """
 
     spec_class = rules.RAdamW
-    spec_keys = {"eps": "metric_eps"}
+    spec_keys: dict[str, str] = {}
     __init__ = _adamw_init(rules.RAdamW)
 
     def _check_group(self, index: int, group: dict) -> None:
@@ -270,7 +270,7 @@ class RAdaGrad(RiemannianOptimizer):
     """
 
     spec_class = rules.RAdaGrad
-    spec_keys = {"eps": "metric_eps"}
+    spec_keys: dict[str, str] = {}
 
     def __init__(
         self,
@@ -283,7 +283,7 @@ class RAdaGrad(RiemannianOptimizer):
         ),
         eps: float = torch_default(torch.optim.Adagrad, "eps"),
         *,
-        metric_eps: float = _G.eps,
+        metric_eps: float = _G.metric_eps,
         factoring: str = _G.factoring,
         structure: str = _G.structure,
         solver: str = _G.solver,

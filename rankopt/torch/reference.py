@@ -85,7 +85,7 @@ class ReferenceRAdaGrad(CapturingOptimizer, RSGD):
         params: Any,
         lr: float = _G.lr,
         *,
-        epsilon: float = _G.epsilon,
+        metric_eps: float = _G.metric_eps,
         faithful: bool = _G.faithful,
         rank_tol: float | None = _G.rank_tol,
         min_rank: int = _G.min_rank,
@@ -96,7 +96,7 @@ class ReferenceRAdaGrad(CapturingOptimizer, RSGD):
     ) -> None:
         defaults = dict(
             lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-            epsilon=epsilon, faithful=faithful, rank_tol=rank_tol, min_rank=min_rank,
+            metric_eps=metric_eps, faithful=faithful, rank_tol=rank_tol, min_rank=min_rank,
             foreach=foreach, fused=fused, stack_layers=stack_layers,
         )  # fmt: skip
         RiemannianOptimizer.__init__(self, params, defaults, check_finite)
@@ -121,7 +121,7 @@ class RAdamWElementwise(RAdamW):
         eps: float = torch_default(torch.optim.AdamW, "eps"),
         weight_decay: float = _E.weight_decay,
         *,
-        metric_eps: float = _E.eps,
+        metric_eps: float = _E.metric_eps,
         cg_tol: float | None = _E.cg_tol,
         cg_maxiter: int = _E.cg_maxiter,
         rank_tol: float | None = _E.rank_tol,
