@@ -19,7 +19,6 @@ sit far from a truncation threshold, and a test fails if a rank differs.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +42,7 @@ OPTIMIZERS = {
     "RAdamW": (rt.RAdamW, dict(lr=0.02, weight_decay=0.1)),
     "RAdaGrad": (rt.RAdaGrad, dict(lr=0.05, lr_decay=0.1)),
     "RSGD": (rt.RSGD, dict(lr=0.05, momentum=0.9)),
+    "RHeavyBall": (rt.RHeavyBall, dict(lr=0.05, nesterov=True)),
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.02, rank_tol=1e-3)),
     "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05, rank_tol=1e-3)),
     "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01)),
@@ -271,11 +271,10 @@ def test_rule_steps_are_continuous_on_numpy(name, what, grad_rank):
 
 
 def test_benchmark_prints_the_perturbation_table(tmp_path, run_script):
-    """``benchmarks/continuity.py --quick`` (the mixed model of the reported case, every
+    """``python -m benchmarks.continuity --quick`` (the mixed model of the reported case, every
     optimizer): it runs as a user runs it, and every relative change it reports is within the
     continuity bound."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "continuity.py"
-    proc = run_script([script, "--quick", "--out", tmp_path])
+    proc = run_script(["-m", "benchmarks.continuity", "--quick", "--out", tmp_path])
     rows = [line.strip("|").split("|") for line in proc.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| optimizer")]  # fmt: skip
     assert {r[0].strip() for r in rows} >= set(OPTIMIZERS)

@@ -14,6 +14,7 @@ import rankopt as ro
 from rankopt import rules
 from rankopt.containers import FixedRankPoint, TangentVector
 from rankopt.diagnostics import check_gradient
+from rankopt.rules import registry
 
 BACKENDS = ["numpy", "torch"]
 
@@ -298,32 +299,38 @@ def test_numpy_solvers_take_their_defaults_from_the_spec(name):
         getattr(ro.solvers, name)(learning_rate=0.1)
 
 
-TORCH_OF = [
-    "RAdamW",
-    "RAdaGrad",
-    "RSGD",
-    "DLRAHeavyBall",
-    "DLRAAdam",
-    "RAdamWElementwise",
-    "ReferenceRAdamW",
-    "ReferenceRAdaGrad",
-]
-
-
-@pytest.mark.parametrize("name", TORCH_OF)
-def test_torch_optimizers_take_their_defaults_from_the_spec(name):
-    """Every keyword of a torch optimizer that is a field of its rule defaults to the rule's
-    value (the defaults are written once, in rankopt.rules)."""
+@pytest.mark.parametrize("reg", registry.registered(), ids=lambda r: r.name)
+def test_torch_optimizers_keywords_are_the_spec_fields(reg):
+    """For every registered rule, the torch optimizer's keywords are the spec's fields with the
+    spec's defaults, plus the ordinary rule's own options (torch's defaults) and the common
+    options: nothing else, nothing renamed (the defaults are written once, in rankopt.rules)."""
     rt = pytest.importorskip("rankopt.torch", reason="PyTorch not installed")
-    cls = getattr(rt, name)
-    spec = cls.spec_class
+    from rankopt.torch.optimizer import COMMON_OPTIONS
+    from rankopt.torch.ordinary import ORDINARY
+
+    cls = getattr(rt, reg.name)
+    assert cls is rt.optimizer_class(reg.spec) and cls.spec_class is reg.spec
+    params = dict(inspect.signature(cls).parameters)
+    params.pop("params")
+    spec = {f.name: f.default for f in fields(reg.spec)}
+    ordinary = ORDINARY[reg.ordinary]
+    own = {k for k in ordinary.keys if k not in spec and k not in reg.ordinary_fixed}
+    assert set(params) == set(spec) | own | set(COMMON_OPTIONS) | {"check_finite"}
+    for name, default in spec.items():
+        assert params[name].default == default, (reg.name, name)
+    for name in own:
+        assert params[name].default == ordinary.default(name), (reg.name, name)
+    assert cls.__mro__[1] is rt.RiemannianOptimizer  # no optimizer derives from another
+
+
+@pytest.mark.parametrize("reg", registry.registered(), ids=lambda r: r.name)
+def test_numpy_solvers_keywords_are_the_spec_fields(reg):
+    from rankopt.solvers.adaptive import LOOP_OPTIONS
+
+    cls = getattr(ro.solvers, reg.name)
     params = inspect.signature(cls).parameters
-    aliases = {v: k for k, v in cls.spec_keys.items()}
-    seen = 0
-    for pname, p in params.items():
-        # a spec field exposed under another name (eps -> metric_eps) leaves its own name to torch
-        field = aliases.get(pname, None if pname in cls.spec_keys else pname)
-        if field in {f.name for f in fields(spec)} and p.default is not inspect.Parameter.empty:
-            assert p.default == getattr(spec, field), (name, pname)
-            seen += 1
-    assert seen >= 4
+    spec = {f.name: f.default for f in fields(reg.spec)}
+    assert set(params) == set(spec) | set(LOOP_OPTIONS)
+    assert all(params[k].default == v for k, v in spec.items())
+    assert cls.__mro__[1] is ro.solvers.RuleSolver
+    assert ro.solvers.METHODS[reg.method] is cls

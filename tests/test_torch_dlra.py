@@ -16,7 +16,7 @@ import rankopt as ro  # noqa: E402
 import rankopt.torch as rt  # noqa: E402
 from rankopt import rules  # noqa: E402
 from rankopt.torch._autograd import get_capture  # noqa: E402
-from rankopt.torch._riemannian import adapter_start  # noqa: E402
+from rankopt.torch.start import adapter_start  # noqa: E402
 
 D = torch.float64
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

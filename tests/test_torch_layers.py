@@ -142,7 +142,7 @@ def test_adapter_first_step_is_truncated_gradient_step():
 
 def test_adapter_first_step_equals_rule_at_start_point():
     """RAdamW's first adapter step is its rule's step at the Nystrom start point (one rule)."""
-    from rankopt.torch._riemannian import adapter_start
+    from rankopt.torch.start import adapter_start
 
     rng = np.random.default_rng(5)
     layer = rt.LowRankLinear(8, 6, 2, bias=False, base=torch.zeros(6, 8, dtype=D), seed=0)

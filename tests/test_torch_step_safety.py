@@ -37,6 +37,7 @@ OPTIMIZERS = {
     "RAdamW": (rt.RAdamW, dict(lr=0.02, weight_decay=0.1)),
     "RAdaGrad": (rt.RAdaGrad, dict(lr=0.05, lr_decay=0.1)),
     "RSGD": (rt.RSGD, dict(lr=0.05, momentum=0.9)),
+    "RHeavyBall": (rt.RHeavyBall, dict(lr=0.05)),
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.02)),
     "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05)),
     "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01)),

@@ -38,6 +38,7 @@ from .base import (
     retract_state,
     state,
 )
+from .registry import register
 
 __all__ = ["AdamState", "AdaGradState", "AdaptiveRule", "RAdamW", "RAdaGrad"]
 
@@ -77,8 +78,26 @@ def _mean_squares(manifold, x: FixedRankPoint, g: TangentVector) -> tuple[Any, A
 class AdaptiveRule(Rule):
     """The fields RAdaGrad and RAdamW share: the adaptive metric built from their statistics.
 
-    ``metric_eps``, ``factoring``: :func:`rankopt.metrics.adaptive_diagonals` (its ``eps``); ``structure``,
-    ``solver``, ``exact``, ``cg_tol``, ``cg_maxiter``: :class:`rankopt.metrics.KroneckerDiagonal`.
+    Parameters
+    ----------
+    metric_eps : float
+        Relative floor of the adaptive metric (:func:`rankopt.metrics.adaptive_diagonals`'s
+        ``eps``): a fraction of the RMS gradient, so the iterates do not depend on the loss scale.
+    factoring : str
+        How the metric's weights come from the row/column statistics: ``"adafactor"`` (the
+        square root of Adafactor's factored second moment) or ``"quartic"`` (``v^{-1/4}`` per
+        side).
+    structure : str
+        ``"full"`` (the metric restricted to the tangent space) or ``"block"`` (its
+        block-diagonal part in ``(M, Up, Vp)``).
+    solver : str
+        ``"direct"`` (the exact closed form) or ``"pcg"`` (preconditioned conjugate gradients).
+    exact : bool
+        False applies only the metric's preconditioner (``structure="full"``).
+    cg_tol : float or None
+        PCG's relative tolerance (``solver="pcg"``).
+    cg_maxiter : int
+        PCG's most iterations (``solver="pcg"``).
     """
 
     metric_eps: float = ADAPTIVE_EPS
@@ -115,6 +134,7 @@ class AdaptiveRule(Rule):
         )
 
 
+@register(method="radamw", ordinary="adamw")
 @dataclass(frozen=True, kw_only=True)
 class RAdamW(AdaptiveRule):
     r"""Riemannian AdamW on the fixed-rank manifold.
@@ -124,6 +144,15 @@ class RAdamW(AdaptiveRule):
     direction ``d = G_x^{-1} (m / (1 - beta1^t))`` under the metric with weights from
     ``v / (1 - beta2^t)`` (:func:`rankopt.metrics.adaptive_diagonals`); decoupled weight decay
     ``d <- d + wd X`` (alone it gives exactly ``(1 - lr wd) X``); ``x <- R_x(-lr d)``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    betas : tuple of float
+        Adam's ``(beta1, beta2)``: decay of the first moment and of the row/column statistics.
+    weight_decay : float
+        Decoupled weight decay ``wd`` (AdamW's).
     """
 
     lr: float = 1e-3
@@ -151,6 +180,7 @@ class RAdamW(AdaptiveRule):
         return retract_state(self, manifold, x, d, -lr / c1, AdamState(t, mom, row, col))
 
 
+@register(method="radagrad", ordinary="adagrad")
 @dataclass(frozen=True, kw_only=True)
 class RAdaGrad(AdaptiveRule):
     r"""Riemannian AdaGrad on the fixed-rank manifold.
@@ -158,6 +188,15 @@ class RAdaGrad(AdaptiveRule):
     ``g = grad + wd X`` (coupled, as torch's Adagrad); ``v_L <- v_L + rowsq(g) / n``, ``v_R``
     likewise; ``x <- R_x(-lr_t G_x^{-1} g)`` under the metric with weights from ``v``, with
     torch's schedule ``lr_t = lr / (1 + (t - 1) lr_decay)``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    lr_decay : float
+        torch's Adagrad schedule ``lr / (1 + (t - 1) lr_decay)``.
+    weight_decay : float
+        Coupled L2 weight decay (added to the gradient, as torch's Adagrad).
     """
 
     lr: float = 1e-2

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from ..containers import FixedRankPoint, TangentVector
 
@@ -51,10 +51,27 @@ def _with(st: Any, **changes: Any) -> Any:
 class Rule:
     """Base of every rule spec: ``init`` and ``step``; hyperparameters are keyword-only fields.
 
-    ``rank_tol`` (None: fixed rank) makes the retraction rank-adaptive
-    (:meth:`rankopt.geometry.Geometry.retract_adaptive`), with the rank kept within
-    ``[min_rank, max_rank]`` (``max_rank=None``: up to twice the current rank per step).
+    A spec documents each of its fields in a numpydoc ``Parameters`` section (the front ends'
+    docstrings are built from them, :func:`rankopt.rules.registry.field_docs`).
+    ``rank_semantics`` says how the rank options act (the torch optimizers check them against
+    each layer): ``"retraction"`` (``rank_tol`` makes the retraction rank-adaptive, up to
+    min(m, n)), ``"budget"`` (truncation within ``[min_rank, max_rank]`` at every step,
+    ``max_rank=None``: the starting rank) or ``"truncation"`` (``rank_tol`` only lowers the rank).
+
+    Parameters
+    ----------
+    rank_tol : float or None
+        None keeps the rank fixed; a number makes the retraction rank-adaptive
+        (:meth:`rankopt.geometry.Geometry.retract_adaptive`): the smallest rank ``j`` with
+        ``||s_{j:}|| <= rank_tol ||s||`` of the retracted point's singular values.
+    max_rank : int or None
+        Largest rank a rank-adaptive step keeps (None: up to twice the current rank per step).
+    min_rank : int
+        Smallest rank a rank-adaptive step keeps.
     """
+
+    #: how the rank options act: "retraction", "budget" or "truncation" (see above)
+    rank_semantics: ClassVar[str] = "retraction"
 
     rank_tol: float | None = None
     max_rank: int | None = None

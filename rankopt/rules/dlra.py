@@ -57,6 +57,7 @@ from ..containers import FixedRankPoint, TangentVector
 from ..geometry import truncation_rank
 from ..metrics import ADAPTIVE_EPS, adaptive_diagonals
 from .base import Rule, check_common, count_init, started, state
+from .registry import register
 
 __all__ = [
     "DLRAHeavyBall",
@@ -206,9 +207,22 @@ def _cap_init(manifold, x: FixedRankPoint) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class _BUG(Rule):
-    """What both DLRA rules share: the augmentation, the truncation and moving the moments."""
+    """What both DLRA rules share: the augmentation, the truncation and moving the moments.
+
+    Parameters
+    ----------
+    rank_tol : float or None
+        Truncation tolerance: keep the smallest rank ``j`` with ``||d_{j:}|| <= rank_tol ||d||``
+        of the stepped core's singular values ``d`` (None: keep the rank).
+    max_rank : int or None
+        Largest rank kept after the truncation (None: each matrix's rank at ``init``, a budget
+        that never grows).
+    min_rank : int
+        Smallest rank kept after the truncation.
+    """
 
     gradient_input: ClassVar[str] = "normal"
+    rank_semantics: ClassVar[str] = "budget"
     #: state fields that are core matrices rotated as ``P^T a Q`` / through their square root
     _linear: ClassVar[tuple[str, ...]] = ()
     _squared: ClassVar[tuple[str, ...]] = ()
@@ -305,14 +319,30 @@ class _BUG(Rule):
         return y, make_state(**out)
 
 
+@register(
+    method="dlra-heavyball",
+    ordinary="sgd",
+    ordinary_fixed={"dampening": 0.0, "nesterov": False},
+)
 @dataclass(frozen=True, kw_only=True)
 class DLRAHeavyBall(_BUG):
-    r"""Rank-adaptive heavy ball by the augmented BUG integrator (see the module docstring).
+    r"""Rank-adaptive heavy ball by the augmented BUG integrator.
+
+    The steps are in the docstring of :mod:`rankopt.rules.dlra`.
 
     ``b <- mu b + (G_hat + wd S_hat)`` on the augmented core (first step ``b = G_hat + wd
     S_hat``, torch.SGD's convention), ``S_hat <- S_hat - lr b``, then truncation at
     ``rank_tol`` within ``[min_rank, max_rank]`` (``max_rank=None``: the starting rank).
     ``step(manifold, x, grad, state, lr=..., normal=f)`` with ``f(Q_u, Q_v) = Q_u^T G Q_v``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    momentum : float
+        Heavy-ball momentum on the core.
+    weight_decay : float
+        Coupled L2 weight decay (added to the core gradient).
     """
 
     _linear: ClassVar[tuple[str, ...]] = ("momentum_buffer",)
@@ -354,9 +384,12 @@ def _lr(lr: Any) -> Any:
 SECOND_MOMENTS = ("factored", "core")
 
 
+@register(method="dlra-adam", ordinary="adamw")
 @dataclass(frozen=True, kw_only=True)
 class DLRAAdam(_BUG):
-    r"""Rank-adaptive Adam by the augmented BUG integrator (see the module docstring).
+    r"""Rank-adaptive Adam by the augmented BUG integrator.
+
+    The steps are in the docstring of :mod:`rankopt.rules.dlra`.
 
     The first moment ``m`` lives on the augmented core (``m <- beta1 m + (1 - beta1) G_hat``,
     rotated with the bases); the step on the core is ``S_hat <- (1 - lr wd) S_hat - lr d``
@@ -371,11 +404,26 @@ class DLRAAdam(_BUG):
       which need no rotation when the bases change. State O(m + n + r^2).
     * ``"core"``: Adam on the entries of the core, ``d = m_hat / (sqrt(v_hat) + metric_eps)`` with
       ``v`` elementwise on the core and rotated through its square root,
-      ``v <- (P^T sqrt(v) Q)^2``: what the DLRA group's training layers do. ``eps`` is then
-      Adam's absolute one (pass e.g. ``metric_eps=1e-8``). State O(r^2).
+      ``v <- (P^T sqrt(v) Q)^2``: what the DLRA group's training layers do. ``metric_eps`` is
+      then Adam's absolute epsilon (pass e.g. ``metric_eps=1e-8``). State O(r^2).
 
     Then truncation at ``rank_tol`` within ``[min_rank, max_rank]`` (``max_rank=None``: the
     starting rank). ``step(manifold, x, grad, state, lr=..., normal=f)``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    betas : tuple of float
+        Adam's ``(beta1, beta2)``.
+    metric_eps : float
+        Floor of the second moment: relative (the factored metric's) with
+        ``second_moment="factored"``, Adam's absolute epsilon with ``"core"``.
+    weight_decay : float
+        Decoupled weight decay on the core.
+    second_moment : str
+        ``"factored"`` (the Galerkin step under the Adafactor-factored metric) or ``"core"``
+        (elementwise Adam on the core, the DLRA group's layers).
     """
 
     _linear: ClassVar[tuple[str, ...]] = ("exp_avg",)

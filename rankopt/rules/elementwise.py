@@ -29,6 +29,7 @@ from .base import (
     retract_state,
     state,
 )
+from .registry import register
 
 __all__ = ["ElementwiseAdamState", "RAdamWElementwise"]
 
@@ -42,13 +43,29 @@ class ElementwiseAdamState:
     exp_avg_sq: Any
 
 
+@register(method="radamw-elementwise", ordinary="adamw")
 @dataclass(frozen=True, kw_only=True)
 class RAdamWElementwise(Rule):
-    r"""Riemannian AdamW under the elementwise Adam metric (see the module docstring).
+    r"""Riemannian AdamW under the elementwise Adam metric (an m x n second moment).
 
     ``t <- t + 1``; ``m <- beta1 m + (1 - beta1) grad`` (tangent, transported);
     ``v <- beta2 v + (1 - beta2) xi * xi`` (m x n); ``d = G_x^{-1} (m / (1 - beta1^t))`` under
     the weights ``sqrt(v / (1 - beta2^t) + metric_eps^2 mu)``; ``x <- R_x(-lr (d + wd X))``.
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    betas : tuple of float
+        Adam's ``(beta1, beta2)``.
+    weight_decay : float
+        Decoupled weight decay ``wd``.
+    metric_eps : float
+        Relative floor of the elementwise metric (:func:`rankopt.metrics.elementwise_weights`).
+    cg_tol : float or None
+        Relative tolerance of the PCG solve of the metric.
+    cg_maxiter : int
+        Most PCG iterations per step.
     """
 
     lr: float = 1e-3
@@ -80,7 +97,9 @@ class RAdamWElementwise(Rule):
         mom = lerp(manifold, grad, state.exp_avg, b1)
         tt = t[..., None, None] if getattr(t, "ndim", 0) > 0 else t
         metric = ElementwiseDiagonal(
-            elementwise_weights(v / (1.0 - b2**tt), self.metric_eps, be.xp), self.cg_tol, self.cg_maxiter
+            elementwise_weights(v / (1.0 - b2**tt), self.metric_eps, be.xp),
+            self.cg_tol,
+            self.cg_maxiter,
         )
         c1 = 1.0 - b1**t
         d = metric.solve(manifold, x, mom)

@@ -59,8 +59,15 @@ import numpy as np
 from ..containers import FixedRankPoint, TangentVector
 from ..geometry import truncation_rank
 from .base import Rule, check_common, count_init, state
+from .registry import register
 
-__all__ = ["ReferenceAdamState", "ReferenceState", "ReferenceRAdamW", "ReferenceRAdaGrad"]
+__all__ = [
+    "ReferenceAdamState",
+    "ReferenceState",
+    "ReferenceRule",
+    "ReferenceRAdamW",
+    "ReferenceRAdaGrad",
+]
 
 
 @state
@@ -194,8 +201,29 @@ def _split_items(x: FixedRankPoint, points: Any, state: Any, make) -> tuple[Any,
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReferenceRAdamW(Rule):
-    r"""The authors' RAdamW (``RGD_Opt(pre=False)`` of their Mix-of-Show code), step for step.
+class ReferenceRule(Rule):
+    """What the reference rules share: the dense gradient as input, a truncation that only
+    lowers the rank.
+
+    Parameters
+    ----------
+    rank_tol : float or None
+        The code's ``theta``: truncate to the smallest rank ``j`` whose tail of singular values
+        is below ``rank_tol ||s||`` (only lowers the rank; None: fixed rank).
+    min_rank : int
+        Smallest rank the (corrected) truncation keeps.
+    max_rank : int or None
+        Not used by these rules (the rank never grows); must stay None.
+    """
+
+    gradient_input: ClassVar[str] = "dense"
+    rank_semantics: ClassVar[str] = "truncation"
+
+
+@register(method="reference-radamw", ordinary="adamw", namespace="reference")
+@dataclass(frozen=True, kw_only=True)
+class ReferenceRAdamW(ReferenceRule):
+    r"""The authors' RAdamW, step for step (``RGD_Opt(pre=False)`` of their Mix-of-Show code).
 
     With the dense gradient ``G``, ``t <- t + 1``::
 
@@ -214,9 +242,23 @@ class ReferenceRAdamW(Rule):
     m x n arrays, as in the code.
 
     State: ``2 m n`` numbers per matrix. Cost: O(m n r) per step.
-    """
 
-    gradient_input: ClassVar[str] = "dense"
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    betas : tuple of float
+        AdamW's ``(beta1, beta2)`` of the dense moments.
+    eps : float
+        Adam's epsilon added to ``sqrt(v)`` (the code's 1e-6; also torch's AdamW of the ordinary
+        parameters in the torch optimizer, as the code applies one AdamW to everything).
+    weight_decay : float
+        Decoupled weight decay on the stepped dense weight.
+    correct_bias : bool
+        Adam's bias correction (the code never sets it: False).
+    faithful : bool
+        Reproduce the code's documented defects (its truncation rule, see the module docstring).
+    """
 
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -266,8 +308,14 @@ class ReferenceRAdamW(Rule):
         return _split_items(x, y, new, lambda k: ReferenceAdamState(_item(t, k), m[k], v[k]))
 
 
+@register(
+    method="reference-radagrad",
+    ordinary="sgd",
+    ordinary_fixed={"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
+    namespace="reference",
+)
 @dataclass(frozen=True, kw_only=True)
-class ReferenceRAdaGrad(Rule):
+class ReferenceRAdaGrad(ReferenceRule):
     r"""The authors' RAdaGrad (``RGD_Opt(pre=True)`` of their MNIST code), step for step.
 
     With the dense gradient ``G``::
@@ -284,9 +332,16 @@ class ReferenceRAdaGrad(Rule):
     ``rank_tol`` is their ``theta`` (off by default; see :class:`ReferenceRAdamW`).
 
     State: the count only. Cost: O(m n r) per step (m x n temporaries).
-    """
 
-    gradient_input: ClassVar[str] = "dense"
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    metric_eps : float
+        The preconditioner's absolute floor (the code's ``epsilon``; 1 in its MNIST script).
+    faithful : bool
+        Reproduce the code's documented defects (the weighted formula and its truncation rule).
+    """
 
     lr: float = 1e-2
     metric_eps: float = 1.0

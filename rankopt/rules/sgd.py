@@ -11,6 +11,7 @@ from typing import Any
 
 from ..containers import FixedRankPoint, TangentVector
 from .base import Rule, add_weight_decay, check_common, count_init, retract_state, started, state
+from .registry import register
 
 __all__ = ["SGDState", "RSGD", "RHeavyBall"]
 
@@ -23,6 +24,7 @@ class SGDState:
     momentum_buffer: TangentVector | None = None
 
 
+@register(method="rsgd", ordinary="sgd")
 @dataclass(frozen=True, kw_only=True)
 class RSGD(Rule):
     r"""Riemannian SGD with momentum, following ``torch.optim.SGD``'s conventions.
@@ -32,6 +34,19 @@ class RSGD(Rule):
     transported to the new point by projection (heavy ball on manifolds with projection
     transport). ``rank_tol`` makes the retraction rank-adaptive (see
     :meth:`rankopt.geometry.Geometry.retract_adaptive`).
+
+    Parameters
+    ----------
+    lr : float
+        Learning rate.
+    momentum : float
+        Momentum factor ``mu`` (0: plain Riemannian SGD).
+    dampening : float
+        Dampening of the momentum, in [0, 1] (torch's SGD).
+    nesterov : bool
+        Nesterov momentum (needs ``momentum > 0`` and ``dampening = 0``).
+    weight_decay : float
+        Coupled L2 weight decay ``wd`` (added to the gradient, as torch's SGD).
     """
 
     lr: float = 1e-3
@@ -64,8 +79,9 @@ class RSGD(Rule):
         return retract_state(self, manifold, x, direction, -lr, SGDState(state.count + 1, buf))
 
 
+@register(method="rheavyball", ordinary="sgd")
 @dataclass(frozen=True, kw_only=True)
 class RHeavyBall(RSGD):
-    """Riemannian heavy ball: :class:`RSGD` with ``momentum=0.9`` by default (the NumPy solver)."""
+    """Riemannian heavy ball: :class:`RSGD` with ``momentum=0.9`` by default."""
 
     momentum: float = 0.9

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from . import noise
 from .adaptive import (
+    RSGD,
     DLRAAdam,
     DLRAHeavyBall,
     RAdaGrad,
@@ -21,6 +23,8 @@ from .adaptive import (
     ReferenceRAdaGrad,
     ReferenceRAdamW,
     RHeavyBall,
+    RuleSolver,
+    solver_class,
 )
 from .base import (
     ConvergenceWarning,
@@ -63,6 +67,9 @@ __all__ = [
     "RAdamWElementwise",
     "DLRAHeavyBall",
     "DLRAAdam",
+    "RSGD",
+    "RuleSolver",
+    "solver_class",
     "ReferenceRAdamW",
     "ReferenceRAdaGrad",
     "RankAdaptive",
@@ -76,14 +83,27 @@ __all__ = [
     "get_blas_threads",
 ]
 
+
+class _Factories(Mapping):
+    """Method name -> solver factory, a live view of ``METHOD_CLASSES`` (see :data:`METHODS`)."""
+
+    def __getitem__(self, name: str) -> Any:
+        cls, fixed = METHOD_CLASSES[name]
+        return functools.partial(cls, **fixed) if fixed else cls
+
+    def __iter__(self):
+        return iter(METHOD_CLASSES)
+
+    def __len__(self) -> int:
+        return len(METHOD_CLASSES)
+
+
 #: method name -> solver factory (the class, or the class with the arguments ``solve`` fixes,
 #: e.g. ``"newton"`` is ``RGN(hessian="exact")``): every method :func:`solve` accepts besides
-#: ``"adaptive-<method>"``. Derived from :data:`rankopt.solvers.options.METHOD_CLASSES`, the one
-#: table ``solve`` builds its solvers from.
-METHODS: dict[str, Any] = {
-    name: functools.partial(cls, **fixed) if fixed else cls
-    for name, (cls, fixed) in METHOD_CLASSES.items()
-}
+#: ``"adaptive-<method>"``, including one per registered rule (:mod:`rankopt.rules.registry`).
+#: A live view of :data:`rankopt.solvers.options.METHOD_CLASSES`, the one table ``solve``
+#: builds its solvers from.
+METHODS: Mapping[str, Any] = _Factories()
 
 
 def solve(
@@ -117,7 +137,7 @@ def solve(
         Gauss-Newton from rank 1 (adding the top singular pair of the normal part of the
         gradient at each stage). Robust to the condition number of the target; needs the
         problem's Hessian (``problem.has_hessian``). Others: ``"rgd"``, ``"rcg"``, ``"rgn"``,
-        ``"newton"``, ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``,
+        ``"newton"``, ``"rsgd"``, ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``,
         ``"dlra-adam"``, ``"radamw-elementwise"``, ``"reference-radamw"``,
         ``"reference-radagrad"`` (the authors' code, dense m x n state), or
         ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them. With

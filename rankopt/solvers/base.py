@@ -261,16 +261,22 @@ class Solver:
     Parameters
     ----------
     max_iter : int
+        Most iterations.
     tol : float
         Relative gradient tolerance: stop when ``||grad|| <= tol * ||grad(x0)||``.
     gtol : float
         Absolute gradient tolerance.
     ftol : float
         Stop when ``|f_k - f_{k+1}| <= ftol * max(|f_k|, tiny)`` for ``patience`` iterations in a row (0: off).
+    patience : int
+        Iterations in a row the ``ftol`` test must hold.
     target_cost : float or None
         Stop once the cost is at or below this value.
     max_time : float
-        Seconds.
+        Seconds (checked after every iteration).
+    min_step : float
+        Stop (not converged) when a step size (the line search's, or the learning rate) falls
+        below this.
     metric : rankopt.metrics.Metric or None
         Metric under which gradients are taken (Euclidean if None).
     verbose : bool

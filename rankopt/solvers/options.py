@@ -15,22 +15,14 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from ..containers import FixedRankPoint
-from .adaptive import (
-    DLRAAdam,
-    DLRAHeavyBall,
-    RAdaGrad,
-    RAdamW,
-    RAdamWElementwise,
-    ReferenceRAdaGrad,
-    ReferenceRAdamW,
-    RHeavyBall,
-)
+from ..rules.registry import registered
+from .adaptive import solver_class
 from .base import RankWarning, Solver
 from .gradient import RCG, RGD
 from .newton import RGN
@@ -47,24 +39,39 @@ __all__ = [
     "solve_keywords",
 ]
 
-#: method name -> (solver class, constructor arguments ``solve`` fixes itself). The one table
-#: of :func:`rankopt.solve`'s methods: ``rankopt.solvers.METHODS`` is derived from it, and
-#: ``docs/solvers.md`` lists exactly these names (``tests/test_input_checks.py`` checks both).
-METHOD_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
-    "auto": (Auto, {}),
-    "rgd": (RGD, {}),
-    "rcg": (RCG, {}),
-    "rgn": (RGN, {}),
-    "newton": (RGN, {"hessian": "exact"}),
-    "rheavyball": (RHeavyBall, {}),
-    "radagrad": (RAdaGrad, {}),
-    "radamw": (RAdamW, {}),
-    "dlra-heavyball": (DLRAHeavyBall, {}),
-    "dlra-adam": (DLRAAdam, {}),
-    "radamw-elementwise": (RAdamWElementwise, {}),
-    "reference-radamw": (ReferenceRAdamW, {}),
-    "reference-radagrad": (ReferenceRAdaGrad, {}),
-}
+
+class MethodTable(Mapping):
+    """Method name -> ``(solver class, constructor arguments solve fixes itself)``: the one table
+    of :func:`rankopt.solve`'s methods. The solvers of the loop (``"auto"``, ``"rgd"``, ...) and,
+    read from the rule registry (:mod:`rankopt.rules.registry`) at every lookup, one method per
+    registered rule: a rule registered later (by a test, an experiment) is a method at once.
+    ``rankopt.solvers.METHODS`` is its view of factories, and ``docs/solvers.md`` lists exactly
+    these names (``tests/test_input_checks.py`` checks both)."""
+
+    _fixed: dict[str, tuple[type, dict[str, Any]]] = {
+        "auto": (Auto, {}),
+        "rgd": (RGD, {}),
+        "rcg": (RCG, {}),
+        "rgn": (RGN, {}),
+        "newton": (RGN, {"hessian": "exact"}),
+    }
+
+    def _table(self) -> dict[str, tuple[type, dict[str, Any]]]:
+        rules = {reg.method: (solver_class(reg.spec), {}) for reg in registered()}
+        return {**self._fixed, **rules}
+
+    def __getitem__(self, key: str) -> tuple[type, dict[str, Any]]:
+        return self._table()[key]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+#: see :class:`MethodTable`
+METHOD_CLASSES = MethodTable()
 
 # arguments of solve() itself: given as options they would clash
 _SOLVE_ARGS = ("problem", "rank", "method", "tol", "max_iter", "seed", "verbose", "x0", "callback")

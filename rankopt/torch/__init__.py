@@ -33,7 +33,6 @@ from .convert import (
     saved_module_names,
     trainable_parameters,
 )
-from .dlra import DLRAAdam, DLRAHeavyBall
 from .embedding import LowRankEmbedding
 from .layers import (
     LowRankConv2d,
@@ -42,15 +41,22 @@ from .layers import (
     ManifoldParameter,
     is_manifold_parameter,
 )
-from .optim import (
-    RSGD,
-    RAdaGrad,
-    RAdamW,
-    RiemannianOptimizer,
-    allow_plain_optimizers,
-)
+from .optim import optimizer_class, rule_optimizers
+from .optimizer import RiemannianOptimizer
 from .peft import from_peft, to_peft
-from .reference import RAdamWElementwise, ReferenceRAdaGrad, ReferenceRAdamW
+from .plain import allow_plain_optimizers
+from .start import adapter_start
+
+# one named optimizer per registered rule, generated from its spec (rankopt.torch.optim)
+RSGD = optimizer_class("RSGD")
+RHeavyBall = optimizer_class("RHeavyBall")
+RAdaGrad = optimizer_class("RAdaGrad")
+RAdamW = optimizer_class("RAdamW")
+RAdamWElementwise = optimizer_class("RAdamWElementwise")
+DLRAHeavyBall = optimizer_class("DLRAHeavyBall")
+DLRAAdam = optimizer_class("DLRAAdam")
+ReferenceRAdamW = optimizer_class("ReferenceRAdamW")
+ReferenceRAdaGrad = optimizer_class("ReferenceRAdaGrad")
 
 __all__ = [
     "LowRankLinear",
@@ -72,13 +78,17 @@ __all__ = [
     "from_peft",
     "to_peft",
     "RiemannianOptimizer",
-    "RAdamW",
-    "RAdaGrad",
+    "optimizer_class",
+    "rule_optimizers",
     "RSGD",
+    "RHeavyBall",
+    "RAdaGrad",
+    "RAdamW",
+    "RAdamWElementwise",
     "DLRAHeavyBall",
     "DLRAAdam",
-    "RAdamWElementwise",
     "ReferenceRAdamW",
     "ReferenceRAdaGrad",
     "allow_plain_optimizers",
+    "adapter_start",
 ]

@@ -5,7 +5,8 @@ into one graph per stack shape: inductor fuses the elementwise work and drops mo
 and Python overhead (measured in ``benchmarks/optimizer_step.py``). Compilation costs seconds
 to a minute per ``(rule, m, n, r, number of layers, dtype, device)`` at the first step; the
 learning rate enters as a 0-d tensor, so schedulers do not recompile. Rank-adaptive rules read
-ranks on the host and are never compiled. Results agree with the eager step to rounding (the
+ranks on the host and rules that need the backward's captured batch (DLRA, the reference rules)
+take inputs that are not tensors: both run eagerly, and a ``RuntimeWarning`` says so once. Results agree with the eager step to rounding (the
 compiled graph may order floating-point operations differently).
 """
 
@@ -41,11 +42,28 @@ class CompiledSteps:
         self.options = dict(options)
         self.options.setdefault("dynamic", False)
         self._fns: dict = {}
+        self._told: set[str] = set()
         self.failed = False
 
-    def step(self, spec: Rule, man, x: FixedRankPoint, xi: TangentVector, state: Any, lr: float):
-        """``spec.step(man, x, xi, state, lr=lr)``, compiled (eager if compilation failed)."""
-        if self.failed or spec.rank_adaptive:
+    def step(
+        self,
+        spec: Rule,
+        man,
+        x: FixedRankPoint,
+        xi: TangentVector,
+        state: Any,
+        lr: float,
+        extra: dict | None = None,
+    ):
+        """``spec.step(man, x, xi, state, lr=lr, **extra)``, compiled; eager if compilation
+        failed, for a rank-adaptive rule (it reads ranks on the host) and for a rule that needs
+        inputs besides the tangent gradient (``extra``: the backward's batch), each said once by
+        a ``RuntimeWarning``."""
+        if extra or spec.rank_adaptive:
+            self._eager_once(spec, "it reads ranks on the host" if spec.rank_adaptive
+                             else "it needs the backward's captured batch")  # fmt: skip
+            return spec.step(man, x, xi, state, lr=lr, **(extra or {}))
+        if self.failed:
             return spec.step(man, x, xi, state, lr=lr)
         arrays = state_arrays(state)
         names = tuple(arrays)
@@ -68,6 +86,16 @@ class CompiledSteps:
             return spec.step(man, x, xi, state, lr=lr)
         y = FixedRankPoint(*out[:3])
         return y, state_from_arrays(type(state), dict(zip(names, out[3:], strict=True)))
+
+    def _eager_once(self, spec: Rule, why: str) -> None:
+        name = type(spec).__name__
+        if name not in self._told:
+            self._told.add(name)
+            warnings.warn(
+                f"rankopt: compile= is not applied to {name} ({why}); its step runs eagerly",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def _pure_step(spec: Rule, man, cls: type, names: tuple):
