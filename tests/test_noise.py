@@ -163,6 +163,24 @@ def test_auto_returns_the_identifiable_rank():
     res, cats, _ = _solve(p, rank=6)
     assert res.rank == 3 and p.relative_error(res.point) <= 1e-8
     assert IdentifiabilityWarning in cats and res.info["rank_reduced_from"] == 6
+    report = res.info["noise_report"]  # the typed report, and the flat keys built from it
+    assert report.rank_chosen == res.info["rank_chosen"] == res.rank
+    assert report.identifiability is not None and report.identifiability.identifiable is False
+    assert report.data is not None and report.data.num_observations == p.nnz
+    assert set(report.as_info()) <= set(res.info)
+    assert res.info["num_observations"] == report.data.num_observations
+
+
+def test_noise_report_of_a_rank_search():
+    """rank="auto" on noisy data: the report carries the validated search's report."""
+    from rankopt.solvers.noise import NoiseReport, ValidationReport
+
+    p = random_completion(60, 60, 3, oversampling=6, noise=1e-2, seed=1)
+    res, _, _ = _solve(p, rank="auto")
+    report = res.info["noise_report"]
+    assert isinstance(report, NoiseReport) and isinstance(report.search, ValidationReport)
+    assert report.search.rank_chosen == report.rank_chosen == res.rank
+    assert report.search.validation_history and report.noise_estimate > 0
 
 
 def test_check_rank_false_skips_the_check():

@@ -83,6 +83,7 @@ def _check_fixed_rank(problem, res, p, report, is_auto, seed, solver) -> None:
         res.point = alt
         res.cost, res.grad_norm = cost_and_gradient_norm(problem, alt)
         report.rank_reduced_from = p.rank
+        report.rank_chosen = alt.rank
         report.noise_estimate = noise_estimate(problem, alt)
         warnings.warn(
             f"method 'auto' returns the rank-{alt.rank} fit (rank={p.rank} is a maximum): "

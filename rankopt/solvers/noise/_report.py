@@ -175,7 +175,8 @@ class NoiseReport(_Report):
         computed from, for a result of phase 1 of "auto").
     rank_chosen : int
         The rank the search chose (0: nothing beats zero), else the rank of the solver's
-        result before any reduction by the identifiability check.
+        result (after a reduction by the identifiability check: the reduced rank, with the
+        rank asked in ``rank_reduced_from``).
     data : DataCheck or None
         The pre-check of the observations (None when the rank exceeded ``min(m, n)``).
     search : ValidationReport, DiscrepancyReport or None
