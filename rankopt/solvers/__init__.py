@@ -192,10 +192,11 @@ def solve(
         max_iter = (
             200 if key in ("auto", "rgn", "newton") or key.startswith("adaptive-rgn") else 2000
         )
-    solver = make_solver(method, dict(options, tol=tol, max_iter=max_iter, verbose=verbose), rank)
-    if isinstance(solver, Auto):
-        solver.noise, solver.validation, solver.ridge = plan.noise, plan.validation, plan.ridge
-        solver.first_phase = not plan.auto_rank
+    options = dict(options, tol=tol, max_iter=max_iter, verbose=verbose)
+    if isinstance(method, str) and method.lower() == "auto":  # the plan's choices, as arguments
+        options.update(noise=plan.noise, validation=plan.validation, ridge=plan.ridge)
+        options["first_phase"] = not plan.auto_rank
+    solver = make_solver(method, options, rank)
     with blas_threads(threads):
         if x0 is None and rank == min(problem.shape):
             x0 = _full_rank_start(problem, rank, seed)

@@ -356,7 +356,6 @@ def make_solver(method: str, options: dict[str, Any], rank: int) -> Solver:
         return RankAdaptive(cls(**fixed, **inner_opts), **outer)
     if is_rank_adaptive(method, opts) and _rule_spec(cls) is not None:
         opts["max_rank"] = rank  # the rank-adaptive retraction truncates to at most this
-    solver = cls(**fixed, **opts)
-    if isinstance(solver, RankAdaptive):
-        solver.max_rank = rank
-    return solver
+    if issubclass(cls, RankAdaptive):  # "auto": its rank is a maximum
+        opts["max_rank"] = rank
+    return cls(**fixed, **opts)
