@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install -e '.[torch]')")
+import torch._dynamo as dynamo  # noqa: E402
 from torch import nn  # noqa: E402
 
 import rankopt.torch as rt  # noqa: E402
@@ -41,7 +42,7 @@ def test_model_forward_has_no_graph_break():
     graph."""
     model = _model()
     x, _ = _data()
-    ex = torch._dynamo.explain(model)(x)
+    ex = dynamo.explain(model)(x)
     assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
     assert ex.graph_count == 1
 
@@ -82,5 +83,5 @@ def test_optimizer_step_has_no_graph_break():
     opt.step()  # the adapters' start reads which layers got a gradient (a documented host read)
     opt.zero_grad()
     _loss(model, x, y).backward()
-    ex = torch._dynamo.explain(opt.step)()
+    ex = dynamo.explain(opt.step)()
     assert ex.graph_break_count == 0, [b.reason.splitlines()[0] for b in ex.break_reasons]

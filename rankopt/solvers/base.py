@@ -21,6 +21,7 @@ from ..containers import FixedRankPoint, TangentVector
 from ..manifold import check_metric
 
 __all__ = [
+    "euclidean_inner",
     "StopReason",
     "History",
     "SolverResult",
@@ -37,6 +38,12 @@ class RankWarning(UserWarning):
     """A result or a start has another rank than the one asked for (see :func:`rankopt.solve`)."""
 
 
+def euclidean_inner(manifold: Any, a: TangentVector, b: TangentVector) -> float:
+    """The embedded Euclidean inner product of two tangent vectors, as a Python float (one host
+    read). O((m + n) r^2)."""
+    return manifold.backend.to_float(manifold.euclidean_inner(a, b))
+
+
 def cost_and_gradient_norm(problem: Any, x: Any) -> tuple[float, float]:
     """``(f(x), ||P_x Z||_F)``: the cost and the norm of the projected Euclidean gradient (the
     metric-independent gradient norm every stopping test uses). One cost-and-gradient call
@@ -44,7 +51,7 @@ def cost_and_gradient_norm(problem: Any, x: Any) -> tuple[float, float]:
     f, Z = problem.cost_and_egrad(x)
     M = problem.manifold(x.rank)
     g = M.geometry.project(x, Z)
-    return float(f), math.sqrt(max(M.backend.to_float(M.euclidean_inner(g, g)), 0.0))
+    return float(f), math.sqrt(max(euclidean_inner(M, g, g), 0.0))
 
 
 class ConvergenceWarning(UserWarning):
@@ -373,7 +380,7 @@ class Solver:
         f, Z = problem.cost_and_egrad(x)
         _check_real(Z)
         g = manifold.geometry.project(x, Z)
-        gn = math.sqrt(max(manifold.backend.to_float(manifold.euclidean_inner(g, g)), 0.0))
+        gn = math.sqrt(max(euclidean_inner(manifold, g, g), 0.0))
         if not (math.isfinite(f) and math.isfinite(gn)):
             raise ValueError("cost or gradient is not finite at the starting point")
         gstop = max(self.gtol, self.tol * gn)
@@ -394,9 +401,7 @@ class Solver:
             f_new, Z_new = problem.cost_and_egrad(x_new)
             g_new = manifold.geometry.project(x_new, Z_new) if math.isfinite(f_new) else None
             gn_new = (
-                math.sqrt(
-                    max(manifold.backend.to_float(manifold.euclidean_inner(g_new, g_new)), 0.0)
-                )
+                math.sqrt(max(euclidean_inner(manifold, g_new, g_new), 0.0))
                 if g_new is not None
                 else math.nan
             )

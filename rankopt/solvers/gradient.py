@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..containers import TangentVector
-from .base import Solver
+from .base import Solver, euclidean_inner
 
 __all__ = ["RGD", "RCG", "armijo"]
 
@@ -45,10 +45,6 @@ def armijo(
             return t, x_new, f_new
         t *= shrink
     return 0.0, x, f
-
-
-def _inner(manifold, a, b) -> float:
-    return manifold.backend.to_float(manifold.euclidean_inner(a, b))
 
 
 @dataclass
@@ -84,15 +80,15 @@ class _LineSearchSolver(Solver):
         if rule == "bb" and st.x_prev is not None and st.d_prev is not None:
             s = manifold.geometry.transport(st.x_prev, x, st.d_prev)
             y = g - manifold.geometry.transport(st.x_prev, x, st.g_prev)
-            sy = _inner(manifold, s, y)
+            sy = euclidean_inner(manifold, s, y)
             if sy > 0:  # BB2 step <s, y> / <y, y> for the direction -grad
-                return sy / max(_inner(manifold, y, y), 1e-300)
+                return sy / max(euclidean_inner(manifold, y, y), 1e-300)
         if st.t_prev is not None:
             return 2.0 * st.t_prev
         return 1.0 / max(math.sqrt(max(-slope, 0.0)), 1e-300)
 
     def _line_search(self, problem, manifold, x, f, d, g, st: _LSState):
-        slope = _inner(manifold, g, d)  # Df(x)[d] = <P Z, d>
+        slope = euclidean_inner(manifold, g, d)  # Df(x)[d] = <P Z, d>
         t0 = self._initial_step(problem, manifold, x, d, slope, st, g)
         return armijo(problem, manifold, x, f, slope, d, t0, c=self.c), slope
 
@@ -151,14 +147,14 @@ class RCG(_LineSearchSolver):
             rgT = manifold.geometry.transport(st.x_prev, x, st.rg_prev)
             y = rg - rgT
             # g(grad, y) = <P Z, y>: the metric's inner product through the Euclidean pairing
-            num = _inner(manifold, g, y)
+            num = euclidean_inner(manifold, g, y)
             if self.beta == "PR+":
-                den = _inner(manifold, st.g_prev, st.rg_prev)
+                den = euclidean_inner(manifold, st.g_prev, st.rg_prev)
             else:
                 den = manifold.backend.to_float(manifold.metric.inner(manifold, x, dT, y))
             beta = max(0.0, num / den) if den != 0 else 0.0
             cand = d.axpy(beta, dT)
-            if _inner(manifold, g, cand) < 0:
+            if euclidean_inner(manifold, g, cand) < 0:
                 d = cand
                 st.since_restart += 1
             else:

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..containers import TangentVector
-from .base import Solver
-from .gradient import _inner, armijo
+from .base import Solver, euclidean_inner
+from .gradient import armijo
 
 __all__ = ["RGN", "truncated_cg"]
 
@@ -60,12 +60,12 @@ def truncated_cg(
     r = g * -1.0  # residual of H xi = -g at xi = 0
     z = r if apply_P is None else apply_P(r)
     p = z
-    rz = _inner(manifold, r, z)
-    stop_at = rtol * rtol * _inner(manifold, r, r)
+    rz = euclidean_inner(manifold, r, z)
+    stop_at = rtol * rtol * euclidean_inner(manifold, r, r)
     stop, k = "maxiter", maxiter
     for it in range(maxiter):
         Hp = apply_H(p)
-        pHp = _inner(manifold, p, Hp)
+        pHp = euclidean_inner(manifold, p, Hp)
         if not pHp > 0:
             if it == 0:
                 return z, 0, "negative-curvature"
@@ -74,15 +74,15 @@ def truncated_cg(
         alpha = rz / pHp
         xi = xi.axpy(alpha, p)
         r = r.axpy(-alpha, Hp)
-        if _inner(manifold, r, r) <= stop_at:
+        if euclidean_inner(manifold, r, r) <= stop_at:
             stop, k = "tol", it + 1
             break
         z = r if apply_P is None else apply_P(r)
-        rz_new = _inner(manifold, r, z)
+        rz_new = euclidean_inner(manifold, r, z)
         p = z.axpy(rz_new / rz, p)
         rz = rz_new
     if info is not None:
-        info["xHx"] = -_inner(manifold, xi, g) - _inner(manifold, xi, r)
+        info["xHx"] = -euclidean_inner(manifold, xi, g) - euclidean_inner(manifold, xi, r)
     return xi, k, stop
 
 
@@ -136,7 +136,7 @@ class RGN(Solver):
         return lambda v: g.hessian_embedded(x, Z, problem.ehess(x, manifold.embed(x, v)), v)
 
     def step(self, problem, manifold, x, f, Z, g, st: _NewtonState):
-        gn = math.sqrt(max(_inner(manifold, g, g), 0.0))
+        gn = math.sqrt(max(euclidean_inner(manifold, g, g), 0.0))
         if st.g0 is None:
             st.g0 = gn
         eta = min(self.eta_max, math.sqrt(gn / st.g0)) if st.g0 > 0 else self.eta_max
@@ -158,7 +158,7 @@ class RGN(Solver):
             cg_info,
         )
         st.cg_iters, st.cg_total = k, st.cg_total + k
-        slope = _inner(manifold, g, xi)
+        slope = euclidean_inner(manifold, g, xi)
         if not slope < 0:
             xi, slope = -g, -gn * gn
             cg_info.pop("xHx", None)

@@ -172,7 +172,7 @@ def _manifold_grads(U, V, GV, GtU, M, started: bool, needs: tuple[bool, bool, bo
     return (GV if needs[0] else None, M if needs[1] else None, GtU if needs[2] else None)
 
 
-class _LowRankLinearFn(torch.autograd.Function):
+class LowRankLinearFn(torch.autograd.Function):
     """``y = ((x V) S^T) U^T`` with the manifold pieces as factor gradients."""
 
     @staticmethod
@@ -207,7 +207,7 @@ class _LowRankLinearFn(torch.autograd.Function):
         return grad_x, gu, gs, gv, None
 
 
-class _LowRankConv2dFn(torch.autograd.Function):
+class LowRankConv2dFn(torch.autograd.Function):
     """Convolution with kernel ``U S V^T`` reshaped (out, in, kh, kw): a kh x kw convolution
     with the r filters ``V^T`` then a 1 x 1 convolution with ``U S``."""
 
@@ -262,7 +262,7 @@ class _LowRankConv2dFn(torch.autograd.Function):
         return (grad_x, gu, gs, gv) + (None,) * 5
 
 
-class _LowRankEmbeddingFn(torch.autograd.Function):
+class LowRankEmbeddingFn(torch.autograd.Function):
     """Rows ``idx`` of ``U S V^T``: ``(U[idx] S) V^T``.
 
     ``G = dL/dW`` has the output gradients ``g_t`` in rows ``idx_t`` (rows ``padding_idx`` get

@@ -31,9 +31,9 @@ from torch import nn
 from .embedding import LowRankEmbedding
 from .layers import (
     HALF_DTYPES,
+    LowRankBase,
     LowRankConv2d,
     LowRankLinear,
-    _LowRankBase,
     is_manifold_parameter,
 )
 
@@ -120,7 +120,7 @@ def _unsupported(mod: nn.Module, rank: int | None) -> str | None:
     return None
 
 
-def _make_layer(mod: nn.Module, rank: int, base, seed) -> _LowRankBase:
+def _make_layer(mod: nn.Module, rank: int, base, seed) -> LowRankBase:
     """A low-rank layer of ``mod``'s kind and options; factors float32 for half weights."""
     w = mod.weight
     dtype = torch.float32 if w.dtype in HALF_DTYPES else w.dtype
@@ -235,7 +235,7 @@ def _tie_groups(model, targets, skipped, explicit: bool) -> list[list[tuple[str,
     return groups
 
 
-def _convert_group(group, rank, mode, energy, seed) -> list[_LowRankBase]:
+def _convert_group(group, rank, mode, energy, seed) -> list[LowRankBase]:
     """One low-rank layer per module of a tie group, all sharing the first one's factors."""
     name, mod = group[0]
     if mode == "adapter":
@@ -343,7 +343,7 @@ def apply_low_rank(
         # adapters converted by an earlier call stay trainable too (load_adapters converts
         # one rank per call)
         adapters = [m for m in model.modules()
-                    if isinstance(m, (_LowRankBase, LowRankEmbedding)) and m.base_weight is not None]  # fmt: skip
+                    if isinstance(m, (LowRankBase, LowRankEmbedding)) and m.base_weight is not None]  # fmt: skip
         keep = {id(p) for layer in (*new_layers, *adapters) for p in (layer.U, layer.S, layer.V)}
         for name, mod in model.named_modules():
             if name and _matches(name, list(modules_to_save or ())):
@@ -379,12 +379,12 @@ def merge(model: nn.Module) -> nn.Module:
     sharing factors (tied weights) get one shared weight; a shared layer stays shared.
     Returns ``model``.
     """
-    if isinstance(model, _LowRankBase):
+    if isinstance(model, LowRankBase):
         raise ValueError(
             "merge() takes a model containing low-rank layers; call layer.dense_weight() on a layer"
         )
     names = _module_names(model)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, _LowRankBase)]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankBase)]
     weights: dict[int, nn.Parameter] = {}  # id(U) -> merged weight (tied layers share it)
     for _, layer in found:
         new = _plain_module(layer)
@@ -403,7 +403,7 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def _plain_module(layer: _LowRankBase) -> nn.Module:
+def _plain_module(layer: LowRankBase) -> nn.Module:
     W = layer.base_weight if layer.base_weight is not None else layer.U
     kw = dict(dtype=W.dtype, device=W.device)
     if isinstance(layer, LowRankEmbedding):
@@ -457,7 +457,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     dim = sum(
         (m.U.shape[0] + m.V.shape[0] - m.rank) * m.rank
         for m in model.modules()
-        if isinstance(m, _LowRankBase)
+        if isinstance(m, LowRankBase)
     )
     return {
         "total": sum(p.numel() for p in model.parameters()),

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ._autograd import _LowRankEmbeddingFn
-from .layers import _check_base, _LowRankBase, _positive_ints
+from ._autograd import LowRankEmbeddingFn
+from .layers import LowRankBase, check_base, positive_ints
 
 __all__ = ["LowRankEmbedding"]
 
 
-class LowRankEmbedding(_LowRankBase):
+class LowRankEmbedding(LowRankBase):
     r"""Embedding whose table is a fixed-rank matrix ``U S V^T`` (+ frozen ``base``).
 
     Parameters
@@ -50,7 +50,7 @@ class LowRankEmbedding(_LowRankBase):
         seed: Any = None,
     ) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim = _positive_ints(
+        self.num_embeddings, self.embedding_dim = positive_ints(
             num_embeddings=num_embeddings, embedding_dim=embedding_dim
         )
         if padding_idx is not None:
@@ -61,7 +61,7 @@ class LowRankEmbedding(_LowRankBase):
             padding_idx = padding_idx % self.num_embeddings
         self.padding_idx = padding_idx
         shape = (self.num_embeddings, self.embedding_dim)
-        base = _check_base(base, shape, "LowRankEmbedding")
+        base = check_base(base, shape, "LowRankEmbedding")
         m, n = shape
         self._init_factors(m, n, rank, base, dtype, device, seed, frob2=float(m * n))
         del self._rng_for_bias
@@ -72,7 +72,7 @@ class LowRankEmbedding(_LowRankBase):
         if idx.is_floating_point() or idx.is_complex():
             raise ValueError(f"LowRankEmbedding takes integer indices, got dtype {idx.dtype}")
         with self._precision(idx):
-            out = _LowRankEmbeddingFn.apply(
+            out = LowRankEmbeddingFn.apply(
                 idx, self.U, self.S, self.V, self.U.link.started, self.padding_idx
             )
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import as_rng
-from ._autograd import _LowRankConv2dFn, _LowRankLinearFn
+from ._autograd import LowRankConv2dFn, LowRankLinearFn
 
 __all__ = [
     "ManifoldLink",
@@ -167,7 +167,7 @@ def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> torch.Tensor
     return (q * torch.sign(torch.diagonal(rr))[None, :]).contiguous()
 
 
-class _LowRankBase(nn.Module):
+class LowRankBase(nn.Module):
     """Shared machinery: factors ``U`` (m x r), ``S`` (r x r), ``V`` (n x r), optional base."""
 
     _kind = "base"
@@ -405,7 +405,7 @@ def check_factors(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> None:
             )
 
 
-def _positive_ints(**sizes: Any) -> tuple[int, ...]:
+def positive_ints(**sizes: Any) -> tuple[int, ...]:
     """The given sizes as ints; ``ValueError`` naming the first that is not a positive integer."""
     for name, v in sizes.items():
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -413,7 +413,7 @@ def _positive_ints(**sizes: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in sizes.values())
 
 
-def _check_base(base: Any, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
+def check_base(base: Any, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
     if base is None:
         return None
     if not isinstance(base, torch.Tensor):
@@ -427,7 +427,7 @@ def _check_base(base: Any, shape: tuple[int, ...], what: str) -> torch.Tensor | 
     return base
 
 
-class LowRankLinear(_LowRankBase):
+class LowRankLinear(LowRankBase):
     r"""Linear layer with weight ``U S V^T`` (or ``W0 + U S V^T`` with a frozen ``base`` W0).
 
     Parameters
@@ -466,10 +466,10 @@ class LowRankLinear(_LowRankBase):
         seed: Any = None,
     ) -> None:
         super().__init__()
-        self.in_features, self.out_features = _positive_ints(
+        self.in_features, self.out_features = positive_ints(
             in_features=in_features, out_features=out_features
         )
-        base = _check_base(base, (self.out_features, self.in_features), "LowRankLinear")
+        base = check_base(base, (self.out_features, self.in_features), "LowRankLinear")
         self._init_factors(self.out_features, self.in_features, rank, base, dtype, device, seed)
         self._init_bias(self.out_features, self.in_features, bias, dtype, device)
         self._register_base(base)
@@ -482,7 +482,7 @@ class LowRankLinear(_LowRankBase):
                 f"dimension must be {self.in_features}"
             )
         with self._precision(x):
-            out = _LowRankLinearFn.apply(x, self.U, self.S, self.V, self.U.link.started)
+            out = LowRankLinearFn.apply(x, self.U, self.S, self.V, self.U.link.started)
         if self.base_weight is not None:  # base first: a new adapter adds exact zeros
             return F.linear(x, self.base_weight, self.bias) + out
         return out if self.bias is None else out + self.bias.to(out.dtype)
@@ -501,7 +501,7 @@ def _pair(v: Any, name: str) -> tuple[int, int]:
     return t  # type: ignore[return-value]
 
 
-class LowRankConv2d(_LowRankBase):
+class LowRankConv2d(LowRankBase):
     r"""2-D convolution whose kernel, reshaped ``out x (in kh kw)``, is ``U S V^T`` (+ base).
 
     Forward: a kh x kw convolution with the r filters ``V^T`` (stride, padding, dilation), then
@@ -532,7 +532,7 @@ class LowRankConv2d(_LowRankBase):
         seed: Any = None,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = _positive_ints(
+        self.in_channels, self.out_channels = positive_ints(
             in_channels=in_channels, out_channels=out_channels
         )
         self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -547,7 +547,7 @@ class LowRankConv2d(_LowRankBase):
         self.padding = _pair(padding, "padding")
         kh, kw = self.kernel_size
         n = self.in_channels * kh * kw
-        base = _check_base(base, (self.out_channels, self.in_channels, kh, kw), "LowRankConv2d")
+        base = check_base(base, (self.out_channels, self.in_channels, kh, kw), "LowRankConv2d")
         self._init_factors(self.out_channels, n, rank, base, dtype, device, seed)
         self._init_bias(self.out_channels, n, bias, dtype, device)
         self._register_base(base)
@@ -560,7 +560,7 @@ class LowRankConv2d(_LowRankBase):
                 f"(batch, {self.in_channels}, height, width)"
             )
         with self._precision(x):
-            out = _LowRankConv2dFn.apply(
+            out = LowRankConv2dFn.apply(
                 x, self.U, self.S, self.V, self.U.link.started,
                 self.kernel_size, self.stride, self.padding, self.dilation,
             )  # fmt: skip

@@ -41,8 +41,8 @@ from .ordinary import ORDINARY
 from .stacks import (
     BucketUpdate,
     Layer,
-    PointCache,
     StateStack,
+    gather_point,
     gather_tangent,
     work_dtype,
     write_point,
@@ -167,7 +167,6 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         self._stacks: dict = {}
         self._specs: dict = {}
         self._splits: dict = {}
-        self._points = PointCache()
         self._compiled: dict = {}
         # the spec's hyperparameters other than lr (read once: no dataclass introspection per step)
         self._spec_names = tuple(f.name for f in fields(self.spec_class) if f.name != "lr")
@@ -333,7 +332,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             for key, group_layers in self._buckets(group, layers).items():
                 self._check_rank_budget(index, spec, group_layers)
                 wd = work_dtype(key[3])
-                x = self._points.get(group_layers, wd)
+                x = gather_point(group_layers, wd)
                 buckets.append((group_layers, x, gather_tangent(group_layers, wd)))
             plan.append((group, spec, buckets, ordinary))
         return plan
@@ -415,7 +414,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             x_new, new_state = self._rule_step(group, spec, man, x, xi, state, {})
         if not isinstance(x_new, list) and x_new.rank != x.rank:
             x_new, new_state = split_items(x_new, new_state)
-        return BucketUpdate(layers, x_new, new_state, stack, cache_point=caps is None)
+        return BucketUpdate(layers, x_new, new_state, stack)
 
     def _rule_step(self, group: dict, spec: Rule, man, x, xi, state, extra: dict) -> tuple:
         """``spec.step``, compiled when the group asks for it (:mod:`rankopt.torch.compiled`)."""
@@ -468,8 +467,6 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             self._write_items(u.layers, u.point, u.state)
             return
         write_point(u.layers, u.point)
-        if u.cache_point:
-            self._points.put(u.layers, u.point)
         key = tuple(id(L.U) for L in u.layers)
         if u.stack is None:  # adapters' first step: the state starts here
             self._stacks[key] = StateStack.build(self.state, u.layers, u.state)
@@ -510,7 +507,6 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             L, group = layers[id(params[k])]
             self.state[L.U] = self._checked_entries(L, group, v)
         self._stacks.clear()
-        self._points.clear()
 
     def _checked_entries(self, L: Layer, group: dict, saved: dict) -> dict:
         man = self._layer_manifold(L)

@@ -149,26 +149,40 @@ ORDINARY: dict[str, OrdinaryRule] = {
     "adamw": OrdinaryRule(
         torch.optim.AdamW,
         ("lr", "betas", "eps", "weight_decay"),
-        {"lr": _LR, "betas": ("tuple of float", "AdamW's (beta1, beta2)."), "eps": _EPS,
-         "weight_decay": _WD},
+        {
+            "lr": _LR,
+            "betas": ("tuple of float", "AdamW's (beta1, beta2)."),
+            "eps": _EPS,
+            "weight_decay": _WD,
+        },
         _adamw,
         _check_adamw,
     ),  # fmt: skip
     "adagrad": OrdinaryRule(
         torch.optim.Adagrad,
         ("lr", "lr_decay", "weight_decay", "initial_accumulator_value", "eps"),
-        {"lr": _LR, "lr_decay": ("float", "Adagrad's lr decay."), "weight_decay": _WD,
-         "initial_accumulator_value": ("float", "Adagrad's initial sum of squares of the "
-                                       "ordinary parameters."),
-         "eps": ("float", "Adagrad's epsilon of torch's rule for the ordinary parameters.")},
+        {
+            "lr": _LR,
+            "lr_decay": ("float", "Adagrad's lr decay."),
+            "weight_decay": _WD,
+            "initial_accumulator_value": (
+                "float",
+                "Adagrad's initial sum of squares of the ordinary parameters.",
+            ),
+            "eps": ("float", "Adagrad's epsilon of torch's rule for the ordinary parameters."),
+        },
         _adagrad,
     ),  # fmt: skip
     "sgd": OrdinaryRule(
         torch.optim.SGD,
         ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
-        {"lr": _LR, "momentum": ("float", "SGD's momentum."),
-         "dampening": ("float", "SGD's dampening."), "weight_decay": _WD,
-         "nesterov": ("bool", "SGD's Nesterov momentum.")},
+        {
+            "lr": _LR,
+            "momentum": ("float", "SGD's momentum."),
+            "dampening": ("float", "SGD's dampening."),
+            "weight_decay": _WD,
+            "nesterov": ("bool", "SGD's Nesterov momentum."),
+        },
         _sgd,
     ),  # fmt: skip
 }

@@ -30,7 +30,6 @@ __all__ = [
     "gather_point",
     "gather_tangent",
     "write_point",
-    "PointCache",
     "StateStack",
     "BucketUpdate",
 ]
@@ -71,51 +70,6 @@ def gather_point(layers: list[Layer], dtype: torch.dtype) -> FixedRankPoint:
         S.diagonal(dim1=-2, dim2=-1),
         _stack([L.V.detach() for L in layers], dtype),
     )
-
-
-def _stamp(layers: list[Layer]) -> tuple | None:
-    """Identity, storage and version counter of every factor (None if torch has no counters).
-
-    ``Tensor._version`` is torch's in-place modification counter (what autograd checks to
-    detect a saved tensor changed in place); torch offers no public name for it.
-    """
-    try:
-        return tuple(
-            [(id(p), p.data_ptr(), p._version) for L in layers for p in (L.U, L.S, L.V)]  # noqa: SLF001 - torch's own counter, see above
-        )
-    except AttributeError:  # pragma: no cover - a torch without version counters
-        return None
-
-
-class PointCache:
-    """The stacked point an optimizer wrote into a group of layers at its last step.
-
-    Valid while no factor changed since (same objects, storage and version counters: any
-    in-place write, ``load_state_dict``, ``set_factors``, ``.to()`` invalidates it); then the
-    next step reuses it instead of stacking the factors again. In the working dtype, so with
-    bf16/fp16 factors it also keeps the float32 point between steps.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[tuple, tuple] = {}
-
-    def get(self, layers: list[Layer], dtype: torch.dtype) -> FixedRankPoint:
-        if torch.compiler.is_compiling():  # traced by torch.compile: no host-side bookkeeping
-            return gather_point(layers, dtype)
-        key = tuple(id(L.U) for L in layers)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is not None and hit[0] == _stamp(layers):
-            return hit[1]
-        return gather_point(layers, dtype)
-
-    def put(self, layers: list[Layer], x: FixedRankPoint) -> None:
-        """Record ``x`` right after writing it into the layers."""
-        if torch.compiler.is_compiling():
-            return
-        self._entries[tuple(id(L.U) for L in layers)] = (_stamp(layers), x)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def gather_tangent(layers: list[Layer], dtype: torch.dtype) -> TangentVector:
@@ -232,15 +186,13 @@ class BucketUpdate:
     the stack, or (a rank-adaptive step) one per layer.
 
     ``stack`` is the state stack the step read (None at adapters' first step, when the state
-    came from ``init``); ``cache_point`` whether the new point may be kept for the next step
-    (:class:`PointCache`).
+    came from ``init``).
     """
 
     layers: list[Layer]
     point: Any
     state: Any
     stack: StateStack | None
-    cache_point: bool = True
 
     def tensors(self) -> list[torch.Tensor]:
         """Every floating-point tensor of the new points and states (what the finite check
