@@ -1,4 +1,5 @@
-r"""Noisy data and non-uniform sampling for ``benchmarks/completion.py --noise`` / ``--sampling``.
+r"""Noisy data and non-uniform sampling for ``python -m benchmarks.completion --noise`` /
+``--sampling``.
 
 Noise (issue 12, acceptance): ``random_completion(n, n, 10, kappa, oversampling=3, seed=3,
 noise=sigma)`` for sigma in {1e-5, 1e-4, 1e-3, 1e-2} and kappa in {1, 1e2, 1e4}; each problem
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 import rankopt as ro
+from benchmarks.harness import pyplot
 from rankopt.problems import random_completion
 from rankopt.solvers.noise import oracle_error
 
@@ -115,11 +117,7 @@ def noise_table(rows: list[dict]) -> list[str]:
 
 
 def plot_noise(rows: list[dict], path: Path, title_note: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     kappas = sorted({r["kappa"] for r in rows})
     fig, axes = plt.subplots(1, len(kappas), figsize=(4.8 * len(kappas), 4.2), squeeze=False)
     for ax, kappa in zip(axes[0], kappas, strict=True):

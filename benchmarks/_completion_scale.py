@@ -1,6 +1,7 @@
-r"""Large completion problems for ``benchmarks/completion.py --scale`` (one fresh process each).
+r"""Large completion problems for ``python -m benchmarks.completion --scale`` (one fresh process
+each).
 
-Each size runs in its own process (``python benchmarks/completion.py --_worker ...``) so that
+Each size runs in its own process (``python -m benchmarks.completion --_worker ...``) so that
 its peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, generation included)
 is its own; the worker prints a line per stage (generation, spectral start, every Gauss-Newton
 iteration with its time) and a JSON line with the results:
@@ -22,7 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import pyplot
+
 RANK = 10
+#: the folder that holds the ``benchmarks`` package (the workers' working directory)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_worker(
@@ -93,7 +98,6 @@ def run_worker(
 
 
 def run_fresh(
-    script: Path,
     n: int,
     seed: int,
     log: Callable[[str], None],
@@ -105,14 +109,17 @@ def run_fresh(
     backend: str = "numpy",
     device: str | None = None,
 ) -> dict:
-    """Run :func:`run_worker` in a fresh process; stream its progress lines to ``log``."""
+    """Run :func:`run_worker` in a fresh process (``python -m benchmarks.completion --_worker``,
+    from the folder that holds the ``benchmarks`` package); stream its progress lines to
+    ``log``."""
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = "1"  # BLAS stays single-threaded: the heavy work is in the numba kernels
     env["NUMBA_NUM_THREADS"] = str(threads)
     cmd = [
         sys.executable,
-        str(script),
+        "-m",
+        "benchmarks.completion",
         "--_worker",
         json.dumps(
             {
@@ -128,7 +135,7 @@ def run_fresh(
         ),
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
     )
     last = ""
     assert proc.stdout is not None
@@ -164,11 +171,7 @@ def scale_table(rows: list[dict]) -> list[str]:
 
 
 def plot_scale(rows: list[dict], path: Path, title_note: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "error" not in r]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for threads in sorted({r["threads"] for r in ok}):

@@ -1,4 +1,5 @@
-r"""A probe for ``optimizer_step.py --floor``: would a fused per-layer CPU kernel be faster?
+r"""A probe for ``python -m benchmarks.optimizer_step --floor``: would a fused per-layer CPU
+kernel be faster?
 
 The probe takes the largest single piece of the RAdamW step, the exact solve of the adaptive
 metric (:meth:`rankopt.metrics.KroneckerDiagonal.solve`, ``solver="direct"``), and writes it

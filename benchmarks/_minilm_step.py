@@ -1,4 +1,4 @@
-"""A full all-MiniLM-L6-v2 training step for ``optimizer_step.py --train``.
+"""A full all-MiniLM-L6-v2 training step for ``python -m benchmarks.optimizer_step --train``.
 
 Adapters on ``query``/``value`` at rank 8 and a trainable 3-class head, batch 16 x 64 random
 token ids (speed only): rankopt adapters (``apply_low_rank``) + ``rankopt.torch.RAdamW``, and

@@ -1,4 +1,4 @@
-r"""Problems, methods and runners of ``benchmarks/optimizers.py`` (see its docstring).
+r"""Problems, methods and runners of ``python -m benchmarks.optimizers`` (see its docstring).
 
 Problems (i)-(iv): low-rank linear regression, float64, full batch. ``W*`` (m x n) of rank k
 with singular values geometric from 1 to ``1/kappa`` and Haar factors; inputs ``x ~ N(0, I)``
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 import rankopt as ro
+from benchmarks.harness import optimizer_state_bytes, state_bytes, time_interleaved
 from rankopt import rules
 from rankopt.containers import FixedRankPoint, TangentVector
 
@@ -280,12 +281,13 @@ def lr_grid(method: Method, size: int, ratio: float) -> list[float]:
 
 @dataclass
 class Run:
-    """Losses ``[f(W_0), ..., f(W_T)]`` (relative), ranks, wall time of the steps."""
+    """Losses ``[f(W_0), ..., f(W_T)]`` (relative), ranks, wall time of the steps, and the
+    optimizer's state in bytes (:func:`benchmarks.harness.state_bytes`)."""
 
     losses: np.ndarray
     ranks: np.ndarray
     seconds: float
-    state_elements: int = 0
+    state_bytes: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -297,7 +299,7 @@ class Run:
         return int(hit[0]) if hit.size else None
 
 
-def _finish(losses: list, ranks: list, steps: int, t0: float, state_elements: int) -> Run:
+def _finish(losses: list, ranks: list, steps: int, t0: float, state: int) -> Run:
     """Pad a stopped run: with inf after a divergence, with its last loss after convergence."""
     L = np.full(steps + 1, np.inf)
     L[: len(losses)] = losses
@@ -305,7 +307,7 @@ def _finish(losses: list, ranks: list, steps: int, t0: float, state_elements: in
         L[len(losses) :] = losses[-1]
     R = np.full(steps + 1, ranks[-1] if ranks else 0)
     R[: len(ranks)] = ranks
-    return Run(L, R, time.perf_counter() - t0, state_elements)
+    return Run(L, R, time.perf_counter() - t0, state)
 
 
 def _extra(spec, M, G) -> dict:
@@ -350,7 +352,7 @@ def run_rule(method: Method, prob: Regression, lr: float, steps: int) -> Run:
             G = prob.grad(W)
             xi = man(r).geometry.project(x, G)
             losses, ranks = [prob.cost(W)], [r]
-        size = sum(int(np.size(v)) for v in rules.state_arrays(st).values())
+        size = state_bytes(rules.state_arrays(st))
         for _ in range(steps):
             M = man(x.rank)
             x, st = spec.step(M, x, xi, st, lr=lr, **_extra(spec, M, G))
@@ -438,18 +440,6 @@ def lora_model(m: int, n: int, r: int, B: Any = None, A: Any = None, seed: int =
     return model
 
 
-def optimizer_state_elements(opt: Any) -> int:
-    """Every tensor element an optimizer holds in ``opt.state`` (a plain walk)."""
-    import torch
-
-    total = 0
-    for st in getattr(opt, "state", {}).values():
-        for v in st.values() if isinstance(st, dict) else []:
-            if isinstance(v, torch.Tensor):
-                total += v.numel()
-    return total
-
-
 def run_lora(method: Method, prob: Regression, lr: float, steps: int, seed: int) -> Run:
     """LoRA factors of a PEFT model in torch (float64), ``W = B A``; the full-batch gradient in
     closed form, ``dB = G A^T``, ``dA = B^T G`` with ``G = (W - W*) Sigma / f(0)`` (what
@@ -479,7 +469,7 @@ def run_lora(method: Method, prob: Regression, lr: float, steps: int, seed: int)
         opt.step()
     if not (math.isfinite(losses[-1]) and losses[-1] < DIVERGED):
         losses[-1] = np.inf
-    return _finish(losses, [s.fit_rank] * len(losses), steps, t0, optimizer_state_elements(opt))
+    return _finish(losses, [s.fit_rank] * len(losses), steps, t0, optimizer_state_bytes(opt))
 
 
 # ---------------------------------------------------------------------------
@@ -647,7 +637,7 @@ def train_digits(method: Method, data: Digits, start_parts: tuple, lr: float, ep
         "final_rank": ranks[-1],
         "max_rank": max(ranks),
         "ms_per_step": 1e3 * float(np.median(times)) if times else math.nan,
-        "state_elements": optimizer_state_elements(opt),
+        "state_bytes": optimizer_state_bytes(opt),
     }
 
 
@@ -713,30 +703,26 @@ def timing_setups(prob: Regression, data: Digits, start_parts: tuple) -> dict:
 
 def time_methods(methods: list[Method], setups: dict, rounds: int, steps: int, warmup: int,
                  lr_of: Callable[[Method], float], log: Callable[[str], None]) -> dict:  # fmt: skip
-    """Median wall ms per training step of every method on every setup, interleaved: each round
-    times ``steps`` steps of every method in turn (after ``warmup`` steps). Also the optimizer
-    state elements (a walk of ``optimizer.state``)."""
+    """Median wall ms per training step of every method on every setup, interleaved
+    (:func:`benchmarks.harness.time_interleaved`): each round times ``steps`` steps of every
+    method in turn (after ``warmup`` steps). Also the optimizer state in bytes
+    (:func:`benchmarks.harness.optimizer_state_bytes`)."""
     out: dict = {}
     for shape, setup in setups.items():
         made = {m.name: setup(m, lr_of(m)) for m in methods}
-        for step, _ in made.values():
-            for _ in range(warmup):
-                step()
-        samples: dict[str, list[float]] = {m.name: [] for m in methods}
-        for rnd in range(rounds):
-            for m in methods:
-                step = made[m.name][0]
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    step()
-                samples[m.name].append(1e3 * (time.perf_counter() - t0) / steps)
-            log(f"  timing {shape}: round {rnd + 1}/{rounds}")
+        timings = time_interleaved(
+            {name: step for name, (step, _) in made.items()},
+            rounds,
+            calls=steps,
+            warmup=warmup,
+            on_round=lambda rnd, _, shape=shape: log(f"  timing {shape}: round {rnd + 1}/{rounds}"),
+        )
         for m in methods:
-            v = samples[m.name]
+            t = timings[m.name]
             out.setdefault(m.name, {})[shape] = {
-                "ms_median": float(np.median(v)),
-                "ms_min": float(np.min(v)),
-                "ms_max": float(np.max(v)),
-                "state_elements": optimizer_state_elements(made[m.name][1]),
+                "ms_median": 1e3 * t.median,
+                "ms_min": 1e3 * t.min,
+                "ms_max": 1e3 * t.max,
+                "state_bytes": optimizer_state_bytes(made[m.name][1]),
             }
     return out

@@ -1,4 +1,4 @@
-r"""The pymanopt 2.2.1 baseline of ``benchmarks/completion.py``.
+r"""The pymanopt 2.2.1 baseline of ``python -m benchmarks.completion``.
 
 Pymanopt's ``FixedRankEmbedded`` manifold + ``ConjugateGradient`` (its defaults:
 Hestenes-Stiefel beta, adaptive backtracking line search) on the completion cost

@@ -24,43 +24,38 @@ Design (default run: 12-15 minutes on a 2-core machine):
 
 Usage::
 
-    python benchmarks/completion.py              # full run, writes out/completion_*.{png,md}
-    python benchmarks/completion.py --quick      # 300 x 300 subset, < 20 s
-    python benchmarks/completion.py --sizes 1000 10000 --repeats 7 --out out/
+    python -m benchmarks.completion              # full run, writes out/completion_*.{png,md}
+    python -m benchmarks.completion --quick      # 300 x 300 subset, < 20 s
+    python -m benchmarks.completion --sizes 1000 10000 --repeats 7 --out out/
+
+Every thread pool (BLAS, OpenMP, numba) is pinned to one thread
+(:func:`benchmarks.harness.pin_threads`): on a small shared machine, OpenBLAS threads that
+compete with other processes for the cores make the small QRs/SVDs of these solvers up to 100x
+slower, and timings become noise; one thread also makes rankopt and pymanopt run under the same
+conditions. ``--scale --threads N`` measures threaded numba kernels (in fresh processes).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-# Pin every thread pool to one thread BEFORE NumPy (and OpenBLAS, numba) load. On a small
-# shared machine, OpenBLAS threads that compete with other processes for the cores make the
-# small QRs/SVDs of these solvers up to 100x slower, and timings become noise. One thread
-# also makes rankopt and pymanopt run under the same conditions. Override from the shell
-# (e.g. OPENBLAS_NUM_THREADS=2) to measure multi-threaded runs.
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _completion_noise as noise_bench  # noqa: E402
-import _completion_scale as scale_bench  # noqa: E402
-from _machine import machine_info  # noqa: E402
-from _pymanopt_completion import pymanopt_available, run_pymanopt_cg  # noqa: E402
-
-import rankopt as ro  # noqa: E402
-from rankopt.problems import random_completion  # noqa: E402
+import rankopt as ro
+from benchmarks import _completion_noise as noise_bench
+from benchmarks import _completion_scale as scale_bench
+from benchmarks._pymanopt_completion import pymanopt_available, run_pymanopt_cg
+from benchmarks.harness import pin_threads, pyplot, report_log, time_interleaved
+from rankopt.problems import random_completion
 
 RANK = 10
 TOL = 1e-10
@@ -232,36 +227,41 @@ def warm_up() -> None:
 
 
 def repeat_kappa1(n: int, os_: float, repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
-    """rankopt.solve("auto") and pymanopt CG on the same kappa = 1 problem, interleaved."""
+    """rankopt.solve("auto") and pymanopt CG on the same kappa = 1 problem, interleaved
+    (:func:`time_interleaved`; no warm-up, :func:`warm_up` loaded the kernels). pymanopt's time
+    is its run's own (``BaselineResult.time``: start, setup and optimizer, not the error
+    computed afterwards), as in the grid."""
     problem = random_completion(n, n, RANK, kappa=1.0, oversampling=os_, seed=SEED, **PROBLEM_KW)
-    ours, theirs, errs = [], [], []
-    for k in range(repeats):
-        t = time.perf_counter()
-        res = ro.solve(problem, RANK, method="auto", tol=TOL, seed=SEED)
-        ours.append(time.perf_counter() - t)
-        errs.append(float(problem.relative_error(res.point)))
-        if pymanopt_available() and problem.backend == "numpy":
-            b = run_pymanopt_cg(problem, RANK, tol=TOL, max_iter=1000, seed=SEED)
-            theirs.append(b.time)
-            errs.append(b.rel_error)
-            log(
-                f"  repeat {k + 1}: rankopt {ours[-1]:.3f} s ({res.iterations} it), pymanopt {b.time:.3f} s ({b.iterations} it), ratio {b.time / ours[-1]:.1f}"
-            )
-        else:
-            log(f"  repeat {k + 1}: rankopt {ours[-1]:.3f} s ({res.iterations} it)")
+    fns = {"rankopt": lambda: ro.solve(problem, RANK, method="auto", tol=TOL, seed=SEED)}
+    if pymanopt_available() and problem.backend == "numpy":
+        fns["pymanopt"] = lambda: run_pymanopt_cg(problem, RANK, tol=TOL, max_iter=1000, seed=SEED)
+
+    def progress(k: int, t: dict) -> None:
+        ours, res = t["rankopt"].seconds[-1], t["rankopt"].last
+        line = f"  repeat {k + 1}: rankopt {ours:.3f} s ({res.iterations} it)"
+        if "pymanopt" in t:
+            b = t["pymanopt"].last
+            line += f", pymanopt {b.time:.3f} s ({b.iterations} it), ratio {b.time / ours:.1f}"
+        log(line)
+
+    t = time_interleaved(fns, repeats, warmup=0, keep_results=True, on_round=progress)
+    ours = t["rankopt"].seconds
+    theirs = [b.time for b in t["pymanopt"].results] if "pymanopt" in t else []
+    errs = [float(problem.relative_error(r.point)) for r in t["rankopt"].results]
+    errs += [b.rel_error for b in t["pymanopt"].results] if "pymanopt" in t else []
     out = {
         "n": n,
         "oversampling": os_,
         "repeats": repeats,
         "rankopt": ours,
         "pymanopt": theirs,
-        "rankopt_iterations": res.iterations,
+        "rankopt_iterations": t["rankopt"].last.iterations,
         "max_error": max(errs),
+        "rankopt_median": statistics.median(ours),
     }
-    out["rankopt_median"] = statistics.median(ours)
     if theirs:
         out["pymanopt_median"] = statistics.median(theirs)
-        out["pymanopt_iterations"] = b.iterations
+        out["pymanopt_iterations"] = t["pymanopt"].last.iterations
         out["ratio_of_medians"] = out["pymanopt_median"] / out["rankopt_median"]
         out["ratios"] = [p / o for p, o in zip(theirs, ours, strict=True)]
     return out
@@ -291,11 +291,7 @@ def table(rows: list[Row]) -> list[str]:
 
 def plot(rows: list[Row], path: Path) -> None:
     """Error against iteration (top) and time (bottom), one column per kappa."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     traced = [r for r in rows if r.trace_error]
     kappas = sorted({r.kappa for r in traced})
     fig, axes = plt.subplots(2, len(kappas), figsize=(4.6 * len(kappas), 7.5), squeeze=False)
@@ -394,19 +390,76 @@ def check_device(args: argparse.Namespace) -> None:
 
 
 def _report_log(argv: list[str] | None, packages: tuple[str, ...]) -> tuple[Any, list[str]]:
-    """A ``log`` that prints a line and keeps it for the markdown report, started with the
-    command and the machine information."""
-    lines: list[str] = []
+    """Every thread pool pinned to one thread, and the report's ``log`` (:func:`report_log`)."""
+    return report_log(
+        "completion benchmark", "benchmarks.completion", argv, packages, pin_threads(1)
+    )
 
-    def log(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
 
-    cmd = "python benchmarks/completion.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    log(f"# completion benchmark: `{cmd.strip()}`")
-    for s in machine_info(packages).splitlines():
-        log(s)
-    return log, lines
+def _baselines(args: argparse.Namespace) -> list[str]:
+    """pymanopt CG when it is installed and the problems are NumPy's."""
+    return [PYMANOPT] if pymanopt_available() and args.backend == "numpy" else []
+
+
+def run_size(n: int, args: argparse.Namespace, methods: list[str], log) -> tuple[list, dict | None]:
+    """One size of the full run: the grid (n <= 3000), three methods (n <= 30000) or "auto"
+    alone in a fresh process (larger); returns the rows and the fresh process's record."""
+    kappas, oversamplings = (1.0, 1e2, 1e4), (2.0, 3.0, 5.0)
+    rows: list[Row] = []
+    if n <= 3000:
+        log(f"\n## n = {n}: kappa x oversampling x method grid (cap {args.grid_max_time:g} s)")
+        for kappa in kappas:
+            for os_ in oversamplings:
+                rows += run_problem(
+                    n, kappa, os_, methods, args.max_iter, args.grid_max_time, os_ == 3.0, log
+                )
+        return rows, None
+    if n <= 30000:
+        log(f"\n## n = {n}: auto, RCG, pymanopt CG at oversampling 3 (cap {args.max_time:g} s)")
+        meths = ["auto", "RCG", *_baselines(args)]
+        for kappa in kappas:
+            rows += run_problem(n, kappa, 3.0, meths, args.max_iter, args.max_time, False, log)
+        return rows, None
+    log(f"\n## n = {n}: auto alone, kappa 1, oversampling 3 (fresh process)")
+    info = scale_bench.run_fresh(
+        n, SEED, log, max_time=max(args.max_time, 1200.0), backend=args.backend, device=args.device
+    )
+    log("  " + json.dumps(info))
+    return rows, info
+
+
+def kappa1_section(n: int, repeats: int, log) -> dict:
+    """The interleaved kappa = 1 repeats (:func:`repeat_kappa1`) and their summary line."""
+    if repeats <= 0:
+        return {}
+    log(f"\n## kappa = 1, n = {n}, oversampling 3: {repeats} interleaved repeats")
+    summary = repeat_kappa1(n, 3.0, repeats, log)
+    msg = f"rankopt.solve median {summary['rankopt_median']:.3f} s ({summary['rankopt_iterations']} iterations)"
+    if "pymanopt_median" in summary:
+        msg += (
+            f", pymanopt CG median {summary['pymanopt_median']:.3f} s ({summary['pymanopt_iterations']} iterations); "
+            f"ratio of medians {summary['ratio_of_medians']:.1f}x (per repeat {min(summary['ratios']):.1f}-{max(summary['ratios']):.1f}x)"
+        )
+    log(msg)
+    return summary
+
+
+def write_outputs(args, rows: list[Row], summary: dict, large: list, lines: list[str], log) -> None:
+    """The figure (when iterates were recorded), ``completion_table.md`` (every logged line)
+    and ``completion_results.json`` in ``--out``."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "completion_convergence.png"
+    if any(r.trace_error for r in rows):
+        plot(rows, png)
+        log(f"wrote {png}")
+    (args.out / "completion_table.md").write_text("\n".join(lines) + "\n")
+    results = {
+        "rows": [{k: v for k, v in r.__dict__.items() if not k.startswith("trace")} for r in rows],
+        "kappa1": summary,
+        "large": large,
+    }
+    (args.out / "completion_results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out / 'completion_table.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,7 +471,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.noise or args.sampling or args.scale is not None:
         return main_sections(args, argv)
     log, lines = _report_log(argv, ("numpy", "scipy", "numba", "pymanopt", "rankopt"))
-    log(f"NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS')}")
     log(
         f"rank {RANK}, tol {TOL:g} (relative gradient norm), seed {SEED}, spectral start for every method"
     )
@@ -430,74 +482,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend != "numpy":  # the GPU backends: the second-order and CG solvers only
         all_methods = ["auto", "RGN", "RCG"]
     rows: list[Row] = []
-    kappas, oversamplings = (1.0, 1e2, 1e4), (2.0, 3.0, 5.0)
     large: list[dict] = []
     if args.quick:
         sizes, repeats = [300], min(args.repeats, 2)
-        quick_methods = ["auto", "RCG"] + (
-            [PYMANOPT] if pymanopt_available() and args.backend == "numpy" else []
-        )
         log("\n## quick: n = 300, oversampling 3")
         for kappa in (1.0, 1e2):
-            rows += run_problem(300, kappa, 3.0, quick_methods, 150, 5.0, True, log)
+            rows += run_problem(
+                300, kappa, 3.0, ["auto", "RCG", *_baselines(args)], 150, 5.0, True, log
+            )
     else:
         sizes, repeats = args.sizes, args.repeats
         for n in sizes:
-            if n <= 3000:
-                log(
-                    f"\n## n = {n}: kappa x oversampling x method grid (cap {args.grid_max_time:g} s)"
-                )
-                for kappa in kappas:
-                    for os_ in oversamplings:
-                        rows += run_problem(
-                            n,
-                            kappa,
-                            os_,
-                            all_methods,
-                            args.max_iter,
-                            args.grid_max_time,
-                            os_ == 3.0,
-                            log,
-                        )
-            elif n <= 30000:
-                log(
-                    f"\n## n = {n}: auto, RCG, pymanopt CG at oversampling 3 (cap {args.max_time:g} s)"
-                )
-                meths = ["auto", "RCG"] + (
-                    [PYMANOPT] if pymanopt_available() and args.backend == "numpy" else []
-                )
-                for kappa in kappas:
-                    rows += run_problem(
-                        n, kappa, 3.0, meths, args.max_iter, args.max_time, False, log
-                    )
-            else:
-                log(f"\n## n = {n}: auto alone, kappa 1, oversampling 3 (fresh process)")
-                info = scale_bench.run_fresh(
-                    Path(__file__).resolve(),
-                    n,
-                    SEED,
-                    log,
-                    max_time=max(args.max_time, 1200.0),
-                    backend=args.backend,
-                    device=args.device,
-                )
-                large.append(info)
-                log("  " + json.dumps(info))
+            new_rows, info = run_size(n, args, all_methods, log)
+            rows += new_rows
+            large += [info] if info is not None else []
     log("\n## table")
     for s in table(rows):
         log(s)
     rep_n = 300 if args.quick else (1000 if 1000 in sizes else min(sizes))
-    summary = {}
-    if repeats > 0:
-        log(f"\n## kappa = 1, n = {rep_n}, oversampling 3: {repeats} interleaved repeats")
-        summary = repeat_kappa1(rep_n, 3.0, repeats, log)
-        msg = f"rankopt.solve median {summary['rankopt_median']:.3f} s ({summary['rankopt_iterations']} iterations)"
-        if "pymanopt_median" in summary:
-            msg += (
-                f", pymanopt CG median {summary['pymanopt_median']:.3f} s ({summary['pymanopt_iterations']} iterations); "
-                f"ratio of medians {summary['ratio_of_medians']:.1f}x (per repeat {min(summary['ratios']):.1f}-{max(summary['ratios']):.1f}x)"
-            )
-        log(msg)
+    summary = kappa1_section(rep_n, repeats, log)
     for info in large:
         if "error" not in info:
             log(
@@ -507,26 +510,34 @@ def main(argv: list[str] | None = None) -> int:
             )
     log("\nload average at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     log(f"total wall time {time.perf_counter() - t_all:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / "completion_convergence.png"
-    if any(r.trace_error for r in rows):
-        plot(rows, png)
-        log(f"wrote {png}")
-    (args.out / "completion_table.md").write_text("\n".join(lines) + "\n")
-    (args.out / "completion_results.json").write_text(
-        json.dumps(
-            {
-                "rows": [
-                    {k: v for k, v in r.__dict__.items() if not k.startswith("trace")} for r in rows
-                ],
-                "kappa1": summary,
-                "large": large,
-            },
-            indent=1,
-        )
-    )
-    print(f"wrote {args.out / 'completion_table.md'}")
+    write_outputs(args, rows, summary, large, lines, log)
     return 0
+
+
+def scale_section(args: argparse.Namespace, log, note: str) -> list[dict]:
+    """``--scale``: every size and seed solved in a fresh process; the table and the figure."""
+    sizes = [int(v) for v in (args.scale or (1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6))]
+    if args.quick:
+        sizes = [s for s in sizes if s <= 3000] or [1000]
+    log(
+        f"\n## scale: kappa 1, oversampling 3, {args.seeds} seed(s) per size, "
+        f"{args.threads} numba thread(s), each run in a fresh process{note}"
+    )
+    rows = []
+    for n in sizes:
+        for seed in range(args.seeds):
+            log(f"  n = {n}, seed {seed}: starting (load average {os.getloadavg()[0]:.2f})")
+            rows.append(
+                scale_bench.run_fresh(
+                    n, seed, log, threads=args.threads, backend=args.backend, device=args.device
+                )
+            )
+            log("  " + json.dumps(rows[-1]))
+    for s in scale_bench.scale_table(rows):
+        log(s)
+    scale_bench.plot_scale(rows, args.out / "completion_scale.png", note)
+    log(f"wrote {args.out / 'completion_scale.png'}")
+    return rows
 
 
 def main_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -557,34 +568,7 @@ def main_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
             log(s)
         out["sampling"] = rows
     if args.scale is not None:
-        sizes = [int(v) for v in (args.scale or (1e3, 3e3, 1e4, 3e4, 1e5, 3e5, 1e6))]
-        if args.quick:
-            sizes = [s for s in sizes if s <= 3000] or [1000]
-        log(
-            f"\n## scale: kappa 1, oversampling 3, {args.seeds} seed(s) per size, "
-            f"{args.threads} numba thread(s), each run in a fresh process{note}"
-        )
-        rows = []
-        for n in sizes:
-            for seed in range(args.seeds):
-                log(f"  n = {n}, seed {seed}: starting (load average {os.getloadavg()[0]:.2f})")
-                rows.append(
-                    scale_bench.run_fresh(
-                        Path(__file__).resolve(),
-                        n,
-                        seed,
-                        log,
-                        threads=args.threads,
-                        backend=args.backend,
-                        device=args.device,
-                    )
-                )
-                log("  " + json.dumps(rows[-1]))
-        for s in scale_bench.scale_table(rows):
-            log(s)
-        scale_bench.plot_scale(rows, args.out / "completion_scale.png", note)
-        log(f"wrote {args.out / 'completion_scale.png'}")
-        out["scale"] = rows
+        out["scale"] = scale_section(args, log, note)
     log("\nload average at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     log(f"total wall time {time.perf_counter() - t_all:.0f} s")
     stem = "completion_" + "_".join(k for k in ("noise", "sampling", "scale") if k in out)

@@ -14,8 +14,8 @@ Two experiments, float64, one torch thread, each optimizer with the settings of 
   summed (a rank-1 gradient): the relative change of ``U S V^T`` after three steps from a
   relative 1e-13 change of its singular values.
 
-    python benchmarks/continuity.py            # about 20 s
-    python benchmarks/continuity.py --quick    # smoke run: the mixed model only
+    python -m benchmarks.continuity            # about 20 s
+    python -m benchmarks.continuity --quick    # smoke run: the mixed model only
 
 Writes ``out/continuity.md`` (the tables) and ``out/continuity.png`` (the relative changes).
 """
@@ -23,16 +23,13 @@ Writes ``out/continuity.md`` (the tables) and ``out/continuity.png`` (the relati
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from _machine import machine_info  # noqa: E402
-from torch import nn  # noqa: E402
-
-import rankopt.torch as rt  # noqa: E402
+import rankopt.torch as rt
+from benchmarks.harness import machine_info, pin_threads, pyplot
 
 D = torch.float64
 DELTA = 1e-13
@@ -42,6 +39,7 @@ OPTIMIZERS = {
     "RAdamW": (rt.RAdamW, dict(lr=0.02, weight_decay=0.1)),
     "RAdaGrad": (rt.RAdaGrad, dict(lr=0.05, lr_decay=0.1)),
     "RSGD": (rt.RSGD, dict(lr=0.05, momentum=0.9)),
+    "RHeavyBall": (rt.RHeavyBall, dict(lr=0.05, nesterov=True)),
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.02, rank_tol=1e-3)),
     "DLRAAdam (core)": (rt.DLRAAdam, dict(lr=0.02, rank_tol=1e-3, second_moment="core")),
     "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05, rank_tol=1e-3)),
@@ -140,11 +138,7 @@ def summed_row(name: str, shape: tuple[int, int, int]) -> float:
 
 
 def _figure(rows: dict, path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(rows)
     fig, ax = plt.subplots(figsize=(9, 4.2))
     keys = [k for k in next(iter(rows.values()))]
@@ -170,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the mixed model only (smoke run)")
     ap.add_argument("--out", default="out", help="folder for continuity.md and continuity.png")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    threads = pin_threads(1, torch=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = [machine_info(), "", "torch threads: 1", ""]
+    lines = [machine_info(), "", threads, ""]
     lines += ["| optimizer | mixed: largest parameter change | (parameter) | mixed: relative weight change |"
               + "".join(f" summed {m}x{n} r{r} |" for m, n, r in ([] if args.quick else SHAPES)),
               "|---|---|---|---|" + "---|" * (0 if args.quick else len(SHAPES))]  # fmt: skip

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check in one short run (under 8 minutes on one GPU): every CUDA test, then the
-# CUDA part of benchmarks/optimizer_step.py (224 matrices of LLaMA-7B shapes at r = 16 and 64,
+# CUDA part of python -m benchmarks.optimizer_step (224 matrices of LLaMA-7B shapes at r = 16 and 64,
 # float32 and bfloat16 parameters, against fused AdamW on LoRA factors). Writes its outputs to
 # $OUT (default out/gpu) and prints them; paste them into docs/optimizer-core.md (GPU).
 #   bash benchmarks/gpu_check.sh
@@ -18,5 +18,5 @@ echo "== CUDA tests"
 timeout 240 python -m pytest -q -p no:cacheprovider tests -k "cuda or cupy or grouped" -rs 2>&1 \
   | tail -40 | tee "$OUT/gpu_tests.txt"
 echo "== step benchmark (CUDA)"
-timeout 300 python benchmarks/optimizer_step.py --device cuda --sets llama-224 --ranks 16 64 \
+timeout 300 python -m benchmarks.optimizer_step --device cuda --sets llama-224 --ranks 16 64 \
   --dtypes float32 bfloat16 --reps 20 --variants --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.txt"

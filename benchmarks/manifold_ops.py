@@ -19,7 +19,7 @@ libraries' results are compared (projection: max abs difference; retraction: sin
 to make sure the same operation is timed. A log-scale bar chart goes to
 ``out/manifold_ops.png`` (out/ is git-ignored).
 
-Run: ``python benchmarks/manifold_ops.py [--quick] [--threads N] [--no-torch]``.
+Run: ``python -m benchmarks.manifold_ops [--quick] [--threads N] [--no-torch]``.
 ``--quick`` runs m = 1e3 only. The full run takes about 5 minutes and < 6 GB on a 2-core
 machine (the m = 1e5, r = 50 matrix has 1e8 entries, 1.2 GB in CSR).
 """
@@ -27,14 +27,14 @@ machine (the m = 1e5, r = 50 matrix has 1e8 entries, 1.2 GB in CSR).
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import sys
+import importlib.util
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import machine_info, pin_threads, pyplot, time_interleaved
 
 HERE = Path(__file__).resolve().parent
 IMPLS = ("rankopt-numpy", "rankopt-torch", "pymanopt")
@@ -46,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=9, help="most timed calls per cell")
     p.add_argument("--budget", type=float, default=6.0, help="seconds of timed calls per cell")
     p.add_argument(
-        "--threads", type=int, default=None, help="BLAS/OpenMP threads (default: library default)"
+        "--threads",
+        type=int,
+        default=None,
+        help="BLAS/OpenMP/numba/torch threads (default: the libraries' own)",
     )
     p.add_argument("--no-torch", action="store_true", help="skip rankopt's torch backend")
     p.add_argument(
@@ -94,41 +97,16 @@ def sparse_matrix(m: int, n: int, nnz: int, rng) -> Any:
 
 
 def bench(fns: dict[str, Callable[[], Any]], repeats: int, budget: float) -> dict[str, tuple]:
-    """Time several implementations of one operation, interleaved.
+    """Time several implementations of one operation, interleaved (:func:`time_interleaved`).
 
     Calls go round-robin (a, b, c, a, b, c, ...) so that every implementation sees the same
     machine load. Returns ``{name: (median seconds, min seconds, number of timed calls, last
-    result)}``.
-    A first call that is fast (< budget / 20) is discarded as warm-up; timing stops after
-    ``repeats`` rounds or once an implementation has spent ``budget`` seconds (at least one
-    timed call each).
+    result)}``. A first call that is fast (< budget / 20) is discarded as warm-up; timing stops
+    after ``repeats`` rounds or once an implementation has spent ``budget`` seconds (at least
+    one timed call each).
     """
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    spent = dict.fromkeys(fns, 0.0)
-    out: dict[str, Any] = {}
-    for name, fn in fns.items():  # first round: warm-up or first sample
-        t0 = time.perf_counter()
-        out[name] = fn()
-        dt = time.perf_counter() - t0
-        spent[name] += dt
-        if dt >= budget / 20:
-            times[name].append(dt)
-    while True:
-        todo = [
-            k
-            for k in fns
-            if len(times[k]) < repeats
-            and (not times[k] or spent[k] + statistics.median(times[k]) <= budget)
-        ]
-        if not todo:
-            break
-        for name in todo:
-            t0 = time.perf_counter()
-            out[name] = fns[name]()
-            dt = time.perf_counter() - t0
-            times[name].append(dt)
-            spent[name] += dt
-    return {k: (statistics.median(times[k]), min(times[k]), len(times[k]), out[k]) for k in fns}
+    t = time_interleaved(fns, repeats, warmup=1, budget=budget)
+    return {k: (v.median, v.min, len(v.seconds), v.last) for k, v in t.items()}
 
 
 def run_case(
@@ -258,11 +236,9 @@ def print_table(rows: list[dict], impls: list[str]) -> None:
 
 
 def plot(rows: list[dict], impls: list[str], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
     labels = [f"m=1e{len(str(row['m'])) - 1}\nr={row['r']}" for row in rows]
@@ -287,19 +263,11 @@ def plot(rows: list[dict], impls: list[str], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:  # must precede the first numpy/torch import
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = str(args.threads)
-    sys.path.insert(0, str(HERE))
-    import importlib.util
-
-    from _machine import machine_info
-
     have_torch = importlib.util.find_spec("torch") is not None
     have_pymanopt = importlib.util.find_spec("pymanopt") is not None
-    if have_torch and not args.no_torch:
-        import torch  # noqa: F401  (so machine_info reports its threads)
+    threads = pin_threads(args.threads, torch=have_torch and not args.no_torch)
     print(machine_info())
+    print(threads)
     print()
     sizes = [1000] if args.quick else [1000, 10_000, 100_000]
     impls = [i for i in IMPLS if not (i == "rankopt-torch" and (args.no_torch or not have_torch))]

@@ -28,35 +28,29 @@ Methods (all but the first two model the residual of the tuned bias model,
   training data, :func:`rankopt.solvers.noise.validated_rank_search`), and the same
   without the ridge scan (``ridge=None``: the rank and the stopping point only).
 
-Run: ``python benchmarks/movielens.py [--quick] [--splits 3] [--out out]``; writes
+Run: ``python -m benchmarks.movielens [--quick] [--splits 3] [--out out]`` (one thread:
+BLAS, OpenMP and numba pinned to 1, :func:`benchmarks.harness.pin_threads`); writes
 ``out/movielens_table.md``, ``out/movielens.png`` and ``out/movielens_results.json``.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as sla
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-import scipy.sparse.linalg as sla  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
-
-import rankopt as ro  # noqa: E402
-from rankopt.data import movielens100k, movielens_dslabs, train_test_split  # noqa: E402
-from rankopt.problems import MatrixCompletion  # noqa: E402
+import rankopt as ro
+from benchmarks.harness import pin_threads, pyplot, report_log
+from rankopt.data import movielens100k, movielens_dslabs, train_test_split
+from rankopt.problems import MatrixCompletion
 
 Triples = tuple[np.ndarray, np.ndarray, np.ndarray]
 
@@ -332,11 +326,7 @@ def summarize(results: list[dict], name: str) -> list[str]:
 
 
 def plot(results: list[dict], path: Path, note: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted({r["dataset"] for r in results})
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
@@ -379,15 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.splits, args.als_lams, args.als_ranks = 1, (0.1,), (5,)
         args.sweeps, args.path, args.max_rank = 10, 6, 10
-    lines: list[str] = []
-
-    def log(s: str = "") -> None:
-        print(s, flush=True)
-        lines.append(s)
-
-    log(f"# MovieLens benchmark: `python benchmarks/movielens.py {' '.join(argv or sys.argv[1:])}`")
-    for s in machine_info(("numpy", "scipy", "numba", "rankopt")).splitlines():
-        log(s)
+    packages = ("numpy", "scipy", "numba", "rankopt")
+    log, lines = report_log(
+        "MovieLens benchmark", "benchmarks.movielens", argv, packages, pin_threads(1)
+    )
     results = []
     t_all = time.perf_counter()
     for name, u, i, r, shape, lo, hi in datasets:

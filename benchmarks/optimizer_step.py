@@ -9,7 +9,9 @@ Five parts (issue 8 of the project):
    the LoRA factors, rankopt RAdamW (default settings, which include the finite check), and
    with ``--variants`` RAdamW without the finite check, with ``compile=True`` and with the
    other metric solves, RAdaGrad and RSGD. Reported: median step time with min and max, the
-   ratio to AdamW foreach, and the bytes of every tensor in ``optimizer.state``.
+   ratio to AdamW foreach, and the optimizer state
+   (:func:`benchmarks.harness.optimizer_state_bytes`: bytes of every tensor reachable from
+   ``optimizer.state``).
 2. **Metric solves** (``--solves``): the Riemannian gradient of the adaptive metric computed
    exactly in closed form (``solver="direct"``, the default), by PCG to 1e-4, by 2 PCG
    iterations, by the block-diagonal metric, or by the preconditioner alone (``exact=False``):
@@ -29,8 +31,9 @@ Five parts (issue 8 of the project):
    and a probe: the metric's direct solve as one numba call (``_fused_probe.py``) against
    torch's operations.
 
-Run ``python benchmarks/optimizer_step.py`` (CPU, 1 thread by default; about 10 minutes), or
-``--quick`` (seconds; a smoke test). ``--device cuda`` with ``--sets llama-224`` is the GPU part
+Run ``python -m benchmarks.optimizer_step`` (CPU, 1 thread by default: BLAS, OpenMP, numba and
+torch, :func:`benchmarks.harness.pin_threads`; about 10 minutes), or ``--quick`` (seconds; a
+smoke test). ``--device cuda`` with ``--sets llama-224`` is the GPU part
 (``benchmarks/gpu_check.sh``). Writes ``optimizer_step.md``, ``.json`` and ``.png`` to ``--out``.
 """
 
@@ -44,8 +47,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.harness import (
+    machine_info,
+    optimizer_state_bytes,
+    pin_threads,
+    pyplot,
+    time_interleaved,
+)
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 # (out, in) shapes of each set; rank from --ranks unless the set fixes it
 LAYER_SETS = {
@@ -68,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", nargs="+", type=int, default=None, help="override the sets' ranks")
     p.add_argument("--dtypes", nargs="+", default=["float32"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="threads of every pool: BLAS, numba, torch (CPU)"
+    )
     p.add_argument("--reps", type=int, default=25, help="interleaved rounds per set")
     p.add_argument(
         "--clock",
@@ -145,36 +157,22 @@ def make_optimizers(mods, lora, variants: bool, compile_: bool, device: str) -> 
     return opts
 
 
-def state_bytes(opt) -> int:
-    """Bytes of every tensor held in ``optimizer.state`` (a plain walk)."""
+def time_steps(fns: dict, reps: int, device: str, clock: str = "wall") -> dict[str, list[float]]:
+    """Round-robin (:func:`time_interleaved`): every round calls each function once, after two
+    untimed calls each (adapter start, compilation, caches); seconds per call, per name. On a
+    GPU each call is followed by a synchronization inside the timed region, and the clock is
+    the wall clock."""
     import torch
 
-    return sum(
-        v.numel() * v.element_size()
-        for st in opt.state.values()
-        for v in st.values()
-        if isinstance(v, torch.Tensor)
+    cuda = device.startswith("cuda")
+    timings = time_interleaved(
+        fns,
+        reps,
+        warmup=2,
+        clock=clock if device == "cpu" else "wall",
+        sync=torch.cuda.synchronize if cuda else None,
     )
-
-
-def time_interleaved(opts: dict, reps: int, device: str, clock: str = "wall") -> dict:
-    """Round-robin: every round steps each optimizer once; seconds per step, per method."""
-    import torch
-
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    now = time.thread_time if clock == "cpu" and device == "cpu" else time.perf_counter
-    for opt in opts.values():  # warm-up (adapter start, compilation, caches)
-        for _ in range(2):
-            opt.step()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(reps):
-        for name, opt in opts.items():
-            t = now()
-            opt.step()
-            sync()
-            times[name].append(now() - t)
-    return times
+    return {k: t.seconds for k, t in timings.items()}
 
 
 def run_set(name: str, r: int, dtype_name: str, args) -> list[dict]:
@@ -184,13 +182,13 @@ def run_set(name: str, r: int, dtype_name: str, args) -> list[dict]:
     dtype = getattr(torch, dtype_name)
     mods, lora = make_layers(shapes, r, dtype, args.device)
     opts = make_optimizers(mods, lora, args.variants, args.compile, args.device)
-    times = time_interleaved(opts, args.reps, args.device, args.clock)
+    times = time_steps({k: opt.step for k, opt in opts.items()}, args.reps, args.device, args.clock)
     base = statistics.median(times["AdamW foreach"])
-    base_state = state_bytes(opts["AdamW foreach"])
+    base_state = optimizer_state_bytes(opts["AdamW foreach"])
     rows = []
     for method, ts in times.items():
         med = statistics.median(ts)
-        sb = state_bytes(opts[method])
+        sb = optimizer_state_bytes(opts[method])
         rows.append(
             dict(
                 set=name, layers=len(shapes), r=r, dtype=dtype_name, method=method,
@@ -332,20 +330,18 @@ def run_train(reps: int, progress) -> list[dict] | str:
     AdamW, interleaved; returns rows or the reason it could not run."""
     try:
         import peft  # noqa: F401
-        from _minilm_step import build_peft, build_rankopt, train_step
+
+        from benchmarks._minilm_step import build_peft, build_rankopt, train_step
     except ImportError as e:
         return f"skipped: {e}"
     models = {"PEFT LoRA + AdamW": build_peft(), "rankopt adapters + RAdamW": build_rankopt()}
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for model, opt, batch in models.values():
-        for _ in range(2):
-            train_step(model, opt, batch)
-    for i in range(reps):
-        for k, (model, opt, batch) in models.items():
-            t = time.perf_counter()
-            train_step(model, opt, batch)
-            times[k].append(time.perf_counter() - t)
-        progress(f"train step round {i + 1}/{reps}")
+    fns = {k: (lambda m=m: train_step(*m)) for k, m in models.items()}
+    times = {
+        k: t.seconds
+        for k, t in time_interleaved(
+            fns, reps, warmup=2, on_round=lambda i, _: progress(f"train step round {i + 1}/{reps}")
+        ).items()
+    }
     base = statistics.median(times["PEFT LoRA + AdamW"])
     return [
         dict(
@@ -392,8 +388,6 @@ def run_breakdown(reps: int, quick: bool, progress) -> dict:
     (384 x 8) @ (8 x 8). The least-squares line T(B) = a + b B splits the step into a cost per
     call ``a`` (operations and Python, whatever the number of layers) and a cost per layer
     ``b`` (arithmetic)."""
-    import types
-
     import numpy as np
     import torch
 
@@ -406,15 +400,13 @@ def run_breakdown(reps: int, quick: bool, progress) -> dict:
     steps, prods = {}, {}
     for B in sizes:
         M, x, g, st = started_stack(spec, m, n, r, B)
-        steps[B] = types.SimpleNamespace(step=lambda M=M, x=x, g=g, st=st: spec.step(M, x, g, st))
+        steps[B] = lambda M=M, x=x, g=g, st=st: spec.step(M, x, g, st)
         A, K = torch.randn(B, m, r, generator=gen), torch.randn(B, r, r, generator=gen)
-        prods[B] = types.SimpleNamespace(step=lambda A=A, K=K: torch.bmm(A, K))
+        prods[B] = lambda A=A, K=K: torch.bmm(A, K)
     progress(f"breakdown: rule step on stacks of {sizes} layers")
-    t_step = {
-        B: statistics.median(v) for B, v in time_interleaved(steps, reps, "cpu", "cpu").items()
-    }
+    t_step = {B: statistics.median(v) for B, v in time_steps(steps, reps, "cpu", "cpu").items()}
     t_prod = {
-        B: statistics.median(v) for B, v in time_interleaved(prods, 10 * reps, "cpu", "cpu").items()
+        B: statistics.median(v) for B, v in time_steps(prods, 10 * reps, "cpu", "cpu").items()
     }
     b, a = np.polyfit(np.array(sizes, float), np.array([t_step[B] for B in sizes]), 1)
     rows = [
@@ -466,8 +458,6 @@ def _thin_products(spec, man, x, g, st) -> list[tuple]:
 
 def _floor_parts(quick: bool) -> tuple[dict, dict]:
     """The timed parts of :func:`run_floor` (callables) and what they were built from."""
-    import types
-
     import torch
 
     import rankopt.torch as rt
@@ -500,12 +490,11 @@ def _floor_parts(quick: bool) -> tuple[dict, dict]:
         "direct solve, torch": lambda: metric.solve(man, x, g),
         "direct solve, one numba call": lambda: _fused_solve(x, g, dl, dr),
     }
-    parts = {k: types.SimpleNamespace(step=f) for k, f in fns.items()}
-    return parts, dict(shape=[m, n, r], layers=B, thin_products=len(prods))
+    return fns, dict(shape=[m, n, r], layers=B, thin_products=len(prods))
 
 
 def _fused_solve(x, g, dl, dr):
-    from _fused_probe import fused_solve
+    from benchmarks._fused_probe import fused_solve
 
     return fused_solve(x.U, x.V, dl, dr, g.M, g.Up, g.Vp)
 
@@ -555,10 +544,10 @@ def run_floor(reps: int, quick: bool, progress) -> dict:
     res = dict(meta, fused_error=fused_solve_error(), floor_parts=list(FLOOR_KEYS))
     with torch.no_grad():
         for mode, times in (
-            ("interleaved", time_interleaved(parts, 4 * reps, "cpu", "cpu")),
+            ("interleaved", time_steps(parts, 4 * reps, "cpu", "cpu")),
             (
                 "back to back",
-                {k: time_interleaved({k: p}, 4 * reps, "cpu", "cpu")[k] for k, p in parts.items()},
+                {k: time_steps({k: p}, 4 * reps, "cpu", "cpu")[k] for k, p in parts.items()},
             ),  # each part alone in its loop
         ):
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -595,11 +584,7 @@ def floor_table(res: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = list(dict.fromkeys((d["set"], d["r"], d["dtype"]) for d in rows))
     methods = list(dict.fromkeys(d["method"] for d in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -633,10 +618,8 @@ def plot(rows: list[dict], path: Path, quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
-    from _machine import machine_info
 
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
+    threads = pin_threads(args.threads if args.device == "cpu" else None, torch=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -646,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     header = machine_info() + (
         f"\ndevice {args.device}; torch threads {torch.get_num_threads()}; clock {args.clock}"
         + (" (CPU time of the stepping thread)" if args.clock == "cpu" else "")
+        + f"\n{threads}"
     )
     print(header)
     rows = []

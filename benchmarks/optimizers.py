@@ -25,16 +25,18 @@ best validation accuracy. Medians over the seeds are reported; an asterisk marks
 learning rate at the edge of its grid. Weight decay is 0 for every method.
 
 Times: a separate pass in torch (float64 for the (i) layer through the module's forward and
-backward, float32 for the MLP; one intra-op thread), interleaved rounds, median ms per training
-step (forward + backward + optimizer step), plus the optimizer's state elements (a plain walk of
-``optimizer.state``). The rules in (i)-(iv) run on the NumPy backend (the same rule code as the
-torch optimizers), the LoRA methods in torch with the closed-form gradient.
+backward, float32 for the MLP), interleaved rounds, median ms per training step (forward +
+backward + optimizer step), plus the optimizer's state in bytes
+(:func:`benchmarks.harness.optimizer_state_bytes`: every tensor reachable from
+``optimizer.state``; before the harness this column counted elements). Every thread pool (BLAS,
+OpenMP, numba, torch) has one thread. The rules in (i)-(iv) run on the NumPy backend (the same
+rule code as the torch optimizers), the LoRA methods in torch with the closed-form gradient.
 
 Usage::
 
-    python benchmarks/optimizers.py                 # full run (about an hour on 2 busy cores)
-    python benchmarks/optimizers.py --quick         # seconds: one seed, 2 lrs, short runs
-    python benchmarks/optimizers.py --out out/ --seeds 3 --steps 500
+    python -m benchmarks.optimizers                 # full run (about an hour on 2 busy cores)
+    python -m benchmarks.optimizers --quick         # seconds: one seed, 2 lrs, short runs
+    python -m benchmarks.optimizers --out out/ --seeds 3 --steps 500
 
 Writes ``optimizers_results.json``, ``optimizers_table.md`` and ``optimizers.png`` in ``--out``
 (default ``out/optimizers``).
@@ -42,24 +44,17 @@ Writes ``optimizers_results.json``, ``optimizers_table.md`` and ``optimizers.png
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _optimizers_lib as lib  # noqa: E402
-from _machine import machine_info  # noqa: E402
+from benchmarks import _optimizers_lib as lib
+from benchmarks.harness import machine_info, pin_threads, pyplot
 
 LR_RATIO = 300.0
 REG_PROBLEMS = ("i", "ii", "iii", "iv")
@@ -136,7 +131,7 @@ def run_regressions(methods, args, log) -> dict:
                     steps = run.steps_to()
                     per["lrs"][f"{lr:.6g}"] = {
                         "final": run.final, "steps": steps, "final_rank": int(run.ranks[-1]),
-                        "max_rank": int(run.ranks.max()), "state_elements": run.state_elements,
+                        "max_rank": int(run.ranks.max()), "state_bytes": run.state_bytes,
                     }  # fmt: skip
                     for crit, key in (
                         ("final", (_fin(run.final),)),
@@ -211,14 +206,14 @@ def summarize(methods, reg: dict, dig: dict, timing: dict, args) -> dict:
             )  # fmt: skip
             ranks = [per[s]["lrs"][f"{per[s]['best_final']['lr']:.6g}"]["final_rank"] for s in per]
             maxr = [v["max_rank"] for s in per for v in per[s]["lrs"].values()]
-            state = [v["state_elements"] for s in per for v in per[s]["lrs"].values()]
+            state = [v["state_bytes"] for s in per for v in per[s]["lrs"].values()]
             row[pk] = {
                 "final_median": _median(finals), "finals": finals,
                 "steps_median": _median(steps_v), "steps": steps,
                 "lr_final": [per[s]["best_final"]["lr"] for s in per],
                 "lr_steps": [per[s]["best_steps"]["lr"] for s in per],
                 "edge": edge, "final_rank": _median(ranks), "max_rank_any_lr": max(maxr),
-                "state_elements": max(state),
+                "state_bytes": max(state),
             }  # fmt: skip
         for start, per_m in dig.items():
             per = per_m[m.name]
@@ -313,7 +308,7 @@ def _fmt(v: float) -> str:
 
 def table(rows: dict, args, header: str) -> str:
     lines = [
-        "# Optimizer benchmark (benchmarks/optimizers.py)", "", "```", header, "```", "",
+        "# Optimizer benchmark (python -m benchmarks.optimizers)", "", "```", header, "```", "",
         f"Seeds: {args.seeds}; learning rates per method: {args.lrs} (ratio {LR_RATIO:g} end to "
         f"end); steps on (i)-(iv): {args.steps}; epochs on (v): {args.epochs}."
         + (" QUICK MODE: numbers are a smoke test, not results." if args.quick else ""), "",
@@ -337,7 +332,7 @@ def table(rows: dict, args, header: str) -> str:
     lines += ["", "`*`: a best learning rate at the edge of its grid.", ""]
     lines += [
         "## (v) digits MLP, hidden 256 x 256 at rank 8: test accuracy (median; lr by validation), and cost", "",
-        "| method | from scratch | compressed | final rank (compressed) | ms/step (i) layer | ms/step (v) MLP | state elements (i) | state elements (v) |",
+        "| method | from scratch | compressed | final rank (compressed) | ms/step (i) layer | ms/step (v) MLP | state bytes (i) | state bytes (v) |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in rows.items():
@@ -351,7 +346,7 @@ def table(rows: dict, args, header: str) -> str:
         rank = "–" if comp is None else "/".join(str(v) for v in comp["final_rank"])
         t = r["timing"]
         ms = [f"{t[k]['ms_median']:.2f}" if k in t else "–" for k in ("(i) layer", "(v) MLP")]
-        se = [str(t[k]["state_elements"]) if k in t else "–" for k in ("(i) layer", "(v) MLP")]
+        se = [f"{t[k]['state_bytes']:,}" if k in t else "–" for k in ("(i) layer", "(v) MLP")]
         lines.append(
             f"| {name} | {acc[0]} | {acc[1]} | {rank} | {ms[0]} | {ms[1]} | {se[0]} | {se[1]} |"
         )
@@ -377,11 +372,7 @@ FIG_METHODS = {
 
 
 def plot(reg: dict, rows: dict, path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), layout="constrained")
     for ax, pk in zip(axes.flat[:4], REG_PROBLEMS, strict=True):
         for name, (color, ls) in FIG_METHODS.items():
@@ -411,10 +402,10 @@ def plot(reg: dict, rows: dict, path: Path, quick: bool) -> None:
         t = r["timing"].get("(i) layer")
         st = r["ii"]["steps_median"]
         if t and math.isfinite(st):
-            ax.scatter(t["state_elements"] + 1, st, s=18)
-            ax.annotate(n, (t["state_elements"] + 1, st), fontsize=6)
+            ax.scatter(t["state_bytes"] + 1, st, s=18)
+            ax.annotate(n, (t["state_bytes"] + 1, st), fontsize=6)
     ax.set_xscale("log")
-    ax.set_xlabel("optimizer state elements, (i) layer (+1)")
+    ax.set_xlabel("optimizer state [bytes], (i) layer (+1)")
     ax.set_ylabel("(ii) steps to 1e-12 (median)")
     title = "Optimizers on (i)-(v)" + (" — QUICK smoke run, not results" if quick else "")
     fig.suptitle(title)
@@ -427,13 +418,51 @@ def plot(reg: dict, rows: dict, path: Path, quick: bool) -> None:
 # ---------------------------------------------------------------------------
 
 
+def losses_and_accuracies(methods: list, args: argparse.Namespace, log, header: str) -> tuple:
+    """(i)-(iv) and (v): run, or read from ``--from-json`` (with its header and settings) or
+    ``--reuse-regressions``; returns the methods, the two results and the header."""
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        reg, dig, header = (
+            saved["regressions"],
+            saved["digits"],
+            saved["machine"].split("\ntimings from")[0],
+        )
+        for k in ("seeds", "lrs", "steps", "epochs", "quick"):
+            setattr(args, k, saved["args"][k])
+        return [m for m in methods if m.name in reg["i"]], reg, dig, header
+    partial = args.out / "optimizers_regressions.json"
+    if args.reuse_regressions and partial.exists():
+        reg = json.loads(partial.read_text())
+        log(f"(i)-(iv) taken from {partial}")
+    else:
+        reg = run_regressions(methods, args, log)
+        partial.write_text(json.dumps(reg, default=_json_default))
+    dig = {} if args.skip_digits else run_digits(methods, args, log)
+    return methods, reg, dig, header
+
+
+def timings(methods: list, args: argparse.Namespace, log, header: str) -> tuple[dict, str]:
+    """The timing pass: measured now, or read from ``--timing-json`` (whose machine joins the
+    header); returns the timings and the header."""
+    if args.timing_json is None:
+        return measure_timing(methods, args, log), header
+    if not args.timing_json.exists():
+        log(f"no {args.timing_json} yet: the table has no timings")
+        return {}, header
+    saved_t = json.loads(args.timing_json.read_text())
+    header += "\ntimings from " + str(args.timing_json) + ", measured on:\n" + saved_t["machine"]
+    return saved_t["timing"], header
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    torch.set_num_threads(1)
+    threads = pin_threads(1, torch=True)
     args.out.mkdir(parents=True, exist_ok=True)
     header = machine_info(("numpy", "scipy", "torch", "peft", "scikit-learn", "rankopt"))
+    header += "\n" + threads
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -456,37 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "optimizers_timing.json").write_text(json.dumps(payload))
         log(f"wrote {args.out}/optimizers_timing.json ({time.perf_counter() - t0:.0f} s)")
         return 0
-    if args.from_json is not None:
-        saved = json.loads(args.from_json.read_text())
-        reg, dig, header = (
-            saved["regressions"],
-            saved["digits"],
-            saved["machine"].split("\ntimings from")[0],
-        )
-        for k in ("seeds", "lrs", "steps", "epochs", "quick"):
-            setattr(args, k, saved["args"][k])
-        methods = [m for m in methods if m.name in reg["i"]]
-    else:
-        partial = args.out / "optimizers_regressions.json"
-        if args.reuse_regressions and partial.exists():
-            reg = json.loads(partial.read_text())
-            log(f"(i)-(iv) taken from {partial}")
-        else:
-            reg = run_regressions(methods, args, log)
-            partial.write_text(json.dumps(reg, default=_json_default))
-        dig = {} if args.skip_digits else run_digits(methods, args, log)
-    if args.timing_json is not None:
-        if args.timing_json.exists():
-            saved_t = json.loads(args.timing_json.read_text())
-            timing = saved_t["timing"]
-            header += (
-                "\ntimings from " + str(args.timing_json) + ", measured on:\n" + saved_t["machine"]
-            )
-        else:
-            log(f"no {args.timing_json} yet: the table has no timings")
-            timing = {}
-    else:
-        timing = measure_timing(methods, args, log)
+    methods, reg, dig, header = losses_and_accuracies(methods, args, log, header)
+    timing, header = timings(methods, args, log, header)
     rows = summarize(methods, reg, dig, timing, args)
     checks = acceptance(rows)
     md = (

@@ -12,76 +12,38 @@ RESEARCH.md section 4) and k = 10 and 2r = 20 columns:
   on-disk cache written by the first run (``cache=True``);
 * the per-iteration operations of ``MatrixCompletion``.
 
-Timings are the minimum over ``--repeats`` runs of the mean of ``--number`` calls (the minimum is
-the least disturbed by other processes; the machine's load average is printed with the table).
+Timings are the minimum over ``--repeats`` rounds of the mean of ``--number`` calls, the
+implementations of one table called in turn in every round (the minimum is the least disturbed
+by other processes; the machine's load average is printed with the table). No thread count is
+pinned: the numba kernels are timed serial and threaded, and the header states the counts.
 
-Run: ``python benchmarks/sampling_kernels.py [--quick]``.
+Run: ``python -m benchmarks.sampling_kernels [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 
 import numpy as np
-import scipy
 import scipy.sparse as sp
 
+from benchmarks.harness import machine_info, pin_threads, time_interleaved
 from rankopt.problems import _kernels as K
 from rankopt.problems import random_completion
 from rankopt.problems.synthetic import sample_entries
 
 
-def machine_info() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        ncpu = len(os.sched_getaffinity(0))
-    except AttributeError:
-        ncpu = os.cpu_count()
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
-    parts = [
-        f"machine: {platform.machine()} {cpu}, {ncpu} usable cores, load average {load[0]:.2f}",
-        f"python {platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}",
-    ]
-    if K.HAVE_NUMBA:
-        import numba
-
-        parts.append(f"numba {numba.__version__}, {numba.get_num_threads()} threads")
-    blas = {k: v for k, v in os.environ.items() if k.endswith("_NUM_THREADS")}
-    parts.append(f"thread settings: {blas or 'library defaults'}")
-    try:
-        import torch
-
-        parts.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    except ImportError:
-        parts.append("torch not installed")
-    return "\n".join(parts)
-
-
-def timeit(f, number: int, repeats: int) -> float:
-    """Minimum over repeats of the mean time of one call, in milliseconds (after a warm-up)."""
-    f()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(number):
-            f()
-        best = min(best, (time.perf_counter() - t) / number)
-    return 1e3 * best
+def timeit(fns: dict, number: int, repeats: int) -> dict[str, float]:
+    """Per function: the minimum over ``repeats`` rounds of the mean time of ``number`` calls,
+    in milliseconds, after one warm-up call; the functions interleaved round by round
+    (:func:`benchmarks.harness.time_interleaved`)."""
+    return {k: 1e3 * t.min for k, t in time_interleaved(fns, repeats, calls=number).items()}
 
 
 if K.HAVE_NUMBA:
@@ -143,11 +105,13 @@ def sampling_table(m: int, n: int, nnz: int, ks: list[int], number: int, repeats
         B = rng.standard_normal((n, k))
         out = np.empty(nnz)
         want = K.sample_lowrank_numpy(A, B, rows, cols, np.empty(nnz))
-        for name, f in _sampling_cases(A, B, rows, cols, out).items():
+        cases = _sampling_cases(A, B, rows, cols, out)
+        for name, f in cases.items():
             if name.startswith(("numba", "numpy")):
                 f()
                 assert np.allclose(out, want)
-            results.setdefault(name, []).append(timeit(f, number, repeats))
+        for name, ms in timeit(cases, number, repeats).items():
+            results.setdefault(name, []).append(ms)
     for name, ts in results.items():
         print(f"{name:34s}" + "".join(f"{t:12.3f}" for t in ts))
 
@@ -158,16 +122,15 @@ def product_table(m: int, n: int, nnz: int, r: int, number: int, repeats: int) -
     Z = sp.csr_matrix((rng.standard_normal(nnz), (rows, cols)), shape=(m, n))
     U, V = rng.standard_normal((m, r)), rng.standard_normal((n, r))
     print(f"\nCSR products for the gradient projection, r = {r} (ms per call)")
-    print(f"{'scipy Z @ V':34s}{timeit(lambda: Z @ V, number, repeats):12.3f}")
-    print(f"{'scipy Z.T @ U':34s}{timeit(lambda: Z.T @ U, number, repeats):12.3f}")
+    cases = {"scipy Z @ V": lambda: Z @ V, "scipy Z.T @ U": lambda: Z.T @ U}
     if K.HAVE_NUMBA:
         ZV, ZtU = np.empty((m, r)), np.empty((n, r))
         args = (Z.indptr, Z.indices, Z.data, U, V, ZV, ZtU)
         _fused_pair(*args)
         assert np.allclose(ZV, Z @ V) and np.allclose(ZtU, Z.T @ U)
-        print(
-            f"{'numba fused (both products)':34s}{timeit(lambda: _fused_pair(*args), number, repeats):12.3f}"
-        )
+        cases["numba fused (both products)"] = lambda: _fused_pair(*args)
+    for name, ms in timeit(cases, number, repeats).items():
+        print(f"{name:34s}{ms:12.3f}")
 
 
 _FIRST_CALL = """
@@ -224,16 +187,17 @@ def completion_table(number: int, repeats: int) -> None:
 
         return g
 
-    for name, fn in (
-        ("cost", fresh(lambda: p.cost(x))),
-        ("cost_and_egrad", fresh(lambda: p.cost_and_egrad(x))),
-        ("cost_and_egrad (cached point)", lambda: p.cost_and_egrad(x)),
-        ("projection of the gradient", lambda: M.projection(x, G)),
-        ("exact_step (2r-column direction)", lambda: p.exact_step(x, D)),  # residual cached
-        ("ehess (2r-column direction)", lambda: p.ehess(x, D)),
-        ("retraction", lambda: M.retraction(x, xi)),
-    ):
-        print(f"{name:34s}{timeit(fn, number, repeats):12.3f}")
+    cases = {  # every call is at x: the uncached ones forget the residual first
+        "cost": fresh(lambda: p.cost(x)),
+        "cost_and_egrad": fresh(lambda: p.cost_and_egrad(x)),
+        "cost_and_egrad (cached point)": lambda: p.cost_and_egrad(x),
+        "projection of the gradient": lambda: M.projection(x, G),
+        "exact_step (2r-column direction)": lambda: p.exact_step(x, D),  # residual cached
+        "ehess (2r-column direction)": lambda: p.ehess(x, D),
+        "retraction": lambda: M.retraction(x, xi),
+    }
+    for name, ms in timeit(cases, number, repeats).items():
+        print(f"{name:34s}{ms:12.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -244,7 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args(argv)
     number, repeats = (5, 2) if args.quick else (args.number, args.repeats)
-    print(machine_info())
+    threads = pin_threads(None, torch=importlib.util.find_spec("torch") is not None)  # as is
+    print(machine_info(("numpy", "scipy", "numba", "torch", "rankopt")))
+    print(threads)
     sampling_table(1000, 1000, args.nnz, [10, 20], number, repeats)
     product_table(1000, 1000, args.nnz, 10, number, repeats)
     completion_table(number, repeats)

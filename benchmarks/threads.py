@@ -20,8 +20,8 @@ or a shared server. Iteration counts of repeated runs are compared too (they mus
 capped cases (``demo-rcg``, ``dense-rcg``, ``small-rcg``) time a fixed amount of work and are not
 meant to converge: their ``ConvergenceWarning`` is not shown.
 
-    python benchmarks/threads.py               # ~3-5 min on 2 cores
-    python benchmarks/threads.py --quick       # smoke run: 1 repeat, small problems
+    python -m benchmarks.threads               # ~3-5 min on 2 cores
+    python -m benchmarks.threads --quick       # smoke run: 1 repeat, small problems
 
 Writes ``out/threads.md`` (the table) and ``out/threads.png`` (time ratios).
 """
@@ -33,18 +33,15 @@ import multiprocessing as mp
 import os
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from _machine import machine_info  # noqa: E402
-
-import rankopt as ro  # noqa: E402
-from rankopt.problems import random_completion, warmup_kernels  # noqa: E402
+import rankopt as ro
+from benchmarks.harness import machine_info, pyplot, time_interleaved
+from rankopt.problems import random_completion, warmup_kernels
 
 SETTINGS = {"1 thread (default)": 1, "BLAS default": None}
 
@@ -100,22 +97,31 @@ def _solve(problem: Any, threads: int | None, kw: dict[str, Any]) -> Any:
 
 
 def measure(problems, repeats: int, log) -> dict[str, dict[str, list]]:
-    """Interleaved runs; returns name -> setting -> [(seconds, iterations), ...]."""
+    """Interleaved runs (A, B, B, A, ...: no order bias) after one untimed warm-up run of each
+    setting; returns name -> setting -> [(seconds, iterations), ...]."""
     out: dict[str, dict[str, list]] = {}
     for name, (problem, kw) in problems.items():
-        out[name] = {s: [] for s in SETTINGS}
-        for threads in SETTINGS.values():  # untimed warm-up (first-call costs, caches)
-            _solve(problem, threads, kw)
-        for rep in range(repeats):
-            order = list(SETTINGS.items())
-            for label, threads in order if rep % 2 == 0 else order[::-1]:  # ABBA: no order bias
-                t = time.perf_counter()
-                res = _solve(problem, threads, kw)
-                out[name][label].append((time.perf_counter() - t, res.iterations))
+        fns = {
+            label: (lambda p=problem, t=threads, kw=kw: _solve(p, t, kw))
+            for label, threads in SETTINGS.items()
+        }
+
+        def progress(rnd, timings, name=name):
             log(
-                f"  {name} repeat {rep + 1}/{repeats}: "
-                + ", ".join(f"{k} {v[-1][0]:.3f} s ({v[-1][1]} it)" for k, v in out[name].items())
+                f"  {name} repeat {rnd + 1}/{repeats}: "
+                + ", ".join(
+                    f"{k} {t.seconds[-1]:.3f} s ({t.results[-1].iterations} it)"
+                    for k, t in timings.items()
+                )
             )
+
+        timings = time_interleaved(
+            fns, repeats, alternate=True, keep_results=True, on_round=progress
+        )
+        out[name] = {
+            k: [(s, r.iterations) for s, r in zip(t.seconds, t.results, strict=True)]
+            for k, t in timings.items()
+        }
     return out
 
 
@@ -138,11 +144,7 @@ def table(results: dict[str, dict[str, dict[str, list]]]) -> str:
 
 
 def plot(results, path: Path, quick: bool) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4))
     names = list(next(iter(results.values())))
     width = 0.8 / len(results)

@@ -16,8 +16,8 @@ iteration cap unless said otherwise; times are wall-clock, end to end:
   ``Problem(cost, egrad)``: no Hessian, no exact line search, no spectral start (random start);
 * ``large``: completion at ``--large`` (default 10,000; skipped in ``--quick``), kappa 1.
 
-    python benchmarks/which_solver.py           # n = 1000: about 2-4 min on 2 cores
-    python benchmarks/which_solver.py --quick   # n = 200, smoke run
+    python -m benchmarks.which_solver           # n = 1000: about 2-4 min on 2 cores
+    python -m benchmarks.which_solver --quick   # n = 200, smoke run
 
 Writes ``out/which_solver.md`` (machine info and the table), ``out/which_solver.json`` and
 ``out/which_solver.png`` (``--replot`` redraws the PNG from the JSON).
@@ -32,13 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from _machine import machine_info  # noqa: E402
-
-import rankopt as ro  # noqa: E402
-from rankopt.problems import random_completion, warmup_kernels  # noqa: E402
+import rankopt as ro
+from benchmarks.harness import machine_info, pyplot
+from rankopt.problems import random_completion, warmup_kernels
 
 RANK = 10
 COMPLETION_METHODS = {
@@ -160,10 +158,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, quick: bool) -> None:
     """One panel per situation (2 rows), error against time, one color per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter
 
     sits = list(dict.fromkeys(r["situation"] for r in rows))

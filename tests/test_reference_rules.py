@@ -217,16 +217,12 @@ def test_reference_radamw_state_is_dense():
 
 
 def test_reference_radamw_reaches_1e15_on_problem_ii():
-    """The authors' RAdamW on problem (ii) of benchmarks/optimizers.py (W* 60 x 50, rank 4,
+    """The authors' RAdamW on problem (ii) of ``benchmarks.optimizers`` (W* 60 x 50, rank 4,
     kappa 100, ill-conditioned inputs), from W = 0 as their code starts (the dense first step
     truncated), weight decay 0: relative loss <= 1e-15 within 500 steps (seed 1, the grid's
     best lr 1.53e-3; on seeds 0 and 2 it stalls between 1e-9 and 1e-5 at every lr of the grid,
     see docs/optimizers.md)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import _optimizers_lib as lib
+    from benchmarks import _optimizers_lib as lib
 
     method = next(m for m in lib.all_methods() if m.name == "authors' RAdamW (reference)")
     prob = lib.regression(lib.PROBLEMS["ii"], 1)
