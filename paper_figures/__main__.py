@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_all import main  # noqa: E402
+from paper_figures.make_all import main
 
 if __name__ == "__main__":
     for path in main():

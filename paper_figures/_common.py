@@ -21,26 +21,22 @@ On a factored direction ``D = P Q^T`` (rank k) the operator costs ``O(n^2 k + m 
 
 from __future__ import annotations
 
-import os
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import LogLocator, NullLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import LogLocator, NullLocator
 
-import rankopt as ro  # noqa: E402
+import rankopt as ro
+from benchmarks.harness import pin_threads
 
 __all__ = [
     "DEFAULT_OUT",
@@ -80,6 +76,7 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     args = ap.parse_args(argv)
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    pin_threads(1)  # BLAS, OpenMP and numba: one thread, as the measurements were taken
     return args
 
 

@@ -17,31 +17,23 @@ it again, a post-convergence instability the JSON's ``grid_finals`` shows):
 
 Top: relative loss; bottom: rank, against the step.
 
-    python paper_figures/fig_dlra.py [--quick] [--out DIR]
+    python -m paper_figures.fig_dlra [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
+from benchmarks import _optimizers_lib as lib
+from paper_figures._common import floor_curve, parse_args, save
+from rankopt import rules
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))  # the repository root: the benchmarks package
-from _common import floor_curve, parse_args, save  # noqa: E402
-
-from benchmarks import _optimizers_lib as lib  # noqa: E402
-from rankopt import rules  # noqa: E402
 
 NAME = "fig_dlra"
 #: label -> (method name in the benchmark, or a (rule factory, lr_lo, fit rank) of its own; color, style)

@@ -18,26 +18,20 @@ the lowest final loss). The seed paper's claim (Bian et al., NeurIPS 2025; RESEA
 factorization's conditioning slows factorized training (its rate depends on ``kappa``), the
 Riemannian methods remove that dependence.
 
-    python paper_figures/fig_factorized.py [--quick] [--out DIR]
+    python -m paper_figures.fig_factorized [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import os
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+import rankopt as ro
+from paper_figures._common import (
     COLORS,
     factored_run,
     floor_curve,
@@ -47,8 +41,6 @@ from _common import (  # noqa: E402
     save,
     tune,
 )
-
-import rankopt as ro  # noqa: E402
 
 NAME = "fig_factorized"
 METHODS = ("factor GD", "factor Adam", "RGD", "RAdamW")

@@ -16,29 +16,21 @@ evaluations, gradients and Hessian-vector products each count one), which puts a
 iteration (many inner CG steps) and a gradient iteration on the same scale without timing
 on a loaded machine.
 
-    python paper_figures/fig_kappa.py [--quick] [--out DIR]
+    python -m paper_figures.fig_kappa [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import os
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import COLORS, floor_curve, parse_args, save  # noqa: E402
-
-import rankopt as ro  # noqa: E402
+import rankopt as ro
+from paper_figures._common import COLORS, floor_curve, parse_args, save
 
 NAME = "fig_kappa"
 METHODS = ("RGD", "RCG", "auto")

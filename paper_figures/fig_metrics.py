@@ -19,27 +19,21 @@ spectral start:
 Left: relative loss; right: relative error to ``W*`` (the loss weights hide errors in
 low-weight rows/columns, the error does not), both against iteration.
 
-    python paper_figures/fig_metrics.py [--quick] [--out DIR]
+    python -m paper_figures.fig_metrics [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import os
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
+import rankopt as ro
+from paper_figures._common import (
     COLORS,
     floor_curve,
     parse_args,
@@ -48,8 +42,6 @@ from _common import (  # noqa: E402
     save,
     tune,
 )
-
-import rankopt as ro  # noqa: E402
 
 NAME = "fig_metrics"
 COLORS = {**COLORS, "RHeavyBall": "tab:orange"}

@@ -18,32 +18,24 @@ By default the curves come from the benchmark's own results
 (``out/optimizers/optimizers_results.json``, ``--bench-json``) when that file exists; otherwise
 (and always with ``--quick``) this script runs the same code on a smaller grid.
 
-    python paper_figures/fig_seeds.py [--quick] [--out DIR] [--bench-json PATH]
+    python -m paper_figures.fig_seeds [--quick] [--out DIR] [--bench-json PATH]
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
+from benchmarks import _optimizers_lib as lib
+from paper_figures._common import DEFAULT_OUT, floor_curve, save
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))  # the repository root: the benchmarks package
-from _common import DEFAULT_OUT, floor_curve, save  # noqa: E402
-
-from benchmarks import _optimizers_lib as lib  # noqa: E402
 
 NAME = "fig_seeds"
 BENCH_JSON = Path("out") / "optimizers" / "optimizers_results.json"

@@ -2,9 +2,9 @@ r"""Regenerate every paper figure with one command.
 
     python -m paper_figures                     # full mode (the same as make_all.py)
     python -m paper_figures --quick             # small sizes: seconds per figure
-    python paper_figures/make_all.py --out DIR --only fig_kappa fig_metrics
+    python -m paper_figures.make_all --out DIR --only fig_kappa fig_metrics
 
-Each figure script also runs on its own (``python paper_figures/fig_kappa.py --quick``). The
+Each figure script also runs on its own (``python -m paper_figures.fig_kappa --quick``). The
 scripts run in this one process (one import of NumPy/Numba/Matplotlib, one JIT warm-up) and
 each writes ``<name>.png`` and ``<name>.json`` (the numbers the figure shows) into ``--out``
 (default ``out/paper_figures``).
@@ -12,20 +12,13 @@ each writes ``<name>.png`` and ``<name>.json`` (the numbers the figure shows) in
 
 from __future__ import annotations
 
-import os
+import argparse
+import importlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_OUT  # noqa: E402
+from paper_figures._common import DEFAULT_OUT
 
 FIGURES = ("fig_kappa", "fig_factorized", "fig_metrics", "fig_seeds", "fig_dlra")
 
@@ -45,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     for name in args.only:
         t0 = time.perf_counter()
         print(f"== {name} {' '.join(passthrough)}", flush=True)
-        written += importlib.import_module(name).main(passthrough)
+        written += importlib.import_module(f"paper_figures.{name}").main(passthrough)
         print(f"== {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     return written
 
