@@ -126,19 +126,6 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         Parameters, or dicts defining param groups (as for any ``torch.optim`` optimizer).
     rule : rule spec class, spec instance or registered name
         The rule of the low-rank layers (:func:`rankopt.rules.registry.registered`).
-    foreach : bool or None
-        torch's foreach kernels for the ordinary parameters (None: torch's choice).
-    fused : bool or None
-        torch's fused kernels for the ordinary parameters.
-    stack_layers : bool
-        True (default): same-shape layers are stacked and moved by one call of the rule. False
-        moves each layer by its own call (the per-layer path: the same results to rounding,
-        slower when many layers share a shape).
-    compile : bool, str or dict
-        False (default); True, a backend name or ``torch.compile`` keyword arguments: each
-        stack's fixed-rank rule step is compiled (:mod:`rankopt.torch.compiled`). A rule that
-        reads ranks on the host (rank-adaptive) or needs the backward's batch runs eagerly, with
-        a warning.
     check_finite : bool
         Raise ``ValueError`` on non-finite gradients, a non-finite low-rank update (e.g. a far
         too large ``lr``) or an invalid tensor ``lr``, before anything changes (one device
@@ -146,7 +133,14 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         used for the gradients instead, and a step with inf/NaN gradients is skipped with a
         ``RuntimeWarning``.
     **options
-        The rule's fields and the ordinary rule's options (see above).
+        The rule's fields, the ordinary rule's own options (see above), and the options every
+        rankopt optimizer takes: ``foreach`` and ``fused`` (torch's kernels for the ordinary
+        parameters; None: torch's choice); ``stack_layers`` (True: same-shape layers are
+        stacked and moved by one call of the rule; False moves each layer by its own call, the
+        per-layer path: the same results to rounding, slower when many layers share a shape);
+        ``compile`` (False; True, a backend name or ``torch.compile`` keyword arguments: each
+        stack's fixed-rank rule step is compiled, :mod:`rankopt.torch.compiled`; a rule that
+        reads ranks on the host or needs the backward's batch runs eagerly, with a warning).
     """
 
     _rankopt_riemannian = True
