@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 import rankopt as ro
 from rankopt.problems import MatrixCompletion, random_completion
 from rankopt.problems import _kernels as K
+from rankopt.problems._kernels import blocked
 from rankopt.solvers import RGN
 
 pytestmark = pytest.mark.timeout(120)
@@ -99,7 +100,7 @@ def test_cupy_solve():
 def test_cupy_indices_do_not_take_the_torch_branch(monkeypatch):
     """Without a GPU: the index arrays of a CuPy problem are made by cupy (int32), not torch."""
     from rankopt._backend import Backend
-    from rankopt.problems.completion import _index_array
+    from rankopt.problems._observations import index_array
 
     made = []
 
@@ -120,11 +121,11 @@ def test_cupy_indices_do_not_take_the_torch_branch(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.delitem(sys.modules, "torch", raising=False)  # a torch call would import it
     be = Backend("cupy", np.dtype("float64"), 0)
-    out = _index_array(be, np.arange(5, dtype=np.int64), np.int32)
+    out = index_array(be, np.arange(5, dtype=np.int64), np.int32)
     assert out.dtype == np.int32 and ("asarray", np.dtype("int32")) in made
     assert "torch" not in sys.modules
     with pytest.raises(ValueError, match="int32 indices"):
-        _index_array(be, np.arange(5), np.int64)
+        index_array(be, np.arange(5), np.int64)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -221,10 +222,10 @@ def test_sample_project_rejects_bad_widths():
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
 def test_gn_operator_matches_the_generic_one(wd, parallel, fused, monkeypatch):
-    from rankopt.problems import completion
+    from rankopt.problems import _gauss_newton
 
     if fused:  # the one-pass sample_project_csr path (used once the factors leave the cache)
-        monkeypatch.setattr(completion, "FUSE_MIN_BYTES", 0)
+        monkeypatch.setattr(_gauss_newton, "FUSE_MIN_BYTES", 0)
     p = random_completion(60, 45, 3, oversampling=4, seed=1, weight_decay=wd)
     q = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, wd, parallel=parallel)
     M = p.manifold(3)
@@ -307,7 +308,7 @@ def test_blocked_pattern_products_match_scipy(parallel):
 
 
 def test_gn_operator_blocked_path_matches(monkeypatch):
-    monkeypatch.setattr(K, "BLOCK_BYTES", 8 * 6 * 5)  # 5 columns per block at k = 6
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * 6 * 5)  # 5 columns per block at k = 6
     p = random_completion(60, 45, 3, oversampling=4, seed=1)
     M = p.manifold(3)
     x = M.random_point(seed=2)
@@ -344,7 +345,7 @@ def test_truncated_cg_reports_the_curvature_along_its_solution():
 def test_spectral_start_through_the_blocked_operator_is_the_same(monkeypatch):
     p = random_completion(120, 100, 3, kappa=3.0, oversampling=3, seed=4)
     ref = p.spectral_init(3, seed=0)
-    monkeypatch.setattr(K, "BLOCK_BYTES", 8 * 6 * 9)  # 9 columns per block at rank 3
+    monkeypatch.setattr(blocked, "BLOCK_BYTES", 8 * 6 * 9)  # 9 columns per block at rank 3
     q = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, truth=p.truth)
     x = q.spectral_init(3, seed=0)
     assert q._blocked is not None  # noqa: SLF001
@@ -370,7 +371,7 @@ def test_block_preconditioner_reused_blocks_are_rotated_into_place():
     p.gn_preconditioner(M, x)
     y = M.retraction(x, M.random_tangent_vector(x, seed=5) * 1e-4)
     P = p.gn_preconditioner(M, y)
-    U0, V0, Gr, Gc = p._block_cache  # noqa: SLF001
+    U0, V0, Gr, Gc = p._block_jacobi.blocks  # noqa: SLF001
     assert U0 is x.U  # reused, not recomputed
     Ru, Rv = U0.T @ y.U, V0.T @ y.V
     ts = [M.random_tangent_vector(y, seed=s) for s in (1, 2)]

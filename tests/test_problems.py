@@ -18,6 +18,7 @@ from rankopt.problems import (
     random_sensing,
 )
 from rankopt.problems import _kernels as K
+from rankopt.problems._kernels.sampling import RESIDUAL, SAMPLE
 from rankopt.problems.synthetic import sample_entries
 
 METRICS = {
@@ -238,7 +239,7 @@ def test_sample_lowrank_matches_dense(path, idx_dtype, dtype):
     rows, cols = rows.astype(idx_dtype), cols.astype(idx_dtype)
     want = (A.astype(np.float64) @ B.astype(np.float64).T)[rows, cols]
     # the kernel source run as plain Python (before compilation) is the reference loop
-    ref = K._sample_serial(A, B, rows[:50], cols[:50], np.empty(50, dtype=dtype))
+    ref = SAMPLE.python(A, B, rows[:50], cols[:50], np.empty(50, dtype=dtype))
     np.testing.assert_allclose(ref, want[:50], rtol=1e-5, atol=1e-5)
     kw = {"use_numba": path != "numpy", "parallel": path == "numba_parallel"}
     out = K.sample_lowrank(A, B, rows, cols, **kw)
@@ -256,7 +257,7 @@ def test_warmup_compiles_the_serial_kernels():
     if not K.HAVE_NUMBA:
         pytest.skip("numba is not installed (nothing to warm up)")
     assert ro.problems.warmup_kernels(parallel=False) >= 0.0
-    sample, residual = K._compiled(False)
+    sample, residual = SAMPLE(False), RESIDUAL(False)
     assert len(sample.signatures) >= 2 and len(residual.signatures) >= 2  # int32 and int64
 
 

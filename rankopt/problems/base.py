@@ -1,17 +1,29 @@
-r"""The problem protocol the solvers call, and a generic problem built from user callables.
+r"""The problem protocol the solvers call, the data protocol, and a generic problem.
 
 A problem is a smooth cost ``f`` on ``R^{m x n}`` restricted to the fixed-rank manifold. It
 supplies the cost at a :class:`~rankopt.FixedRankPoint`, the Euclidean gradient as an *ambient*
 matrix (dense array, scipy / torch sparse matrix, :class:`~rankopt.LowRankMatrix`, or a tuple
 of those meaning their sum, which :class:`~rankopt.FixedRankManifold` accepts everywhere), and
 optionally the Euclidean Hessian applied to an ambient direction, an exact line-search step,
-a spectral initial point and the error to a known truth.
+a spectral initial point and the error to a known truth: the methods of :class:`Problem`.
+
+Least-squares problems may add two hooks for Gauss-Newton (:class:`rankopt.solvers.RGN` looks
+them up and falls back to ``ehess`` and no preconditioner without them):
+``gn_operator(manifold, x)``, the operator ``P_x A^* A P_x (+ lam)`` on the tangent space at
+``x`` (or None), and ``gn_preconditioner(manifold, x)``, an SPD approximation of its inverse.
+
+Problems fitted to observations follow the *data protocol* :class:`DataProblem` (and, when the
+observations are entries of the matrix, :class:`EntryProblem`): the noise-aware solving of
+:mod:`rankopt.solvers.noise` counts, splits and holds out their observations. Both are
+``typing.Protocol`` classes checked with ``isinstance`` (``runtime_checkable``: every member is
+present); :class:`~rankopt.problems.MatrixCompletion` and
+:class:`~rankopt.problems.MatrixSensing` implement them without inheriting from them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -19,7 +31,15 @@ from .._backend import Backend, backend_like, backend_name_of, make_backend
 from ..containers import FixedRankPoint, LowRankMatrix, TangentVector
 from ..manifold import FixedRankManifold
 
-__all__ = ["Problem", "relative_error_lowrank", "lowrank_inner", "lowrank_sq_norm"]
+__all__ = [
+    "Problem",
+    "DataProblem",
+    "EntryProblem",
+    "check_weight_decay",
+    "relative_error_lowrank",
+    "lowrank_inner",
+    "lowrank_sq_norm",
+]
 
 
 def _check_shape(shape: Any) -> tuple[int, int]:
@@ -31,6 +51,14 @@ def _check_shape(shape: Any) -> tuple[int, int]:
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"shape must hold two positive integers, got {name}={v!r}")
     return int(m), int(n)
+
+
+def check_weight_decay(weight_decay: Any) -> float:
+    """The ridge weight ``lam`` as a float; ValueError unless finite and ``>= 0``."""
+    wd = float(weight_decay)
+    if not (wd >= 0.0 and np.isfinite(wd)):
+        raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
+    return wd
 
 
 def as_lowrank(D: Any) -> Any:
@@ -222,3 +250,65 @@ class Problem:
         if isinstance(D, TangentVector):
             return self.manifold(x.rank).embed(x, D)
         return as_lowrank(D)
+
+
+@runtime_checkable
+class DataProblem(Protocol):
+    r"""The data protocol: ``f(X) = 1/2 ||A(X) - b||^2 (+ lam/2 ||X||_F^2)`` with ``N``
+    observations ``b`` that can be counted, read and split.
+
+    :mod:`rankopt.solvers.noise` uses it to warn about under-determined fits, estimate the noise
+    level from the residual and choose the rank (and ridge) on held-out observations. A problem
+    is a data problem for the solvers when ``isinstance(problem, DataProblem)`` (all members
+    present) and ``problem.least_squares`` is true.
+
+    Attributes
+    ----------
+    shape : (int, int)
+    least_squares : bool
+        True for the least-squares cost above.
+    """
+
+    shape: tuple[int, int]
+    least_squares: bool
+
+    @property
+    def num_observations(self) -> int:
+        """``N``, the number of observations (entries, measurements)."""
+        ...
+
+    def observed_values(self) -> Any:
+        """The observations ``b`` (length ``N``), in the problem's order and backend."""
+        ...
+
+    def residual(self, x: FixedRankPoint) -> Any:
+        """``A(X) - b`` at a point (length ``N``, a fresh array)."""
+        ...
+
+    def subset(self, index: Any, weight_decay: float | None = None) -> DataProblem:
+        """The same problem on the observations ``index`` (NumPy integer positions), with its
+        own ``weight_decay`` (default: this problem's)."""
+        ...
+
+
+@runtime_checkable
+class EntryProblem(DataProblem, Protocol):
+    r"""A data problem whose observations are entries of the matrix (completion,
+    ``A = P_Omega``): the sampling rate ``N / (m n)`` and the counts per row and column mean
+    something (ridge scale, noise level of a fitted component, undetermined rows).
+
+    Attributes
+    ----------
+    nnz : int
+        ``N = |Omega|``.
+    """
+
+    nnz: int
+
+    def observation_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Observations per row (length m) and per column (length n), NumPy int arrays."""
+        ...
+
+    def underdetermined(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and columns with fewer than ``rank`` observations (sorted index arrays)."""
+        ...

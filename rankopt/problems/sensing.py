@@ -26,7 +26,8 @@ import numpy as np
 
 from .._backend import Backend, backend_like, backend_name_of
 from ..containers import FixedRankPoint, LowRankMatrix
-from .base import Problem, lowrank_inner, lowrank_sq_norm
+from ._svd import top_svd
+from .base import Problem, check_weight_decay, lowrank_inner, lowrank_sq_norm
 
 __all__ = ["MatrixSensing"]
 
@@ -51,19 +52,27 @@ class MatrixSensing(Problem):
 
     Parameters
     ----------
-    A : array (k, m, n)
-        Measurement matrices, ``A(X)_i = <A_i, X>`` (NumPy or torch; fixes the backend).
+    A : array (k, m, n) or None
+        Measurement matrices, ``A(X)_i = <A_i, X>`` (NumPy or torch; fixes the backend). None
+        for a matrix-free operator given as ``operator`` (see :meth:`from_operator`).
     b : array (k,)
         Measurements.
     weight_decay : float
         Ridge weight ``lam >= 0``.
     truth : FixedRankPoint, optional
         Enables :meth:`relative_error`.
+    operator : (forward, adjoint), optional
+        The matrix-free operator when ``A`` is None, as in :meth:`from_operator`.
+    shape : (int, int), optional
+        ``(m, n)`` of a matrix-free operator (a dense ``A`` fixes it).
+    dtype : optional
+        Working dtype of a matrix-free operator (default: that of ``b``).
 
     Raises
     ------
     ValueError
-        If ``A`` is not 3-D, ``b`` does not have ``k`` entries, or either is not finite.
+        If ``A`` is not 3-D, ``b`` does not have ``k`` entries, or either is not finite; if
+        ``A`` and ``operator`` (or ``shape``, ``dtype``) are both given, or neither.
     """
 
     least_squares = True
@@ -75,39 +84,32 @@ class MatrixSensing(Problem):
         weight_decay: float = 0.0,
         *,
         truth: FixedRankPoint | None = None,
+        operator: tuple[Callable[[LowRankMatrix], Any], Callable[[Any], Any]] | None = None,
+        shape: tuple[int, int] | None = None,
+        dtype: Any = None,
     ) -> None:
-        _require_real(A, "A")
-        if backend_name_of(A) is None:
-            A = np.asarray(A, dtype=np.float64)
-        if len(A.shape) != 3:
-            raise ValueError(
-                f"A must be a (k, m, n) array of measurement matrices, got shape {tuple(A.shape)}"
-            )
-        be = backend_like(A)
-        k, m, n = (int(d) for d in A.shape)
-        if k == 0:
-            raise ValueError("A holds no measurement matrices (k = 0)")
-        A = be.asarray(A)
-        if not be.all_finite(A):
-            raise ValueError("A contains non-finite values")
-        Aflat = A.reshape(k, m * n)
-        self._setup(
-            _dense_forward(Aflat, (m, n)),
-            _dense_adjoint(Aflat, (m, n)),
-            b,
-            (m, n),
-            weight_decay,
-            truth,
-            be.name,
-            be.dtype,
-            be.device,
-        )
-        if self.k != k:
-            raise ValueError(
-                f"b has {self.k} measurements but A holds k = {k} measurement matrices "
-                f"(A has shape {tuple(A.shape)}): b must have length {k}"
-            )
+        if A is None:
+            forward, adjoint = _check_operator(operator)
+            backend, dtype, device = _backend_of(b, dtype)
+        else:
+            if operator is not None or shape is not None or dtype is not None:
+                raise ValueError(
+                    "operator, shape and dtype describe a matrix-free operator (A=None); "
+                    "a dense A fixes them"
+                )
+            A, be = _dense_measurements(A)
+            k, m, n = (int(d) for d in A.shape)
+            Aflat = A.reshape(k, m * n)
+            forward, adjoint = _dense_forward(Aflat, (m, n)), _dense_adjoint(Aflat, (m, n))
+            shape, backend, dtype, device = (m, n), be.name, be.dtype, be.device
+        super().__init__(shape=shape, backend=backend, dtype=dtype, device=device, truth=truth)
         self.A = A
+        self.b = _measurements(self._be, b)
+        self.k = int(self.b.shape[0])
+        self.weight_decay = check_weight_decay(weight_decay)
+        self._forward, self._adjoint = forward, adjoint
+        self._last: tuple[FixedRankPoint, Any] | None = None  # point, residual
+        self._check_lengths()
 
     @classmethod
     def from_operator(
@@ -146,54 +148,36 @@ class MatrixSensing(Problem):
             construction, on the rank-1 zero matrix (O(one forward evaluation)), so that a
             wrong ``b`` fails here rather than at the first cost evaluation.
         """
-        if not callable(forward) or not callable(adjoint):
-            raise ValueError("forward and adjoint must be callables")
-        self = cls.__new__(cls)
-        name = backend_name_of(b) or "numpy"
-        be = backend_like(b) if name != "numpy" else None
-        self._setup(
-            forward,
-            adjoint,
+        return cls(
+            None,
             b,
-            shape,
             weight_decay,
-            truth,
-            name,
-            dtype if dtype is not None else (be.dtype if be is not None else None),
-            be.device if be is not None else None,
+            truth=truth,
+            operator=(forward, adjoint),
+            shape=shape,
+            dtype=dtype,
         )
-        self.A = None
+
+    def _check_lengths(self) -> None:
+        """ValueError unless the operator gives one value per measurement: ``A`` holds ``k``
+        matrices, or ``forward`` (evaluated once, on the rank-1 zero matrix) returns ``k``."""
+        if self.A is not None:
+            k = int(self.A.shape[0])
+            if self.k != k:
+                raise ValueError(
+                    f"b has {self.k} measurements but A holds k = {k} measurement matrices "
+                    f"(A has shape {tuple(self.A.shape)}): b must have length {k}"
+                )
+            return
         m, n = self.shape
         zero = LowRankMatrix(self._be.zeros((m, 1)), self._be.zeros((n, 1)))
-        y = forward(zero)
+        y = self._forward(zero)
         if len(getattr(y, "shape", ())) != 1 or int(y.shape[0]) != self.k:
             raise ValueError(
                 f"b has {self.k} measurements but the forward operator returns shape "
                 f"{tuple(getattr(y, 'shape', ()))} (evaluated on the zero matrix): "
                 "b must have one entry per measurement"
             )
-        return self
-
-    def _setup(
-        self, forward, adjoint, b, shape, weight_decay, truth, backend, dtype, device
-    ) -> None:
-        self._init_common(shape, backend, dtype, device, truth)
-        be = self._be
-        _require_real(b, "b")
-        b = be.asarray(b)
-        if len(b.shape) != 1:
-            raise ValueError(f"b must be a 1-D vector of measurements, got shape {tuple(b.shape)}")
-        if not be.all_finite(b):
-            raise ValueError("b contains non-finite values")
-        wd = float(weight_decay)
-        if not (wd >= 0.0 and np.isfinite(wd)):
-            raise ValueError(f"weight_decay must be finite and >= 0, got {weight_decay!r}")
-        self.b = b
-        self.k = int(b.shape[0])
-        self.weight_decay = wd
-        self._forward, self._adjoint = forward, adjoint
-        self._ehess_fn = None
-        self._last: tuple[FixedRankPoint, Any] | None = None
 
     @property
     def has_hessian(self) -> bool:
@@ -365,19 +349,16 @@ class MatrixSensing(Problem):
         if isinstance(Y, (tuple, list)):
             raise ValueError("spectral_init needs adjoint(b) as one matrix, not a sum")
         if self._be.is_sparse(Y):
-            import scipy.sparse.linalg as sla
-
             if self.backend != "numpy":
                 raise ValueError("spectral_init supports sparse adjoints on the numpy backend only")
             if rank >= min(m, n):
                 Y = np.asarray(Y.toarray())
                 y0 = M.from_matrix(Y)
             else:
-                u, s, vt = sla.svds(Y, k=int(rank), solver="propack", random_state=0)
-                order = np.argsort(s)[::-1]
-                if not s[order][-1] > 0:
+                u, s, v = top_svd(Y, int(rank), 0)  # PROPACK, seed 0
+                if not s[-1] > 0:
                     raise ValueError(f"A^*(b) has rank < {rank}")
-                y0 = FixedRankPoint(u[:, order], s[order], vt[order].T.copy())
+                y0 = FixedRankPoint(u, s, v.copy())
         else:
             y0 = M.from_matrix(Y)
         be = self._be
@@ -398,3 +379,53 @@ def _require_real(a: Any, what: str) -> None:
         raise TypeError(
             f"{what} must be real numbers, got dtype {arr.dtype}: rankopt works over the reals"
         )
+
+
+def _check_operator(operator: Any) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """``(forward, adjoint)`` of a matrix-free problem; ValueError unless two callables."""
+    if operator is None:
+        raise ValueError("MatrixSensing needs A, or operator=(forward, adjoint) and shape")
+    forward, adjoint = operator
+    if not callable(forward) or not callable(adjoint):
+        raise ValueError("forward and adjoint must be callables")
+    return forward, adjoint
+
+
+def _backend_of(b: Any, dtype: Any) -> tuple[str, Any, Any]:
+    """``(backend, dtype, device)`` of a matrix-free problem: those of ``b`` (NumPy for lists),
+    ``dtype`` overriding."""
+    name = backend_name_of(b) or "numpy"
+    be = backend_like(b) if name != "numpy" else None
+    if dtype is None and be is not None:
+        dtype = be.dtype
+    return name, dtype, (be.device if be is not None else None)
+
+
+def _dense_measurements(A: Any) -> tuple[Any, Backend]:
+    """The measurement matrices as a finite, real 3-D array of their backend, with the
+    backend. O(k m n)."""
+    _require_real(A, "A")
+    if backend_name_of(A) is None:
+        A = np.asarray(A, dtype=np.float64)
+    if len(A.shape) != 3:
+        raise ValueError(
+            f"A must be a (k, m, n) array of measurement matrices, got shape {tuple(A.shape)}"
+        )
+    be = backend_like(A)
+    if int(A.shape[0]) == 0:
+        raise ValueError("A holds no measurement matrices (k = 0)")
+    A = be.asarray(A)
+    if not be.all_finite(A):
+        raise ValueError("A contains non-finite values")
+    return A, be
+
+
+def _measurements(be: Backend, b: Any) -> Any:
+    """The measurements as a finite, real 1-D array of the problem's backend ``be``. O(k)."""
+    _require_real(b, "b")
+    b = be.asarray(b)
+    if len(b.shape) != 1:
+        raise ValueError(f"b must be a 1-D vector of measurements, got shape {tuple(b.shape)}")
+    if not be.all_finite(b):
+        raise ValueError("b contains non-finite values")
+    return b

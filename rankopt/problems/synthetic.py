@@ -19,7 +19,7 @@ import numpy as np
 
 from .._backend import as_rng, make_backend
 from ..containers import FixedRankPoint
-from . import _kernels
+from ._kernels import sample_lowrank
 from .completion import MatrixCompletion
 from .sensing import MatrixSensing
 
@@ -147,6 +147,29 @@ def sample_entries_weighted(
     return found // n, found % n
 
 
+def _completion_args(
+    m: int, n: int, r: int, oversampling: Any, noise: Any, sampling: str, exponent: Any
+) -> tuple[int, float, float]:
+    """``(|Omega|, noise, exponent)`` of :func:`random_completion`, checked (ValueError)."""
+    oversampling = float(oversampling)
+    if not (oversampling > 0 and np.isfinite(oversampling)):
+        raise ValueError(f"oversampling must be positive and finite, got {oversampling!r}")
+    noise = float(noise)
+    if not (noise >= 0 and np.isfinite(noise)):
+        raise ValueError(f"noise must be finite and >= 0, got {noise!r}")
+    size = int(round(oversampling * r * (m + n - r)))
+    if size > m * n:
+        raise ValueError(
+            f"oversampling {oversampling} asks for {size} entries but the matrix has only {m * n}"
+        )
+    if sampling not in ("uniform", "powerlaw"):
+        raise ValueError(f"sampling must be 'uniform' or 'powerlaw', got {sampling!r}")
+    exponent = float(exponent)
+    if not (exponent >= 0 and np.isfinite(exponent)):
+        raise ValueError(f"exponent must be finite and >= 0, got {exponent!r}")
+    return size, noise, exponent
+
+
 def random_completion(
     m: int,
     n: int,
@@ -196,22 +219,7 @@ def random_completion(
     """
     m, n, r = _check_dims(m, n, r)
     spectrum_values(r, kappa, spectrum)  # validates kappa and spectrum before any work
-    oversampling = float(oversampling)
-    if not (oversampling > 0 and np.isfinite(oversampling)):
-        raise ValueError(f"oversampling must be positive and finite, got {oversampling!r}")
-    noise = float(noise)
-    if not (noise >= 0 and np.isfinite(noise)):
-        raise ValueError(f"noise must be finite and >= 0, got {noise!r}")
-    size = int(round(oversampling * r * (m + n - r)))
-    if size > m * n:
-        raise ValueError(
-            f"oversampling {oversampling} asks for {size} entries but the matrix has only {m * n}"
-        )
-    if sampling not in ("uniform", "powerlaw"):
-        raise ValueError(f"sampling must be 'uniform' or 'powerlaw', got {sampling!r}")
-    exponent = float(exponent)
-    if not (exponent >= 0 and np.isfinite(exponent)):
-        raise ValueError(f"exponent must be finite and >= 0, got {exponent!r}")
+    size, noise, exponent = _completion_args(m, n, r, oversampling, noise, sampling, exponent)
     rng = as_rng(seed)
     truth = low_rank_truth(m, n, r, kappa, spectrum, rng)
     if sampling == "uniform":
@@ -221,7 +229,7 @@ def random_completion(
         rows, cols = sample_entries_weighted(m, n, max(size, 1), row_p, col_p, rng)
     if max(m, n) <= np.iinfo(np.int32).max:  # the index type MatrixCompletion samples with
         rows, cols = rows.astype(np.int32), cols.astype(np.int32)
-    vals = _kernels.sample_lowrank(truth.U * truth.s[None, :], truth.V, rows, cols)
+    vals = sample_lowrank(truth.U * truth.s[None, :], truth.V, rows, cols)
     if noise > 0:
         vals += noise * rng.standard_normal(vals.shape[0])
     be = make_backend(backend, dtype, device)
