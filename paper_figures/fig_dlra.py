@@ -11,8 +11,8 @@ it again, a post-convergence instability the JSON's ``grid_finals`` shows):
 * ``DLRAAdam`` and ``DLRAHeavyBall`` (``rank_tol=1e-3``, ``max_rank`` = the starting rank);
 * ``DLRAAdam(second_moment="core")``: Adam on the entries of the core, as the DLRA group's
   training layers do;
-* ``RAdamW(rank_tol=1e-3)``: a tangent step and the rank-adaptive retraction (rankopt's
-  "DLRAAdam" before 2026-11), whose rank is bounded only by 2r per step;
+* ``RAdamW(rank_tol=1e-3)``: a tangent step and the rank-adaptive retraction (a different
+  method from DLRA), whose rank is bounded only by 2r per step;
 * ``RAdamW`` at fixed rank 10 (the budget) and at rank 4 (an oracle that knows the rank).
 
 Top: relative loss; bottom: rank, against the step.
@@ -41,7 +41,7 @@ METHODS = {
     "DLRAAdam": ("DLRAAdam", "tab:red", "-"),
     "DLRAHeavyBall": ("DLRAHeavyBall", "tab:orange", "-"),
     "DLRAAdam core (the group's)": ("DLRAAdam core (group's)", "tab:purple", ":"),
-    "RAdamW rank_tol=1e-3 (retraction)": ("RAdamW rank_tol=1e-3 (old DLRAAdam)", "tab:blue", "--"),
+    "RAdamW rank_tol=1e-3 (retraction)": ("RAdamW rank_tol=1e-3 (retraction)", "tab:blue", "--"),
     "RAdamW rank 10 (fixed)": ("RAdamW", "tab:green", "-"),
     "RAdamW rank 4 (oracle)": ("RAdamW@4", "tab:gray", "-."),
 }

@@ -41,8 +41,7 @@ try:  # absolute import: this is the real Pymanopt package, not rankopt.pymanopt
     from pymanopt.manifolds.manifold import Manifold
 except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
-        "rankopt.pymanopt needs Pymanopt 2.x, which is not installed: "
-        "pip install -e '.[pymanopt]'"
+        "rankopt.pymanopt needs Pymanopt 2.x, which is not installed: pip install -e '.[pymanopt]'"
     ) from _err
 
 from ._backend import as_rng, backend_name_of

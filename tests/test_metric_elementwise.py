@@ -96,7 +96,9 @@ def test_radamw_elementwise_rule():
     assert st.exp_avg_sq.shape == (12, 10)
     # the metric the rule builds is FD-consistent
     v = st.exp_avg_sq / (1 - spec.betas[1])
-    Mg = M.with_metric(metrics.ElementwiseDiagonal(metrics.elementwise_weights(v, spec.metric_eps, np)))
+    Mg = M.with_metric(
+        metrics.ElementwiseDiagonal(metrics.elementwise_weights(v, spec.metric_eps, np))
+    )
     A = np.random.default_rng(3).standard_normal((12, 10))
     res = diagnostics.check_gradient(
         Mg, lambda p: 0.5 * np.sum((p.to_dense() - A) ** 2), lambda p: p.to_dense() - A, y

@@ -54,7 +54,7 @@ def adaptive_diagonals(
       does not depend on the scale of the data, and no weight falls below ``eps`` times the
       typical one, which bounds how much rows or columns with vanishing statistics are amplified.
     * ``"quartic"``: ``D = (sqrt(v) + eps)^{1/2}`` per side, i.e. ``G / (v_L^{1/4} v_R^{1/4})``
-      (a diagonal Shampoo-like ``L^{-1/4} G R^{-1/4}``, rankopt's default before 2026-11);
+      (a diagonal Shampoo-like ``L^{-1/4} G R^{-1/4}``);
       ``eps`` is absolute here. Measured worse on ill-conditioned problems
       (``benchmarks/optimizers.py``).
 

@@ -345,7 +345,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def _factor_dtype(dtype: torch.dtype | None, base: torch.Tensor | None) -> torch.dtype:
     """The factors' dtype: ``dtype``, else the base's (float32 for a half base), else torch's.
 
-    Policy (issue 11): factors are float32 or float64. Half-precision factors lose
+    Policy: factors are float32 or float64. Half-precision factors lose
     orthonormality at the first write-back (``||U^T U - I||`` ~ 1e-3) and overflow in the
     manifold step, so an explicit ``dtype=torch.float16/bfloat16`` is refused, and adapters
     on a half-precision base are *upcast* to float32 factors (as PEFT's
