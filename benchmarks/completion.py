@@ -297,11 +297,13 @@ def plot(rows: list[Row], path: Path) -> None:
     kappas = sorted({r.kappa for r in traced})
     fig, axes = plt.subplots(2, len(kappas), figsize=(4.6 * len(kappas), 7.5), squeeze=False)
     methods = list(dict.fromkeys(r.method for r in traced))
-    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    # ten colours, then the same colours dashed: every method its own line
+    styles = {m: (f"C{i % 10}", "-" if i < 10 else "--") for i, m in enumerate(methods)}
     for j, kappa in enumerate(kappas):
         for r in (r for r in traced if r.kappa == kappa):
             err = np.maximum(np.asarray(r.trace_error), 1e-16)
-            kw = {"color": colors[r.method], "label": r.method, "lw": 1.4}
+            color, ls = styles[r.method]
+            kw = {"color": color, "ls": ls, "label": r.method, "lw": 1.4}
             axes[0, j].semilogy(r.trace_iter, err, **kw)
             axes[1, j].semilogy(r.trace_time, err, **kw)
         n, os_ = traced[0].n, traced[0].oversampling
