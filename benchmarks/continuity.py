@@ -46,6 +46,8 @@ OPTIMIZERS = {
     "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01)),
     "ReferenceRAdaGrad": (rt.ReferenceRAdaGrad, dict(lr=0.05)),
     "RAdamWElementwise": (rt.RAdamWElementwise, dict(lr=0.01, cg_tol=1e-13, cg_maxiter=200)),
+    "Riemannion": (rt.Riemannion, dict(lr=0.05, weight_decay=0.1)),
+    "Riemannion (Newton-Schulz)": (rt.Riemannion, dict(lr=0.05, weight_decay=0.1, ns_steps=5)),
 }
 SHAPES = [(3, 8, 2), (4, 8, 3), (5, 7, 2), (6, 9, 2)]
 

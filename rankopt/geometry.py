@@ -38,6 +38,11 @@ def _t(a: Any) -> Any:
         return a.swapaxes(-1, -2)
 
 
+def _per_item(a: Any) -> Any:
+    """A per-item value ``(...)`` shaped ``(..., 1)`` to broadcast over a row of each item."""
+    return a[..., None]
+
+
 def truncation_rank(s: np.ndarray, rank_tol: float) -> int:
     """Smallest ``j >= 1`` with ``||s_{j:}||_2 <= rank_tol ||s||_2`` (``len(s)`` if none smaller).
 
@@ -253,6 +258,61 @@ class Geometry:
         bottom = be.concat([tt * ru, be.xp.zeros_like(ru)], -1)
         A, s2, Bh = be.svd(be.concat([top, bottom], -2))
         return U, qu, A, s2, _t(Bh), V, qv
+
+    def orthogonalize(
+        self, x: FixedRankPoint, xi: TangentVector, tol: float, ns_steps: int = 0
+    ) -> TangentVector:
+        r"""``P_x(polar(xi))``: the tangent part of the orthogonal polar factor of ``xi``.
+
+        ``xi = [U, Qu] K [V, Qv]^T`` with ``Up = Qu Ru``, ``Vp = Qv Rv`` (QR as in
+        :meth:`sum_svd`) and the 2r x 2r core ``K = [[M, Rv^T], [Ru, 0]]``; a spectral function
+        of ``xi`` is ``[U, Qu] f(K) [V, Qv]^T``, whatever signs and rotations the QR and SVD
+        choose. With ``ns_steps = 0``, ``f(K) = A diag(k) B^T`` from the SVD ``K = A diag(s)
+        B^T``, ``k_i = 1`` where ``s_i > max(tol, 64 eps) s_1`` and 0 else: the exact polar
+        factor (the matrix sign) on the kept directions, those at rounding level dropped, not
+        lifted to unit length (Bogachev et al. 2025, arXiv 2507.12142, "OrthoLR"). It jumps
+        where a singular value crosses the cut-off and amplifies changes by up to ``s_1 / s_i``
+        near small kept ones. With ``ns_steps > 0``, ``f`` is Muon's quintic Newton-Schulz
+        iteration ``X <- a X + (b X X^T + c (X X^T)^2) X``, ``(a, b, c) = (3.4445, -4.7750,
+        2.0315)`` (Jordan et al. 2024) from ``X = K / ||K||_F``, applied ``ns_steps`` times: a
+        polynomial, hence smooth (gain at most ``a^ns_steps``), with singular values mapped
+        into about [0.7, 1.2]; ``tol`` is then unused. On the core this equals the iteration on
+        the m x n matrix ``xi``. The result's projection is ``M = F_11``, ``Up = Qu F_21``,
+        ``Vp = Qv F_12^T`` (the paper's "ProjectLR"). Cost O((m+n) r^2 + r^3); ``xi = 0``
+        gives 0.
+        """
+        be = self.backend
+        r = x.rank
+        qu, ru = self._complement_qr(x.U, xi.Up)
+        qv, rv = self._complement_qr(x.V, xi.Vp)
+        top = be.concat([xi.M, _t(rv)], -1)
+        K = be.concat([top, be.concat([ru, be.xp.zeros_like(ru)], -1)], -2)
+        # ||xi||_F from its parts: K also holds the QR's rounding-level completion (nonzero for
+        # xi = 0, which must give 0, not a unit step along that completion)
+        norm = be.xp.sqrt(self.inner(xi, xi))
+        F = self._newton_schulz(K, norm, ns_steps) if ns_steps > 0 else self._polar(K, norm, tol)
+        mm = be.mm
+        return TangentVector(F[..., :r, :r], mm(qu, F[..., r:, :r]), mm(qv, _t(F[..., :r, r:])))
+
+    def _polar(self, K: Any, norm: Any, tol: float) -> Any:
+        """``A diag(k) B^T`` with ``k_i = [s_i > max(tol, 64 eps) s_1]``, 0 where ``norm = 0``."""
+        be = self.backend
+        A, s, Bh = be.svd(K)
+        nonzero = _per_item(norm > 0)
+        keep = be.xp.astype((s > max(float(tol), 64.0 * be.eps) * s[..., :1]) & nonzero, s.dtype)
+        return be.mm(A * keep[..., None, :], Bh)
+
+    def _newton_schulz(self, K: Any, norm: Any, steps: int) -> Any:
+        """Muon's quintic Newton-Schulz iteration on ``K / norm`` (0 where ``norm = 0``)."""
+        be = self.backend
+        xp = be.xp
+        norm = _per_item(norm)[..., None]
+        X = K * xp.where(norm > 0, 1.0 / xp.where(norm > 0, norm, xp.ones_like(norm)), 0.0 * norm)
+        a, b, c = 3.4445, -4.7750, 2.0315
+        for _ in range(steps):
+            A = be.mm(X, _t(X))
+            X = a * X + be.mm(b * A + c * be.mm(A, A), X)
+        return X
 
     def combine(self, U: Any, Q: Any, A: Any, j: int) -> tuple[Any, Any]:
         r"""``(W, U^T W)`` for the orthonormal ``W = [U, Q] A[:, :j] N``.

@@ -43,6 +43,8 @@ OPTIMIZERS = {
     "RAdaGrad": (rt.RAdaGrad, dict(lr=0.05, lr_decay=0.1)),
     "RSGD": (rt.RSGD, dict(lr=0.05, momentum=0.9)),
     "RHeavyBall": (rt.RHeavyBall, dict(lr=0.05, nesterov=True)),
+    # Muon's Newton-Schulz: the paper's exact matrix sign is discontinuous (tests/test_riemannion.py)
+    "Riemannion": (rt.Riemannion, dict(lr=0.05, weight_decay=0.1, ns_steps=5)),
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.02, rank_tol=1e-3)),
     "DLRAHeavyBall": (rt.DLRAHeavyBall, dict(lr=0.05, rank_tol=1e-3)),
     "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01)),
@@ -214,6 +216,7 @@ def test_steps_do_not_depend_on_the_factorization(name, case, how):
 RULES = {
     "RSGD": lambda: rules.RSGD(lr=0.05, momentum=0.9, nesterov=True),
     "RHeavyBall": lambda: rules.RHeavyBall(lr=0.05),
+    "Riemannion": lambda: rules.Riemannion(lr=0.05, weight_decay=0.1, ns_steps=5),
     "RAdaGrad": lambda: rules.RAdaGrad(lr=0.05),
     "RAdamW": lambda: rules.RAdamW(lr=0.02, weight_decay=0.1),
     "RAdamW-rank_tol": lambda: rules.RAdamW(lr=0.02, rank_tol=1e-3, max_rank=4),

@@ -23,6 +23,7 @@ SPECS = {
     "rsgd-nesterov": rules.RSGD(lr=0.1, momentum=0.9, nesterov=True),
     "rsgd-dampening-wd": rules.RSGD(lr=0.1, momentum=0.5, dampening=0.2, weight_decay=0.1),
     "heavyball": rules.RHeavyBall(lr=0.05),
+    "riemannion": rules.Riemannion(lr=0.05, weight_decay=0.1),
     "radagrad": rules.RAdaGrad(lr=0.05, weight_decay=0.1, lr_decay=0.1),
     "radamw": rules.RAdamW(lr=0.01, weight_decay=0.1),
     "radamw-block": rules.RAdamW(lr=0.01, structure="block"),
@@ -32,6 +33,7 @@ SPECS = {
     # a tangent step and the rank-adaptive retraction (not DLRA: see tests/test_dlra.py)
     "rsgd-rank-adaptive": rules.RSGD(lr=0.1, momentum=0.9, rank_tol=1e-2),
     "radamw-rank-adaptive": rules.RAdamW(lr=0.01, rank_tol=1e-2),
+    "riemannion-rank-adaptive": rules.Riemannion(lr=0.05, rank_tol=1e-2),
 }
 FIXED = [k for k, s in SPECS.items() if not s.rank_adaptive]
 
@@ -288,6 +290,7 @@ SOLVER_OF = {
     "RAdamWElementwise": rules.RAdamWElementwise,
     "ReferenceRAdamW": rules.ReferenceRAdamW,
     "ReferenceRAdaGrad": rules.ReferenceRAdaGrad,
+    "Riemannion": rules.Riemannion,
 }
 
 

@@ -43,6 +43,8 @@ RULES = {
                       rules.DLRAHeavyBall(lr=0.05, rank_tol=1e-8, max_rank=5)),
     "DLRAAdam": (rt.DLRAAdam, dict(lr=0.05, rank_tol=1e-8, max_rank=5),
                  rules.DLRAAdam(lr=0.05, rank_tol=1e-8, max_rank=5)),
+    "Riemannion": (rt.Riemannion, dict(lr=0.05, weight_decay=0.1),
+                   rules.Riemannion(lr=0.05, weight_decay=0.1)),
 }  # fmt: skip
 
 
@@ -107,6 +109,7 @@ OPTS = {
     "ReferenceRAdamW": (rt.ReferenceRAdamW, dict(lr=0.01)),
     "ReferenceRAdaGrad": (rt.ReferenceRAdaGrad, dict(lr=0.05)),
     "RAdamWElementwise": (rt.RAdamWElementwise, dict(lr=0.01, cg_tol=1e-13, cg_maxiter=200)),
+    "Riemannion": (rt.Riemannion, dict(lr=0.02, weight_decay=0.1)),
 }
 
 
@@ -264,6 +267,7 @@ EUCLID = {
     "RSGD-nesterov": (rt.RSGD, torch.optim.SGD, dict(lr=0.05, momentum=0.8, nesterov=True)),
     "DLRAHeavyBall": (rt.DLRAHeavyBall, torch.optim.SGD, dict(lr=0.05, momentum=0.9)),
     "DLRAAdam": (rt.DLRAAdam, torch.optim.AdamW, dict(lr=0.03, weight_decay=0.0)),
+    "Riemannion": (rt.Riemannion, torch.optim.AdamW, dict(lr=0.03, eps=1e-6, weight_decay=0.05)),
 }  # fmt: skip
 
 

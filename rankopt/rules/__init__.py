@@ -17,6 +17,7 @@ spec                   what a step does
 ``DLRAAdam``           augmented BUG integrator, Adam on the core, rank-adaptive
 ``ReferenceRAdamW``    the authors' code's RAdamW: dense m x n AdamW moments, project, retract
 ``ReferenceRAdaGrad``  the authors' code's RAdaGrad: per-step preconditioned dense SGD, retract
+``Riemannion``         heavy ball (transported), Muon's orthogonalized step, SVD retraction
 =====================  =======================================================================
 
 What a rule's ``step`` needs besides the tangent gradient ``P_x(G)`` is its ``gradient_input``
@@ -36,6 +37,7 @@ from .base import Rule, state_arrays, state_from_arrays
 from .dlra import DLRAAdam, DLRAAdamState, DLRAHeavyBall, DLRAState, normal_block_of
 from .elementwise import ElementwiseAdamState, RAdamWElementwise
 from .reference import ReferenceAdamState, ReferenceRAdaGrad, ReferenceRAdamW, ReferenceState
+from .riemannion import Riemannion, RiemannionState
 from .sgd import RSGD, RHeavyBall, SGDState
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "DLRAAdam",
     "ReferenceRAdamW",
     "ReferenceRAdaGrad",
+    "Riemannion",
     "SGDState",
     "AdamState",
     "AdaGradState",
@@ -57,6 +60,7 @@ __all__ = [
     "DLRAAdamState",
     "ReferenceAdamState",
     "ReferenceState",
+    "RiemannionState",
     "normal_block_of",
     "gradient_input",
     "state_arrays",
@@ -76,6 +80,7 @@ STATE_CLASSES = {
         DLRAAdamState,
         ReferenceAdamState,
         ReferenceState,
+        RiemannionState,
     )
 }
 

@@ -13,19 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import noise
-from .adaptive import (
-    RSGD,
-    DLRAAdam,
-    DLRAHeavyBall,
-    RAdaGrad,
-    RAdamW,
-    RAdamWElementwise,
-    ReferenceRAdaGrad,
-    ReferenceRAdamW,
-    RHeavyBall,
-    RuleSolver,
-    solver_class,
-)
+from .adaptive import RuleSolver, rule_solvers, solver_class
 from .base import (
     ConvergenceWarning,
     History,
@@ -50,6 +38,10 @@ from .options import (
 )
 from .rank_adaptive import Auto, RankAdaptive
 
+# one named solver per registered rule (RHeavyBall, RAdamW, DLRAAdam, Riemannion, ...),
+# generated from its spec (rankopt.solvers.adaptive): nothing here names a rule
+globals().update(rule_solvers())
+
 __all__ = [
     "solve",
     "Solver",
@@ -61,17 +53,9 @@ __all__ = [
     "RGD",
     "RCG",
     "RGN",
-    "RHeavyBall",
-    "RAdaGrad",
-    "RAdamW",
-    "RAdamWElementwise",
-    "DLRAHeavyBall",
-    "DLRAAdam",
-    "RSGD",
+    *rule_solvers(),
     "RuleSolver",
     "solver_class",
-    "ReferenceRAdamW",
-    "ReferenceRAdaGrad",
     "RankAdaptive",
     "Auto",
     "METHODS",

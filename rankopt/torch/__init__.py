@@ -48,15 +48,8 @@ from .plain import allow_plain_optimizers
 from .start import adapter_start
 
 # one named optimizer per registered rule, generated from its spec (rankopt.torch.optim)
-RSGD = optimizer_class("RSGD")
-RHeavyBall = optimizer_class("RHeavyBall")
-RAdaGrad = optimizer_class("RAdaGrad")
-RAdamW = optimizer_class("RAdamW")
-RAdamWElementwise = optimizer_class("RAdamWElementwise")
-DLRAHeavyBall = optimizer_class("DLRAHeavyBall")
-DLRAAdam = optimizer_class("DLRAAdam")
-ReferenceRAdamW = optimizer_class("ReferenceRAdamW")
-ReferenceRAdaGrad = optimizer_class("ReferenceRAdaGrad")
+# (RSGD, RAdamW, DLRAAdam, Riemannion, ...): nothing here names a rule
+globals().update(rule_optimizers())
 
 __all__ = [
     "LowRankLinear",
@@ -80,15 +73,7 @@ __all__ = [
     "RiemannianOptimizer",
     "optimizer_class",
     "rule_optimizers",
-    "RSGD",
-    "RHeavyBall",
-    "RAdaGrad",
-    "RAdamW",
-    "RAdamWElementwise",
-    "DLRAHeavyBall",
-    "DLRAAdam",
-    "ReferenceRAdamW",
-    "ReferenceRAdaGrad",
+    *rule_optimizers(),
     "allow_plain_optimizers",
     "adapter_start",
 ]
