@@ -75,6 +75,9 @@ METHOD_STYLES = {
     "RAdamW quartic+PCG": ("tab:green", ":"),
     "DLRAAdam": ("tab:red", "-"),
     "DLRAHeavyBall": ("tab:orange", "-"),
+    "Riemannion": ("tab:purple", "-"),
+    "Riemannion + LOI": ("tab:purple", "--"),
+    "Riemannion Newton-Schulz": ("tab:purple", ":"),
 }
 
 PROBLEMS = {
@@ -92,6 +95,10 @@ PROBLEMS = {
     ),
 }
 
+
+#: the singular values of the locally optimal start (Riemannion + LOI), small next to the
+#: targets' (1 .. 1e-2 for (i)-(ii), 1 .. 0.1 for (iii))
+LOI_SCALE = 1e-3
 
 #: the DLRA scenario (tests/test_dlra.py, paper_figures/fig_dlra.py): problem (i)'s target from a
 #: random rank-10 point (Haar factors, singular values of rankopt's random point times 0.1)
@@ -163,6 +170,8 @@ class Method:
     make: Callable[..., Any]
     torch: Callable[..., Any] | None = None
     note: str = ""
+    #: "loi": from W = 0, start at rankopt.locally_optimal_start of the first gradient
+    start: str = "zero"
 
 
 def _rt():
@@ -259,6 +268,16 @@ def _rule_methods() -> list[Method]:
         Method("RAdamW rank_tol=1e-3 (retraction)", "DLRA", "rule", 1e-3,
                lambda lr: R.RAdamW(lr=lr, rank_tol=1e-3), torch_of("RAdamW", rank_tol=1e-3),
                "tangent step + rank-adaptive retraction, rank up to 2r per step"),
+        Method("Riemannion", "Riemannion", "rule", 1e-3, lambda lr: R.Riemannion(lr=lr),
+               torch_of("Riemannion"),
+               "rules.Riemannion: heavy ball 0.9, exact matrix sign (2r x 2r SVD), SVD retraction"),
+        Method("Riemannion + LOI", "Riemannion", "rule", 1e-3, lambda lr: R.Riemannion(lr=lr),
+               torch_of("Riemannion"),
+               f"from W = 0: locally_optimal_start(G_0, scale={LOI_SCALE:g}); (iv), (v): as Riemannion",
+               start="loi"),
+        Method("Riemannion Newton-Schulz", "Riemannion", "rule", 1e-3,
+               lambda lr: R.Riemannion(lr=lr, ns_steps=5), torch_of("Riemannion", ns_steps=5),
+               "ns_steps=5: Muon's quintic Newton-Schulz instead of the exact sign (rankopt's)"),
         Method("RHeavyBall rank_tol=1e-3 (retraction)", "DLRA", "rule", 3e-3,
                lambda lr: R.RHeavyBall(lr=lr, rank_tol=1e-3), torch_of("RSGD", momentum=0.9, rank_tol=1e-3),
                "tangent heavy ball + rank-adaptive retraction"),
@@ -332,7 +351,15 @@ def run_rule(method: Method, prob: Regression, lr: float, steps: int) -> Run:
 
     t0 = time.perf_counter()
     with np.errstate(all="ignore"):
-        if prob.spec.start == "zero":
+        if prob.spec.start == "zero" and method.start == "loi":
+            G = prob.grad(np.zeros((prob.spec.m, prob.spec.n)))
+            x = ro.locally_optimal_start(man(r), G, LOI_SCALE)
+            st = spec.init(man(r), x)
+            W = x.to_dense()
+            G = prob.grad(W)
+            xi = man(r).geometry.project(x, G)
+            losses, ranks = [prob.cost(W)], [r]
+        elif prob.spec.start == "zero":
             G = prob.grad(np.zeros((prob.spec.m, prob.spec.n)))
             u, sg, vt = np.linalg.svd(G)
             x = FixedRankPoint(u[:, :r], np.zeros(r), vt[:r].T)

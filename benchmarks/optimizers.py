@@ -367,6 +367,8 @@ FIG_METHODS = {
         "RAdamW quartic+PCG",
         "DLRAAdam",
         "DLRAHeavyBall",
+        "Riemannion",
+        "Riemannion + LOI",
     )
 }
 

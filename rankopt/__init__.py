@@ -14,7 +14,7 @@ from .manifold import FixedRankManifold
 __version__ = "0.1.0"
 
 # Submodules that need only NumPy/SciPy: ``from rankopt import *`` may import them.
-_LAZY_SUBMODULES = ("diagnostics", "problems", "solvers", "rules", "data")
+_LAZY_SUBMODULES = ("diagnostics", "problems", "solvers", "rules", "data", "starts")
 # Submodules that need an optional dependency (torch, pymanopt): listed by ``dir(rankopt)`` and
 # loaded on attribute access, never by ``from rankopt import *``.
 _OPTIONAL_SUBMODULES = ("pymanopt", "torch")
@@ -23,6 +23,7 @@ _LAZY_ATTRS = {
     "SolverResult": ("rankopt.solvers", "SolverResult"),
     "RankWarning": ("rankopt.solvers", "RankWarning"),
     "ConvergenceWarning": ("rankopt.solvers", "ConvergenceWarning"),
+    "locally_optimal_start": ("rankopt.starts", "locally_optimal_start"),
 }
 
 __all__ = [
