@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m benchmarks.finetune --quick`` (the CI mode; about 35 s on 2 idle cores).
+"""Smoke test of ``python -m benchmarks.finetune --quick`` (the CI mode; about 50 s on 2 idle cores).
 
 Runs the script as a user would, then checks what it claims: a row per task and method (the
 authors' reference RAdamW included), one JSON file per finished run, a second
@@ -48,8 +48,8 @@ def test_table_has_every_task_and_method(quick):
     by_task: dict[str, list[str]] = {}
     for r in rows:
         by_task.setdefault(r[0], []).append(r[1].strip("*"))
-    assert set(by_task) == {"tweets", "reviews", "courses", "compress"}
-    for task in ("tweets", "reviews", "courses"):
+    assert set(by_task) == {"tweets", "reviews", "courses", "compress", "gpt2"}
+    for task in ("tweets", "reviews", "courses", "gpt2"):
         assert len(by_task[task]) == 9, by_task[task]
         assert "rankopt RAdamW" in by_task[task] and "LoRA + AdamW (PEFT)" in by_task[task]
         assert "authors' RAdamW (reference)" in by_task[task]
@@ -57,6 +57,8 @@ def test_table_has_every_task_and_method(quick):
     assert "skipped" not in stdout
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["tweets"]["radamw"]["n"] == 2  # the quick mode's two seeds
+    assert summary["gpt2"]["radamw"]["n"] == 2 and 0 < summary["gpt2"]["lora"]["trainable"]
+    assert list(out.glob("gpt2_base_*.pt"))  # the pretrained GPT-2, written once
     for task in summary.values():
         for res in task.values():
             assert 0.0 <= res["mean"] <= 1.0 and res["state"] > 0 and res["trainable"] > 0
@@ -65,7 +67,7 @@ def test_table_has_every_task_and_method(quick):
 def test_runs_are_resumable_and_png_says_smoke(quick, run_script):
     stdout, out = quick
     runs = list((out / "runs").glob("*.json"))
-    assert len(runs) == 3 * 9 * 2 + 4 * 2  # tasks x methods x seeds (one lr each in quick)
+    assert len(runs) == 4 * 9 * 2 + 4 * 2  # tasks x methods x seeds (one lr each in quick)
     rec = json.loads(runs[0].read_text())
     assert {"val_acc", "test_acc", "losses", "opt_state_bytes", "status"} <= set(rec)
     again = _run(run_script, out)

@@ -12,6 +12,14 @@ balanced, the same split for every method and seed:
 * ``reviews``: Amazon fine-food review "great" (5 stars) or not (``modeldata`` small fine foods);
 * ``courses``: the subject of a UCLA course from its title (``openintro::ucla_f18``, 8 subjects).
 
+GPT-2 task (``gpt2``, :mod:`.lm`): a small GPT-2 built from a config (4 layers, width 128,
+transformers' ``Conv1D`` projections; no GPT-2 checkpoint installs offline) and pretrained here
+once on the fine-food reviews (AdamW, 600 steps; written to ``<out>/gpt2_base_*.pt``), then
+fine-tuned with the causal LM loss on Trump tweets (1,200 / 300 / 600, 32 tokens): the same
+methods and protocol, adapters at rank 8 on the ``c_attn`` projections (PEFT with
+``fan_in_fan_out=True``; GaLore on the full ``c_attn`` weights), the tied head frozen; its
+accuracy is the next-token accuracy over real tokens.
+
 Methods, all at rank 8 on the ``query`` and ``value`` projections of the top 2 layers, plus the
 new head, with ``weight_decay=0``, the same batches per seed and the same number of steps:
 
@@ -49,7 +57,7 @@ call skips runs already there (resumable), as does the timing stage (``timing_<t
 The accuracy runs do not take the lock (``--lock-runs`` makes them).
 
 Modules, one concern each: :mod:`.tasks` (the data), :mod:`.models` (encoder, cached bottom
-layers, classifier), :mod:`.methods` (the 9 adapter and 4 compression setups), :mod:`.runs`
+layers, classifier), :mod:`.lm` (the GPT-2 task's vocabulary, pretraining and LM wrapper), :mod:`.methods` (the 9 adapter and 4 compression setups), :mod:`.runs`
 (one training run, read back when done), :mod:`.protocol` (the learning-rate protocol),
 :mod:`.timing` (the timing stage), :mod:`.report` (table, JSON, figure), :mod:`.cli` (options).
 

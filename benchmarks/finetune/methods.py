@@ -1,6 +1,7 @@
 """The finetune benchmark's methods: a model and its optimizer for each setup.
 
-``METHODS`` (adapters at rank 8 on query/value, for the classification tasks) and
+``METHODS`` (adapters at rank 8 on the model's ``targets``: query/value for the classification
+tasks, GPT-2's ``c_attn`` for the LM task; its ``saved`` modules trained whole) and
 ``COMPRESS_METHODS`` (the compression task): key -> :class:`Method`, whose ``build(model, lr,
 seed)`` returns ``(model, optimizer)`` and whose ``grid`` holds its 3 starting learning rates.
 """
@@ -15,17 +16,23 @@ import torch
 from torch import nn
 
 import rankopt.torch as rt
-from benchmarks.finetune.models import COMPRESS_RANK, RANK, TARGETS, FactorLinear
+from benchmarks.finetune.models import COMPRESS_RANK, RANK, FactorLinear
 
 #: what a method's ``build`` returns: the model to train and its optimizer
 Built = tuple[nn.Module, Any]
 
 
+def _fan_in_fan_out(model: nn.Module) -> bool:
+    """True when the targets are transformers' Conv1D (GPT-2): weight stored (in, out)."""
+    return any(type(m).__name__ == "Conv1D" for m in model.modules())
+
+
 def _peft(model: nn.Module, **lora_kwargs: Any) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS,
-                     modules_to_save=["head"], **lora_kwargs)  # fmt: skip
+    cfg = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=model.targets,
+                     modules_to_save=model.saved or None, fan_in_fan_out=_fan_in_fan_out(model),
+                     **lora_kwargs)  # fmt: skip
     return get_peft_model(model, cfg)
 
 
@@ -64,25 +71,26 @@ def m_loraplus(model: nn.Module, lr: float, seed: int) -> Built:
 
 
 def m_galore(model: nn.Module, lr: float, seed: int) -> Built:
-    """The full query/value weights and the head by GaLore AdamW (rank 8, gap 50)."""
+    """The full target weights (query/value, or c_attn) and the head by GaLore AdamW (rank 8,
+    gap 50)."""
     from galore_torch import GaLoreAdamW
 
     for p in model.parameters():
         p.requires_grad_(False)
     mats = [m.weight for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS]  # fmt: skip
-    head = list(model.head.parameters())
+            if n.rsplit(".", 1)[-1] in model.targets and getattr(m, "weight", None) is not None]  # fmt: skip
+    head = [p for name in model.saved for p in model.get_submodule(name).parameters()]
     for p in mats + head:
         p.requires_grad_(True)
-    groups = [{"params": head},
+    groups = [{"params": head}] * bool(head) + [
               {"params": mats, "rank": RANK, "update_proj_gap": 50, "scale": 1.0,
                "proj_type": "std"}]  # fmt: skip
     return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
 
 
 def _rankopt_adapter(model: nn.Module, seed: int) -> nn.Module:
-    return rt.apply_low_rank(model, rank=RANK, target_modules=TARGETS, modules_to_save=["head"],
-                             seed=seed)  # fmt: skip
+    return rt.apply_low_rank(model, rank=RANK, target_modules=model.targets,
+                             modules_to_save=model.saved or None, seed=seed)  # fmt: skip
 
 
 def m_radamw(model: nn.Module, lr: float, seed: int) -> Built:

@@ -65,7 +65,11 @@ def cache_bottom(
 
 
 class TopClassifier(nn.Module):
-    """The top transformer layers, mean pooling over real tokens, a linear head."""
+    """The top transformer layers, mean pooling over real tokens, a linear head. ``targets``,
+    ``saved``: where the methods put adapters, and what they train whole."""
+
+    targets = TARGETS
+    saved = ["head"]
 
     def __init__(self, layers: nn.ModuleList, n_classes: int, hidden: int = 384) -> None:
         super().__init__()

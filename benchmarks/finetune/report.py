@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import textwrap
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,8 @@ def _panel(ax: Any, task: str, res: dict) -> None:
     ax.set_yticks(y, [f"{res[k]['label']} (lr {res[k]['best_lr']:g})" for k in keys],
                   fontsize=8)  # fmt: skip
     ax.invert_yaxis()
-    chance = 1.0 / len(TASKS[COMPRESS_DATA if task == "compress" else task].classes)
+    classes = TASKS[COMPRESS_DATA if task == "compress" else task].classes
+    chance = f"chance {1.0 / len(classes):.2f}" if classes else "next-token acc."
     lo = min(v["mean"] - e for v, e in zip(s, se, strict=True))
     hi = max(v["mean"] + e for v, e in zip(s, se, strict=True))
     pad = max(0.01, 0.15 * (hi - lo))
@@ -84,8 +86,9 @@ def _panel(ax: Any, task: str, res: dict) -> None:
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel("test accuracy (mean ± s.e. over seeds)", fontsize=8)
     what = (f"rank {COMPRESS_RANK}, {COMPRESS_DATA} data" if task == "compress"
-            else f"{len(TASKS[task].classes)} classes, rank {RANK}")  # fmt: skip
-    ax.set_title(f"{task}: {what} (chance {chance:.2f})", fontsize=9)
+            else f"{len(classes)} classes, rank {RANK}" if classes
+            else f"causal LM, rank {RANK} on c_attn")  # fmt: skip
+    ax.set_title(f"{task}: {what} ({chance})", fontsize=9)
 
 
 def plot(all_results: dict, args: Namespace, path: Path) -> None:
@@ -99,8 +102,9 @@ def plot(all_results: dict, args: Namespace, path: Path) -> None:
         ax.set_visible(False)
     for ax, task in zip(axes.flat, tasks, strict=False):
         _panel(ax, task, all_results[task])
-    title = (f"MiniLM-L6 fine-tuning, {args.steps} steps, {len(args.seeds)} seed(s), each "
+    title = (f"MiniLM-L6 / GPT-2 fine-tuning, {args.steps} steps, {len(args.seeds)} seed(s), each "
              "method at its best lr on validation; red: rankopt, gray: PEFT / GaLore / SVD+AdamW")  # fmt: skip
+    title = "\n".join(textwrap.wrap(title, 100 * ncol))  # one panel: two lines
     if args.quick:
         title = "SMOKE RUN (--quick: tiny data, few steps; numbers mean nothing)\n" + title
     fig.suptitle(title, fontsize=10)

@@ -1,7 +1,8 @@
 """One training run of the finetune benchmark, and the :class:`Runner` that keeps every run.
 
 A run trains one method at one learning rate and seed for ``--steps`` steps on a task's cached
-hidden states, then evaluates it on the validation and test splits. The :class:`Runner` writes
+hidden states (classification) or token ids (the GPT-2 task, :mod:`benchmarks.finetune.lm`),
+then evaluates it on the validation and test splits. The :class:`Runner` writes
 each finished run to ``<out>/runs/*.json`` and reads it back instead of training it again.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.finetune.lm import CausalLM, lm_labels, pretrained_gpt2
 from benchmarks.finetune.methods import Method
 from benchmarks.finetune.models import BOTTOM, TopClassifier, cache_bottom
 from benchmarks.finetune.tasks import TASKS, quick_task
@@ -32,14 +34,27 @@ from benchmarks.harness import bench_lock, optimizer_state_bytes
 def evaluate(
     model: nn.Module, h: torch.Tensor, m: torch.Tensor, y: torch.Tensor, batch: int = 128
 ) -> tuple[float, float]:
-    """Accuracy and cross-entropy of ``model`` on cached states ``h``, masks ``m``, labels
-    ``y`` (both NaN when a logit is not finite)."""
-    logits = torch.cat([model(h[i : i + batch], m[i : i + batch]) for i in range(0, len(y), batch)])
-    if not torch.isfinite(logits).all():
-        return float("nan"), float("nan")
-    return float((logits.argmax(1) == y).float().mean()), float(
-        nn.functional.cross_entropy(logits, y)
-    )
+    """Accuracy and mean cross-entropy of ``model`` on inputs ``h``, masks ``m``, labels ``y``
+    (per example, or per token for the LM task; labels ``-100`` are not counted); both NaN
+    when a logit is not finite."""
+    correct = count = 0
+    loss = 0.0
+    for i in range(0, len(y), batch):
+        logits, yb = model(h[i : i + batch], m[i : i + batch]), y[i : i + batch]
+        if not torch.isfinite(logits).all():
+            return float("nan"), float("nan")
+        valid = yb != -100
+        correct += int(((logits.argmax(1) == yb) & valid).sum())
+        count += int(valid.sum())
+        loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+    return correct / count, loss / count
+
+
+def build_model(task: str, template: Any, data: dict) -> nn.Module:
+    """A fresh model of ``task`` on a copy of ``template`` (top layers, or the GPT-2)."""
+    if task in TASKS and TASKS[task].kind == "lm":
+        return CausalLM(copy.deepcopy(template))
+    return TopClassifier(copy.deepcopy(template), int(data["train"][2].max()) + 1)
 
 
 def _train(model: nn.Module, opt: Any, train: tuple, seed: int, args: Namespace) -> tuple:
@@ -81,9 +96,7 @@ def train_run(
     step and per optimizer step after 3 warm-up steps, optimizer state bytes, trainable
     parameters)."""
     torch.manual_seed(seed)
-    n_classes = int(data["train"][2].max()) + 1
-    model = TopClassifier(copy.deepcopy(template), n_classes)
-    model, opt = method.build(model, lr, seed)
+    model, opt = method.build(build_model(task_name, template, data), lr, seed)
     model.eval()  # no dropout: a deterministic comparison
     losses, t_step, t_opt, status = _train(model, opt, data["train"], seed, args)
     if status != "ok":
@@ -110,6 +123,7 @@ class Runner:
         self.dir = Path(args.out) / "runs"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.data: dict = {}
+        self.lm: tuple | None = None  # the GPT-2 task's (vocab, pretrained model), built once
         self.done = self.new = 0
         self.t0 = time.perf_counter()
 
@@ -121,13 +135,27 @@ class Runner:
             parts = task.load(self.args.data_seed)
             out = {}
             for split, rows in parts.items():
-                h, m = cache_bottom(tok, enc, [t for t, _ in rows], task.max_len)
-                out[split] = (h, m, torch.tensor([c for _, c in rows]))
+                texts = [t for t, _ in rows]
+                if task.kind == "lm":
+                    ids, m = self.lm_base()[0].encode(texts, task.max_len)
+                    out[split] = (ids, m, lm_labels(ids, m))
+                else:
+                    h, m = cache_bottom(tok, enc, texts, task.max_len)
+                    out[split] = (h, m, torch.tensor([c for _, c in rows]))
             self.data[name] = out
         return self.data[name]
 
-    def template(self) -> Any:
-        """The encoder's top (trained) layers, copied by every run."""
+    def lm_base(self) -> tuple:
+        """The GPT-2 task's vocabulary and pretrained GPT-2 (:func:`pretrained_gpt2`)."""
+        if self.lm is None:
+            self.lm = pretrained_gpt2(self.tok_enc[0], Path(self.args.out), self.args.quick)
+        return self.lm
+
+    def template(self, task: str = "tweets") -> Any:
+        """What every run of ``task`` copies: the encoder's top (trained) layers, or the
+        pretrained GPT-2."""
+        if TASKS.get(task) is not None and TASKS[task].kind == "lm":
+            return self.lm_base()[1]
         return self.tok_enc[1].encoder.layer[BOTTOM:]
 
     def run(
@@ -144,7 +172,7 @@ class Runner:
         lock = a.lock if a.lock_runs else None
         with bench_lock(lock), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            res = train_run(task, method, lr, seed, data, self.template(), a)
+            res = train_run(task, method, lr, seed, data, self.template(task), a)
         res.update(method=key, label=method.label, wall_s=time.perf_counter() - t0)
         path.write_text(json.dumps(res))
         self.new += 1

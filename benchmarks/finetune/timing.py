@@ -9,7 +9,6 @@ read back by a second call.
 
 from __future__ import annotations
 
-import copy
 import json
 import statistics
 import time
@@ -21,8 +20,7 @@ import torch
 from torch import nn
 
 from benchmarks.finetune.methods import COMPRESS_METHODS, METHODS
-from benchmarks.finetune.models import TopClassifier
-from benchmarks.finetune.runs import Runner
+from benchmarks.finetune.runs import Runner, build_model
 from benchmarks.finetune.tasks import COMPRESS_DATA
 from benchmarks.harness import bench_lock, time_interleaved
 
@@ -51,13 +49,13 @@ def timing_stage(runner: Runner, task: str, results: dict, rounds: int, steps: i
     if path.exists():
         return json.loads(path.read_text())
     methods = COMPRESS_METHODS if task == "compress" else METHODS
-    train = runner.task_data(COMPRESS_DATA if task == "compress" else task)["train"]
-    n_classes = int(train[2].max()) + 1
+    data = runner.task_data(COMPRESS_DATA if task == "compress" else task)
+    train = data["train"]
     rng = np.random.default_rng(0)
     fns = {}
     for key, res in results.items():
         torch.manual_seed(0)
-        model = TopClassifier(copy.deepcopy(runner.template()), n_classes)
+        model = build_model(task, runner.template(task), data)
         model, opt = methods[key].build(model, res["best_lr"], 0)
         batches = [torch.as_tensor(rng.choice(len(train[2]), runner.args.batch, replace=False))
                    for _ in range(1 + rounds * steps)]  # fmt: skip

@@ -6,7 +6,9 @@
 
 Adapters travel as small files (:func:`save_adapters` / :func:`load_adapters`) or as PEFT
 LoRA adapters (:func:`from_peft` / :func:`to_peft`); converted models work with
-``transformers.Trainer`` checkpoints and ``save_pretrained``.
+``transformers.Trainer`` checkpoints (adapter-only with :class:`AdapterCheckpointCallback`) and
+``save_pretrained`` / ``from_pretrained`` (merged weights beside the factors,
+:mod:`rankopt.torch.hf`).
 
 See ``docs/torch.md`` for the design (what the backward stores, the adapter start, DDP/FSDP,
 mixed precision) and measured results.
@@ -23,6 +25,8 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess by t
     ) from _err
 
 from .adapters import load_adapters, save_adapters
+from .attention import LowRankMultiheadAttention
+from .conv1d import LowRankConv1D, LowRankConv1d
 from .convert import (
     apply_low_rank,
     energy_rank,
@@ -34,6 +38,7 @@ from .convert import (
     trainable_parameters,
 )
 from .embedding import LowRankEmbedding
+from .hf import AdapterCheckpointCallback, patch_save_pretrained
 from .layers import (
     LowRankConv2d,
     LowRankLinear,
@@ -45,7 +50,10 @@ from .optim import optimizer_class, rule_optimizers
 from .optimizer import RiemannianOptimizer
 from .peft import from_peft, to_peft
 from .plain import allow_plain_optimizers
+from .report import ConversionReport
 from .start import adapter_start
+
+patch_save_pretrained()  # if transformers is loaded already (apply_low_rank does it otherwise)
 
 # one named optimizer per registered rule, generated from its spec (rankopt.torch.optim)
 # (RSGD, RAdamW, DLRAAdam, Riemannion, ...): nothing here names a rule
@@ -55,6 +63,11 @@ __all__ = [
     "LowRankLinear",
     "LowRankConv2d",
     "LowRankEmbedding",
+    "LowRankConv1d",
+    "LowRankConv1D",
+    "LowRankMultiheadAttention",
+    "ConversionReport",
+    "AdapterCheckpointCallback",
     "ManifoldParameter",
     "ManifoldLink",
     "is_manifold_parameter",

@@ -31,9 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import find_module
 from .convert import apply_low_rank, saved_module_names
-from .embedding import LowRankEmbedding
-from .layers import LowRankConv2d, LowRankLinear, check_factors
+from .kinds import KINDS, LOW_RANK_TYPES, flat_weight, layer_kind, plain_kind
+from .layers import check_factors
 
 __all__ = ["save_adapters", "load_adapters", "ADAPTER_FILE", "CONFIG_FILE"]
 
@@ -41,17 +42,16 @@ ADAPTER_FILE = "rankopt_adapters.safetensors"
 CONFIG_FILE = "rankopt_adapters.json"
 FORMAT = "rankopt.adapters"
 VERSION = 1
-_LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankEmbedding)
-_KINDS = {LowRankLinear: "linear", LowRankConv2d: "conv2d", LowRankEmbedding: "embedding"}
+_KIND_NAMES = tuple(k.name for k in KINDS)
 
 
 def _low_rank_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _LOW_RANK)]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)]
 
 
 def _layer_entry(layer: nn.Module, tied_to: str | None) -> dict[str, Any]:
     return dict(
-        kind=_KINDS[type(layer)], shape=[int(layer.U.shape[0]), int(layer.V.shape[0])],
+        kind=layer_kind(layer).name, shape=[int(layer.U.shape[0]), int(layer.V.shape[0])],
         rank=layer.rank, started=layer.started, adapter=layer.base_weight is not None,
         bias=layer.base_weight is None and layer.bias is not None, tied_to=tied_to,
         dtype=str(layer.U.dtype).removeprefix("torch."),
@@ -203,7 +203,6 @@ def load_adapters(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 _ENTRY_KEYS = ("kind", "shape", "rank", "started", "adapter", "bias", "tied_to")
-_PLAIN_KINDS = {nn.Linear: "linear", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 _MODES = {True: "an adapter (mode='adapter': frozen base + U S V^T)",
           False: "a compressed layer (mode='compress': U S V^T, no base)"}  # fmt: skip
 _REWRITE = "the file is damaged or was changed after save_adapters: write it again"
@@ -229,7 +228,7 @@ def _read_config(folder: Path) -> dict:
                          f"{_REWRITE}")  # fmt: skip
     for name, e in layers.items():
         bad = not isinstance(e, dict) or any(k not in e for k in _ENTRY_KEYS)
-        if bad or e["kind"] not in _KINDS.values() or not _shape_and_rank_ok(e):
+        if bad or e["kind"] not in _KIND_NAMES or not _shape_and_rank_ok(e):
             raise ValueError(f"{file}: the entry of layer {name!r} is incomplete or invalid "
                              f"(needs {', '.join(_ENTRY_KEYS)}); {_REWRITE}")  # fmt: skip
         tied = e["tied_to"]
@@ -294,9 +293,9 @@ def _check_values(name: str, e: dict, tensors: dict, where: Path) -> None:
 
 
 def _flat_shape(mod: nn.Module) -> list[int]:
-    if isinstance(mod, _LOW_RANK):
+    if isinstance(mod, LOW_RANK_TYPES):
         return [int(mod.U.shape[0]), int(mod.V.shape[0])]
-    return [int(mod.weight.shape[0]), int(mod.weight[0].numel())]
+    return [int(d) for d in flat_weight(mod).shape]
 
 
 def _check_model(model: nn.Module, config: dict, where: Path) -> None:
@@ -310,7 +309,7 @@ def _check_model(model: nn.Module, config: dict, where: Path) -> None:
                          f"file's layers {sorted(layers)}")  # fmt: skip
     for name, e in layers.items():
         try:
-            mod = model.get_submodule(name)
+            mod = find_module(model, name)
         except AttributeError:
             raise ValueError(f"{where} holds layer {name!r}, which the model does not have: load "
                              "onto the base model the adapters were trained on") from None  # fmt: skip
@@ -320,13 +319,14 @@ def _check_model(model: nn.Module, config: dict, where: Path) -> None:
 def _check_module(mod: nn.Module, name: str, e: dict, where: Path) -> None:
     """``ValueError`` unless ``mod`` can hold the file's layer ``name``: same kind and shape,
     and (if already converted) same mode and, for a compressed layer, a bias as saved."""
-    kind = _KINDS.get(type(mod)) or _PLAIN_KINDS.get(type(mod))
+    kinds = (layer_kind(mod), plain_kind(mod))
+    kind = next((k.name for k in kinds if k is not None), None)
     shape = _flat_shape(mod) if kind is not None else None
     if kind != e["kind"] or shape != list(e["shape"]):
         raise ValueError(f"module {name!r} is a {type(mod).__name__} (shape {shape}); {where} "
                          f"holds a {e['kind']} layer of shape {list(e['shape'])} (out x in): not "
                          "the model the adapters were trained on")  # fmt: skip
-    adapter = mod.base_weight is not None if isinstance(mod, _LOW_RANK) else e["adapter"]
+    adapter = mod.base_weight is not None if isinstance(mod, LOW_RANK_TYPES) else e["adapter"]
     if adapter != e["adapter"]:
         raise ValueError(f"layer {name!r}: {where} holds {_MODES[e['adapter']]}, the model has "
                          f"{_MODES[adapter]}; load into a fresh copy of the base model "
@@ -375,7 +375,7 @@ def _convert_missing(model: nn.Module, config: dict) -> None:
     rank (tied layers share a rank, so they are converted together and stay tied)."""
     groups: dict[tuple[bool, int], list[str]] = {}
     for name, e in config["layers"].items():
-        if not isinstance(model.get_submodule(name), _LOW_RANK):
+        if not isinstance(find_module(model, name), LOW_RANK_TYPES):
             groups.setdefault((bool(e["adapter"]), e["rank"]), []).append(name)
     for (adapter, rank), names in groups.items():
         pattern = re.compile("|".join(re.escape(n) for n in names))

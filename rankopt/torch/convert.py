@@ -1,8 +1,9 @@
 r"""Model conversion in the PEFT spirit: low-rank adapters, compression, merging back.
 
-* :func:`apply_low_rank` replaces selected ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``
-  modules by :class:`~rankopt.torch.LowRankLinear` / :class:`~rankopt.torch.LowRankConv2d` /
-  :class:`~rankopt.torch.LowRankEmbedding`:
+* :func:`apply_low_rank` replaces selected modules by low-rank layers (the kinds of
+  :mod:`rankopt.torch.kinds`: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Embedding``,
+  transformers' ``Conv1D``; and the projections of ``nn.MultiheadAttention``, through
+  :mod:`rankopt.torch.attention`):
 
   - ``mode="adapter"``: ``W = W0 + U S V^T`` with the pretrained ``W0`` frozen (kept by
     reference, no copy) and ``S = 0``, so the converted model computes exactly the original
@@ -10,11 +11,14 @@ r"""Model conversion in the PEFT spirit: low-rank adapters, compression, merging
     first step enters the manifold). All other parameters of the model are frozen, except those
     of modules named in ``modules_to_save``.
   - ``mode="compress"``: ``W ~ U diag(s) V^T``, the truncated SVD of the pretrained weight
-    (conv kernels reshaped ``out x (in kh kw)``), optionally with a rank per layer chosen from
+    (conv kernels reshaped ``out x (in k...)``), optionally with a rank per layer chosen from
     an energy threshold. Cost O(m n min(m, n)) per layer, once.
 
-* :func:`merge` folds every low-rank layer back into a plain ``nn.Linear`` / ``nn.Conv2d`` /
-  ``nn.Embedding``.
+  What it converted and skipped (and why) is ``model.rankopt_report``
+  (:class:`~rankopt.torch.report.ConversionReport`).
+
+* :func:`~rankopt.torch.merge.merge` folds every low-rank layer back into the plain module it
+  replaced.
 """
 
 from __future__ import annotations
@@ -28,14 +32,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .embedding import LowRankEmbedding
-from .layers import (
-    HALF_DTYPES,
-    LowRankBase,
-    LowRankConv2d,
-    LowRankLinear,
-    is_manifold_parameter,
-)
+from .attention import LowRankMultiheadAttention, projection_stand_ins
+from .hf import guard_merged_keys, patch_save_pretrained
+from .kinds import flat_weight, layer_kind, make_layer, plain_kind, unsupported
+from .layers import LowRankBase, is_manifold_parameter
+from .merge import merge
+from .names import matches, module_names, saved_module_names, set_module
+from .report import WARNED, ConversionReport, ConvertedModule, no_match_message
 
 __all__ = [
     "apply_low_rank",
@@ -49,18 +52,6 @@ __all__ = [
 ]
 
 
-def _matches(name: str, target: Any) -> bool:
-    """PEFT-style matching: a list of names matches by suffix at a module boundary; a single
-    string or compiled pattern is a regular expression matched against the whole name."""
-    if target is None:
-        return True
-    if isinstance(target, re.Pattern):
-        return target.fullmatch(name) is not None
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
-
-
 def energy_rank(s: torch.Tensor, energy: float) -> int:
     r"""Smallest k with ``sum_{i<k} s_i^2 >= energy * sum_i s_i^2`` (s descending)."""
     if not 0.0 < energy <= 1.0:
@@ -72,75 +63,156 @@ def energy_rank(s: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(e, torch.tensor(energy * total, dtype=e.dtype)).item()) + 1
 
 
-def _flat_weight(mod: nn.Module) -> torch.Tensor:
-    w = mod.weight.detach()
-    return w.reshape(w.shape[0], -1)
+def _walk(model: nn.Module):
+    """``(name, module, attention)`` for every module that could be converted or reported:
+    plain modules (``attention`` None) and, for each ``nn.MultiheadAttention`` named ``a``, its
+    projections ``a.q_proj`` ... ``a.out_proj`` as meta-device stand-ins (``attention`` = a)."""
+    inside: tuple[str, ...] = ()
+    for name, mod in model.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        if type(mod) is nn.MultiheadAttention:
+            inside += (name + ".",)
+            for proj, stand_in in projection_stand_ins(mod).items():
+                yield f"{name}.{proj}" if name else proj, stand_in, name
+        elif not isinstance(mod, (LowRankBase, LowRankMultiheadAttention)):
+            yield name, mod, None
 
 
-def _conv_kwargs(mod: nn.Conv2d) -> dict:
-    """``LowRankConv2d`` keyword arguments of a plain ``nn.Conv2d``; ``ValueError`` (the reason)
-    for options it does not support."""
-    if mod.groups != 1:
-        raise ValueError(f"grouped convolutions (groups={mod.groups}) are not supported")
-    if mod.padding_mode != "zeros":
-        raise ValueError(f"padding_mode={mod.padding_mode!r} is not supported")
-    padding = mod.padding
-    if isinstance(padding, str):
-        if padding == "valid":
-            padding = (0, 0)
-        elif all(s == 1 for s in mod.stride) and all(
-            d * (k - 1) % 2 == 0 for d, k in zip(mod.dilation, mod.kernel_size, strict=True)
+def _has_matrix_weight(mod: nn.Module) -> bool:
+    w = dict(mod.named_parameters(recurse=False)).get("weight")
+    return w is not None and w.dim() >= 2
+
+
+def _select(model, rank, target_modules, exclude_modules, modules_to_save, report):
+    """The modules to convert, ``[(name, module, attention)]`` (first name of a shared module).
+    Skipped ones go to ``report``; explicit targets that cannot be converted raise."""
+    explicit = target_modules is not None
+    keep = list(modules_to_save or ())
+    cands, matched, convertible = [], [], []
+    for name, mod, att in _walk(model):
+        kind = plain_kind(mod)
+        if kind is not None:
+            convertible.append((name, type(mod).__name__))
+        if not (
+            matches(name, target_modules) or (explicit and att and matches(att, target_modules))
         ):
-            padding = tuple(
-                d * (k - 1) // 2 for d, k in zip(mod.dilation, mod.kernel_size, strict=True)
-            )
+            continue
+        if kind is None:
+            matched.append((name, type(mod).__name__))
+            if _has_matrix_weight(mod):
+                report.skip(name, mod, "unsupported type", "not a module type rankopt converts")
+        elif not explicit and kind.name == "embedding":
+            report.skip(name, mod, "not targeted", "nn.Embedding is converted only when named")
+        elif exclude_modules is not None and any(
+            matches(n, exclude_modules) for n in (name, att) if n
+        ):
+            report.skip(name, mod, "excluded", "named by exclude_modules")
+        elif keep and _in_saved(name, keep):
+            report.skip(name, mod, "modules_to_save", "trained whole (modules_to_save)")
         else:
-            raise ValueError(f"padding={padding!r} is not supported for this kernel")
-    return dict(
-        kernel_size=tuple(mod.kernel_size), stride=tuple(mod.stride), padding=tuple(padding),
-        dilation=tuple(mod.dilation),
-    )  # fmt: skip
+            cands.append((name, mod, att))
+    if not cands:
+        raise ValueError(no_match_message(target_modules, exclude_modules, matched, convertible))
+    targets = []
+    for name, mod, att in cands:
+        why = unsupported(mod, rank)
+        if why is None:
+            targets.append((name, mod, att))
+        elif explicit:
+            raise ValueError(f"module {name!r}: {why[1]}; exclude it (exclude_modules=[{name!r}])")
+        else:
+            report.skip(name, mod, *why)
+    return targets
 
 
-def _unsupported(mod: nn.Module, rank: int | None) -> str | None:
-    """Why ``mod`` cannot become a low-rank layer of this rank (None: it can)."""
-    if isinstance(mod, nn.Embedding) and (mod.max_norm is not None or mod.scale_grad_by_freq
-                                          or mod.sparse):  # fmt: skip
-        return "nn.Embedding with max_norm, scale_grad_by_freq or sparse is not supported"
-    if isinstance(mod, nn.Conv2d):
-        try:
-            _conv_kwargs(mod)
-        except ValueError as e:
-            return str(e)
-    if not mod.weight.is_floating_point():
-        return f"weight of dtype {mod.weight.dtype} (quantized?) is not supported"
-    m, n = _flat_weight(mod).shape
-    if rank is not None and rank > min(m, n):
-        return f"rank={rank} exceeds min(out, in) = {min(m, n)}"
-    return None
+def _in_saved(name: str, keep: list[str]) -> bool:
+    parts = name.split(".")
+    return any(matches(".".join(parts[:i]), keep) for i in range(1, len(parts) + 1))
 
 
-def _make_layer(mod: nn.Module, rank: int, base, seed) -> LowRankBase:
-    """A low-rank layer of ``mod``'s kind and options; factors float32 for half weights."""
-    w = mod.weight
-    dtype = torch.float32 if w.dtype in HALF_DTYPES else w.dtype
-    if isinstance(mod, nn.Embedding):
-        return LowRankEmbedding(
-            mod.num_embeddings, mod.embedding_dim, rank, padding_idx=mod.padding_idx, base=base,
-            dtype=dtype, device=w.device, seed=seed,
-        )  # fmt: skip
-    if isinstance(mod, nn.Linear):
-        layer = LowRankLinear(
-            mod.in_features, mod.out_features, rank, bias=False, base=base, dtype=dtype,
-            device=w.device, seed=seed,
-        )  # fmt: skip
+def _param_owners(model: nn.Module) -> dict[int, dict[int, str]]:
+    """For each parameter (by id): the modules holding it directly, ``{id(module): name}``."""
+    owners: dict[int, dict[int, str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(mod), name)
+    return owners
+
+
+def _tie_groups(model, targets, report, explicit: bool) -> list[list[tuple[str, nn.Module]]]:
+    """Targets grouped by shared weight (tied embedding / output head): converted together,
+    they share one set of factors and stay tied. A target tied to a module that is not
+    converted is refused (explicit targets) or skipped (``target_modules=None``). Attention
+    projections (fresh blocks) are never tied."""
+    owners = _param_owners(model)
+    by_weight: dict[int, list] = {}
+    groups = []
+    for name, mod, att in targets:
+        if att is not None:
+            groups.append([(name, mod)])
+        else:
+            by_weight.setdefault(id(mod.weight), []).append((name, mod))
+    converted = {id(mod) for _, mod, _ in targets}
+    for group in by_weight.values():
+        others = [n for mid, n in owners[id(group[0][1].weight)].items() if mid not in converted]
+        shapes = {tuple(flat_weight(mod).shape) for _, mod in group}
+        why = None
+        if others:
+            why = (f"its weight is tied to {others[0]!r}, which is not converted (converting one "
+                   "side would untie them): convert both, or neither")  # fmt: skip
+        elif len(shapes) > 1:
+            why = f"tied weights of different layouts {sorted(shapes)} are not supported"
+        if why is None:
+            groups.append(group)
+        elif explicit:
+            raise ValueError(f"module {group[0][0]!r}: {why}")
+        else:
+            for name, mod in group:
+                report.skip(name, mod, "tied", why)
+    return groups
+
+
+def _unpack_attention(model: nn.Module, groups: list) -> list:
+    """Replace each ``nn.MultiheadAttention`` with a targeted projection by its unpacked
+    :class:`LowRankMultiheadAttention` (under all its names) and the projections' stand-ins in
+    ``groups`` by the new modules."""
+    names = module_names(model)
+    unpacked: dict[str, LowRankMultiheadAttention] = {}
+    out = []
+    for group in groups:
+        name, mod = group[0]
+        parent, _, proj = name.rpartition(".")
+        if mod.weight.is_meta:  # an attention projection's stand-in
+            if parent not in unpacked:
+                mha = model.get_submodule(parent) if parent else model
+                unpacked[parent] = LowRankMultiheadAttention(mha)
+                for n in names[id(mha)]:
+                    set_module(model, n, unpacked[parent])
+            group = [(name, getattr(unpacked[parent], proj))]
+        out.append(group)
+    return out
+
+
+def _convert_group(group, rank, mode, energy, seed) -> list[LowRankBase]:
+    """One low-rank layer per module of a tie group, all sharing the first one's factors."""
+    name, mod = group[0]
+    if mode == "adapter":
+        layers = [make_layer(m, rank, m.weight, seed) for _, m in group]
     else:
-        layer = LowRankConv2d(
-            mod.in_channels, mod.out_channels, rank=rank, bias=False, base=base, dtype=dtype,
-            device=w.device, seed=seed, **_conv_kwargs(mod),
-        )  # fmt: skip
-    layer.bias = mod.bias
-    return layer
+        W = flat_weight(mod)
+        u, s, vh = torch.linalg.svd(W.double(), full_matrices=False)
+        k = energy_rank(s, energy) if energy is not None else rank
+        k = k if rank is None else min(k, rank)
+        if not float(s[k - 1]) > 0:
+            raise ValueError(f"the weight of module {name!r} has rank < {k}: use a smaller rank")
+        layers = [make_layer(m, k, None, seed) for _, m in group]
+        layers[0].set_factors(u[:, :k], s[:k], vh[:k].T)
+    for layer in layers[1:]:  # tied: the same Parameter objects (one manifold point)
+        layer.U, layer.S, layer.V = layers[0].U, layers[0].S, layers[0].V
+        if layers[0].base_weight is not None:
+            layer.base_weight = layers[0].base_weight
+    return layers
 
 
 def _check_rank(rank: Any, mode: str, energy: float | None) -> None:
@@ -155,105 +227,15 @@ def _check_rank(rank: Any, mode: str, energy: float | None) -> None:
         raise ValueError(f"rank must be a positive integer (or None with energy=...), got {rank!r}")
 
 
-def _module_names(model: nn.Module) -> dict[int, list[str]]:
-    """Every name of every submodule (a module shared by several parents has several)."""
-    names: dict[int, list[str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(mod), []).append(name)
-    return names
-
-
-def _param_owners(model: nn.Module) -> dict[int, dict[int, str]]:
-    """For each parameter (by id): the modules holding it directly, ``{id(module): name}``."""
-    owners: dict[int, dict[int, str]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
-        for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), {}).setdefault(id(mod), name)
-    return owners
-
-
-def _select(model, rank, target_modules, exclude_modules, modules_to_save):
-    """``(targets, skipped)``: the modules to convert as ``[(name, module)]`` (first name of a
-    shared module), and ``[(name, reason)]`` of those left alone. Explicit targets that cannot
-    be converted raise ``ValueError``; with ``target_modules=None`` they are skipped."""
-    kinds = (
-        (nn.Linear, nn.Conv2d) if target_modules is None else (nn.Linear, nn.Conv2d, nn.Embedding)
-    )
-    keep = list(modules_to_save or ())
-    cands = []
-    for name, mod in model.named_modules():
-        if type(mod) not in kinds or not _matches(name, target_modules):
-            continue
-        if exclude_modules is not None and _matches(name, exclude_modules):
-            continue
-        parts = name.split(".")
-        if keep and any(_matches(".".join(parts[:i]), keep) for i in range(1, len(parts) + 1)):
-            continue  # modules_to_save are trained whole, not adapted
-        cands.append((name, mod))
-    if not cands:
-        raise ValueError(
-            "no nn.Linear, nn.Conv2d or nn.Embedding module matches "
-            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r})"
+def _warn_skipped(report: ConversionReport) -> None:
+    skipped = report.skipped_for(*WARNED)
+    if skipped:
+        warnings.warn(
+            f"apply_low_rank(target_modules=None) left {len(skipped)} module(s) as they are: "
+            + "; ".join(f"{s.name!r} ({s.detail})" for s in skipped),
+            UserWarning,
+            stacklevel=3,
         )
-    targets, skipped = [], []
-    for name, mod in cands:
-        why = _unsupported(mod, rank)
-        if why is None:
-            targets.append((name, mod))
-        elif target_modules is None:
-            skipped.append((name, why))
-        else:
-            raise ValueError(f"module {name!r}: {why}; exclude it (exclude_modules=[{name!r}])")
-    return targets, skipped
-
-
-def _tie_groups(model, targets, skipped, explicit: bool) -> list[list[tuple[str, nn.Module]]]:
-    """Targets grouped by shared weight (tied embedding / output head): converted together,
-    they share one set of factors and stay tied. A target tied to a module that is not
-    converted is refused (explicit targets) or skipped (``target_modules=None``)."""
-    owners = _param_owners(model)
-    by_weight: dict[int, list] = {}
-    for name, mod in targets:
-        by_weight.setdefault(id(mod.weight), []).append((name, mod))
-    converted = {id(mod) for _, mod in targets}
-    groups = []
-    for group in by_weight.values():
-        others = [n for mid, n in owners[id(group[0][1].weight)].items() if mid not in converted]
-        shapes = {tuple(_flat_weight(mod).shape) for _, mod in group}
-        why = None
-        if others:
-            why = (f"its weight is tied to {others[0]!r}, which is not converted (converting one "
-                   "side would untie them): convert both, or neither")  # fmt: skip
-        elif len(shapes) > 1:
-            why = f"tied weights of different layouts {sorted(shapes)} are not supported"
-        if why is None:
-            groups.append(group)
-        elif explicit:
-            raise ValueError(f"module {group[0][0]!r}: {why}")
-        else:
-            skipped.extend((name, why) for name, _ in group)
-    return groups
-
-
-def _convert_group(group, rank, mode, energy, seed) -> list[LowRankBase]:
-    """One low-rank layer per module of a tie group, all sharing the first one's factors."""
-    name, mod = group[0]
-    if mode == "adapter":
-        layers = [_make_layer(m, rank, m.weight, seed) for _, m in group]
-    else:
-        W = _flat_weight(mod)
-        u, s, vh = torch.linalg.svd(W.double(), full_matrices=False)
-        k = energy_rank(s, energy) if energy is not None else rank
-        k = k if rank is None else min(k, rank)
-        if not float(s[k - 1]) > 0:
-            raise ValueError(f"the weight of module {name!r} has rank < {k}: use a smaller rank")
-        layers = [_make_layer(m, k, None, seed) for _, m in group]
-        layers[0].set_factors(u[:, :k], s[:k], vh[:k].T)
-    for layer in layers[1:]:  # tied: the same Parameter objects (one manifold point)
-        layer.U, layer.S, layer.V = layers[0].U, layers[0].S, layers[0].V
-        if layers[0].base_weight is not None:
-            layer.base_weight = layers[0].base_weight
-    return layers
 
 
 def apply_low_rank(
@@ -266,7 +248,13 @@ def apply_low_rank(
     seed: int | None = None,
     exclude_modules: Sequence[str] | str | re.Pattern | None = None,
 ) -> nn.Module:
-    r"""Replace selected ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding`` modules by low-rank layers.
+    r"""Replace selected modules by low-rank layers (adapters or compression).
+
+    Converts ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, transformers' ``Conv1D`` (GPT-2's,
+    weight stored ``(in, out)``: PEFT's ``fan_in_fan_out``), the projections of
+    ``nn.MultiheadAttention`` (``a.q_proj``, ``a.k_proj``, ``a.v_proj`` from the packed
+    ``in_proj_weight``, and ``a.out_proj``; the attention is unpacked, see
+    :mod:`rankopt.torch.attention`), and ``nn.Embedding`` when named.
 
     Parameters
     ----------
@@ -277,12 +265,13 @@ def apply_low_rank(
         an upper bound (None: no bound).
     target_modules : list of str, str, compiled regex or None
         A list matches module names by suffix (``"query"`` matches ``"encoder.layer.0.attention.self.query"``);
-        a string or pattern is a regular expression matched against the full name. None selects
-        every ``nn.Linear`` and ``nn.Conv2d`` that can be converted: the others (grouped or
-        non-zero-padded convolutions, layers smaller than ``rank``, weights tied to a module that
-        is not converted) are left as they are and listed in one warning. Named targets that
-        cannot be converted raise ``ValueError``. ``nn.Embedding`` modules are converted only
-        when named.
+        a string or pattern is a regular expression matched against the full name. Naming an
+        ``nn.MultiheadAttention`` converts its four projections. None selects every module
+        that can be converted (embeddings excepted): the others (grouped or non-zero-padded
+        convolutions, layers smaller than ``rank``, weights tied to a module that is not
+        converted, unsupported types) are left as they are and listed in one warning. Named
+        targets that cannot be converted raise ``ValueError``; a ``target_modules`` that
+        matches nothing convertible raises, naming the close candidates.
     mode : {"adapter", "compress"}
     energy : float in (0, 1], optional
         "compress" only: per layer, the smallest rank keeping this fraction of ``||W||_F^2``.
@@ -299,7 +288,9 @@ def apply_low_rank(
     -------
     nn.Module
         ``model``, with ``model.rankopt_config`` recording the options (read by
-        :func:`~rankopt.torch.save_adapters`).
+        :func:`~rankopt.torch.save_adapters`) and ``model.rankopt_report`` (a
+        :class:`~rankopt.torch.report.ConversionReport`: converted and skipped modules, and
+        why).
 
     Notes
     -----
@@ -308,7 +299,9 @@ def apply_low_rank(
     converted together when both are targets and share one set of factors ``U, S, V`` (their
     gradients add up in the tangent space), so they stay tied; converting only one of them
     raises. Half-precision (fp16/bf16) layers get float32 factors (see
-    :class:`~rankopt.torch.LowRankLinear`).
+    :class:`~rankopt.torch.LowRankLinear`). A Hugging Face model's ``save_pretrained`` then
+    also writes the merged weights, so that ``from_pretrained`` loads the trained function
+    (:mod:`rankopt.torch.hf`).
 
     Raises
     ------
@@ -318,43 +311,55 @@ def apply_low_rank(
         module that is not converted), a weight of rank below the requested rank ("compress").
     """
     _check_rank(rank, mode, energy)
-    targets, skipped = _select(model, rank, target_modules, exclude_modules, modules_to_save)
-    groups = _tie_groups(model, targets, skipped, explicit=target_modules is not None)
-    if skipped:
-        warnings.warn(
-            f"apply_low_rank(target_modules=None) left {len(skipped)} module(s) as they are: "
-            + "; ".join(f"{n!r} ({why})" for n, why in skipped),
-            UserWarning,
-            stacklevel=2,
-        )
+    report = ConversionReport(target_modules=target_modules)
+    targets = _select(model, rank, target_modules, exclude_modules, modules_to_save, report)
+    groups = _tie_groups(model, targets, report, explicit=target_modules is not None)
+    if target_modules is None:
+        _warn_skipped(report)
     if not groups:
         raise ValueError(
-            "no module could be converted: " + "; ".join(f"{n!r} ({w})" for n, w in skipped)
+            "no module could be converted: "
+            + "; ".join(f"{s.name!r} ({s.detail})" for s in report.skipped_for(*WARNED))
         )
-    names = _module_names(model)
+    groups = _unpack_attention(model, groups)
+    names = module_names(model)
     new_layers = []
     for i, group in enumerate(groups):
         layers = _convert_group(group, rank, mode, energy, None if seed is None else seed + i)
-        for (_, mod), layer in zip(group, layers, strict=True):
-            for name in names[id(mod)]:  # a shared module stays shared
-                _set_module(model, name, layer)
+        for (name, mod), layer in zip(group, layers, strict=True):
+            for n in names[id(mod)]:  # a shared module stays shared
+                set_module(model, n, layer)
+            guard_merged_keys(layer)
+            m, n_ = layer.U.shape[0], layer.V.shape[0]
+            tied = group[0][0] if layer is not layers[0] else None
+            report.converted.append(ConvertedModule(name, layer_kind(layer).name, (m, n_), layer.rank,
+                                                    mode, tied))  # fmt: skip
         new_layers += layers
+    for att in model.modules():
+        if isinstance(att, LowRankMultiheadAttention):
+            guard_merged_keys(att)
     if mode == "adapter":
-        # adapters converted by an earlier call stay trainable too (load_adapters converts
-        # one rank per call)
-        adapters = [m for m in model.modules()
-                    if isinstance(m, (LowRankBase, LowRankEmbedding)) and m.base_weight is not None]  # fmt: skip
-        keep = {id(p) for layer in (*new_layers, *adapters) for p in (layer.U, layer.S, layer.V)}
-        for name, mod in model.named_modules():
-            if name and _matches(name, list(modules_to_save or ())):
-                keep.update(id(p) for p in mod.parameters())
-        for p in model.parameters():
-            p.requires_grad_(id(p) in keep)
+        _freeze_all_but_adapters(model, new_layers, modules_to_save)
     model.rankopt_config = dict(
         mode=mode, rank=rank, energy=energy, target_modules=_jsonable(target_modules),
         exclude_modules=_jsonable(exclude_modules), modules_to_save=list(modules_to_save or ()),
     )  # fmt: skip
+    model.rankopt_report = report
+    patch_save_pretrained()
     return model
+
+
+def _freeze_all_but_adapters(model: nn.Module, new_layers: list, modules_to_save: Any) -> None:
+    """Only the adapters (this call's and earlier ones': load_adapters converts one rank per
+    call) and the ``modules_to_save`` stay trainable."""
+    adapters = [m for m in model.modules()
+                if isinstance(m, LowRankBase) and m.base_weight is not None]  # fmt: skip
+    keep = {id(p) for layer in (*new_layers, *adapters) for p in (layer.U, layer.S, layer.V)}
+    for name, mod in model.named_modules():
+        if name and matches(name, list(modules_to_save or ())):
+            keep.update(id(p) for p in mod.parameters())
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
 
 
 def _jsonable(target: Any) -> Any:
@@ -363,72 +368,6 @@ def _jsonable(target: Any) -> Any:
     if isinstance(target, re.Pattern):
         return target.pattern
     return list(target)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every low-rank layer back into a plain ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Embedding``.
-
-    The new weight is ``W0 + U S V^T`` (adapters) or ``U S V^T``, in the base's dtype; the bias
-    is kept (same tensor); ``requires_grad`` of the new weight follows the factors'. Layers
-    sharing factors (tied weights) get one shared weight; a shared layer stays shared.
-    Returns ``model``.
-    """
-    if isinstance(model, LowRankBase):
-        raise ValueError(
-            "merge() takes a model containing low-rank layers; call layer.dense_weight() on a layer"
-        )
-    names = _module_names(model)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LowRankBase)]
-    weights: dict[int, nn.Parameter] = {}  # id(U) -> merged weight (tied layers share it)
-    for _, layer in found:
-        new = _plain_module(layer)
-        w = weights.get(id(layer.U))
-        if w is None:
-            with torch.no_grad():
-                new.weight.copy_(layer.dense_weight())
-            new.weight.requires_grad_(layer.U.requires_grad)
-            weights[id(layer.U)] = new.weight
-        else:
-            new.weight = w
-        if getattr(layer, "bias", None) is not None:
-            new.bias = layer.bias
-        for name in names[id(layer)]:
-            _set_module(model, name, new)
-    return model
-
-
-def _plain_module(layer: LowRankBase) -> nn.Module:
-    W = layer.base_weight if layer.base_weight is not None else layer.U
-    kw = dict(dtype=W.dtype, device=W.device)
-    if isinstance(layer, LowRankEmbedding):
-        return nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, **kw)
-    if isinstance(layer, LowRankLinear):
-        return nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **kw)
-    return nn.Conv2d(
-        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-        layer.dilation, bias=layer.bias is not None, **kw,
-    )  # fmt: skip
-
-
-def saved_module_names(model: nn.Module) -> list[str]:
-    """Full names of the ``modules_to_save`` recorded by :func:`apply_low_rank` (suffix match,
-    outermost module when several nest), e.g. ``["classifier"]``."""
-    wanted = (getattr(model, "rankopt_config", None) or {}).get("modules_to_save") or []
-    found: list[str] = []
-    for name, _ in model.named_modules():
-        if (
-            name
-            and _matches(name, list(wanted))
-            and not any(name.startswith(f + ".") for f in found)
-        ):
-            found.append(name)
-    return found
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

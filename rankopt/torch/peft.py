@@ -14,12 +14,15 @@ r"""PEFT interop: LoRA adapters in, rankopt fixed-rank adapters out, and back.
   scale folded in), per-layer ranks in ``rank_pattern`` / ``alpha_pattern`` under anchored keys
   (``^sub\.q``: PEFT matches a key as a regex suffix, so a bare ``q`` would match ``sub.q``).
 
-Supported: LoRA on ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv2d`` (the kinds rankopt has),
+Supported: LoRA on ``nn.Linear``, ``nn.Embedding``, ``nn.Conv1d``, ``nn.Conv2d`` and transformers'
+``Conv1D`` (GPT-2; PEFT's ``fan_in_fan_out=True``, which :func:`to_peft` sets when it writes
+``Conv1D`` layers),
 one adapter at a time (:func:`from_peft` converts the named or active adapter and removes the
 others; merged adapters are unmerged first, with a warning). Not supported (``ValueError``):
 DoRA and other LoRA variants (their weight is not ``W0`` plus a low-rank matrix),
-``lora_bias``, ``fan_in_fan_out`` (GPT-2's ``Conv1D``), compressed layers (``mode="compress"``:
-no frozen base) in :func:`to_peft`. LoRA dropout has no rankopt counterpart and is dropped (a
+``lora_bias``, LoRA on ``nn.MultiheadAttention`` (PEFT adapts its packed ``in_proj`` as one
+matrix, rankopt its q/k/v blocks), compressed layers (``mode="compress"``: no frozen base) in
+:func:`to_peft`. LoRA dropout has no rankopt counterpart and is dropped (a
 warning); outputs in eval mode are unchanged.
 """
 
@@ -35,13 +38,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import LowRankMultiheadAttention
 from .convert import apply_low_rank, saved_module_names
 from .embedding import LowRankEmbedding
-from .layers import LowRankConv2d, LowRankLinear
+from .kinds import LOW_RANK_TYPES, is_hf_conv1d, plain_module
 
 __all__ = ["from_peft", "to_peft"]
-
-_LOW_RANK = (LowRankLinear, LowRankConv2d, LowRankEmbedding)
 
 
 def _peft():
@@ -79,12 +81,14 @@ def _lora_factors(mod: nn.Module, name: str, adapter: str) -> tuple[torch.Tensor
     if isinstance(mod, lora.Embedding):  # delta table = (B A)^T * scale, A: r x num, B: dim x r
         return mod.lora_embedding_A[adapter].T * scale, mod.lora_embedding_B[adapter]
     A, B = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
-    if isinstance(mod, lora.Conv2d):
+    if isinstance(mod, (lora.Conv2d, lora.layer.Conv1d)):
         return B.reshape(B.shape[0], -1) * scale, A.reshape(A.shape[0], -1).T
-    if isinstance(mod, lora.Linear) and isinstance(mod.get_base_layer(), nn.Linear):
-        if getattr(mod, "fan_in_fan_out", False):
-            raise ValueError(f"module {name!r}: fan_in_fan_out (Conv1D) is not supported")
-        return B * scale, A.T
+    base = mod.get_base_layer()
+    if isinstance(mod, lora.Linear) and (type(base) is nn.Linear or is_hf_conv1d(base)):
+        if bool(getattr(mod, "fan_in_fan_out", False)) != is_hf_conv1d(base):
+            raise ValueError(f"module {name!r}: fan_in_fan_out={mod.fan_in_fan_out} on a "
+                             f"{type(base).__name__} (PEFT sets it for Conv1D only)")  # fmt: skip
+        return B * scale, A.T  # the out x in update (Conv1D stores its transpose)
     raise ValueError(
         f"module {name!r}: LoRA on {type(mod.get_base_layer()).__name__} is not supported"
     )
@@ -245,19 +249,9 @@ def _convert(root: nn.Module, factors: dict, saved: list[str]) -> None:
 
 
 def _plain_like(layer: nn.Module) -> nn.Module:
-    """The plain module of a low-rank adapter, holding its frozen base (no copy) and bias."""
-    kw = dict(device="meta", dtype=layer.base_weight.dtype)
-    if isinstance(layer, LowRankEmbedding):
-        new = nn.Embedding(layer.num_embeddings, layer.embedding_dim, layer.padding_idx, **kw)
-    elif isinstance(layer, LowRankLinear):
-        new = nn.Linear(layer.in_features, layer.out_features, bias=False, **kw)
-    else:
-        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                        layer.padding, layer.dilation, bias=False, **kw)  # fmt: skip
-    new.weight = layer.base_weight
-    if not isinstance(layer, LowRankEmbedding):
-        new.bias = layer.bias
-    return new
+    """The plain module of a low-rank adapter, holding its frozen base (the same storage, no
+    copy) and bias."""
+    return plain_module(layer, layer.base_weight.detach(), requires_grad=False)
 
 
 def to_peft(
@@ -288,9 +282,14 @@ def to_peft(
         outputs as ``model``.
     """
     peft = _peft()
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, _LOW_RANK)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LOW_RANK_TYPES)}
     if not layers:
         raise ValueError("the model has no rankopt low-rank layers")
+    att = [n for n, m in model.named_modules() if isinstance(m, LowRankMultiheadAttention)]
+    if att:
+        raise ValueError(f"to_peft: {att[0]!r} is an unpacked nn.MultiheadAttention (rankopt "
+                         "adapts its q/k/v blocks separately, PEFT the packed in_proj as one "
+                         "matrix): no PEFT LoRA counterpart; use save_adapters")  # fmt: skip
     bad = [n for n, m in layers.items() if m.base_weight is None]
     if bad:
         raise ValueError(f"to_peft exports adapters (a frozen base plus U S V^T); {bad[0]!r} is a "
@@ -298,7 +297,7 @@ def to_peft(
     shared = {id(p): p for p in model.parameters() if not p.requires_grad}
     plain = copy.deepcopy(model, memo=shared)  # trainable tensors copied, frozen ones shared
     for name, layer in list(plain.named_modules()):
-        if isinstance(layer, _LOW_RANK):
+        if isinstance(layer, LOW_RANK_TYPES):
             _set_module(plain, name, _plain_like(layer))
     if modules_to_save is None:
         modules_to_save = saved_module_names(model)
@@ -310,6 +309,7 @@ def to_peft(
     config = peft.LoraConfig(
         r=r0, lora_alpha=r0, rank_pattern=pattern, alpha_pattern=dict(pattern), lora_dropout=0.0,
         target_modules="|".join(re.escape(n) for n in layers), modules_to_save=modules_to_save or None,
+        fan_in_fan_out=any(is_hf_conv1d(m) for m in plain.modules()),
     )  # fmt: skip
     out = peft.get_peft_model(plain, config, adapter_name=adapter_name)
     inner = out.get_base_model()
