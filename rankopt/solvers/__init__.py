@@ -122,7 +122,7 @@ def solve(
         gradient at each stage). Robust to the condition number of the target; needs the
         problem's Hessian (``problem.has_hessian``). Others: ``"rgd"``, ``"rcg"``, ``"rgn"``,
         ``"newton"``, ``"rsgd"``, ``"rheavyball"``, ``"radagrad"``, ``"radamw"``, ``"dlra-heavyball"``,
-        ``"dlra-adam"``, ``"radamw-elementwise"``, ``"reference-radamw"``,
+        ``"dlra-adam"``, ``"riemannion"``, ``"radamw-elementwise"``, ``"reference-radamw"``,
         ``"reference-radagrad"`` (the authors' code, dense m x n state), or
         ``"adaptive-<method>"`` for the rank-adaptive wrapper around one of them. With
         ``"auto"`` these are the keys of :data:`METHODS`. See "Which solver when" in the docs.
