@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,6 +36,7 @@ from .attention import LowRankMultiheadAttention, projection_stand_ins
 from .hf import guard_merged_keys, patch_save_pretrained
 from .kinds import flat_weight, layer_kind, make_layer, plain_kind, unsupported
 from .layers import LowRankBase, is_manifold_parameter
+from .loi import START_SCALE, check_start, loi_starts
 from .merge import merge
 from .names import matches, module_names, saved_module_names, set_module
 from .report import WARNED, ConversionReport, ConvertedModule, no_match_message
@@ -247,6 +248,9 @@ def apply_low_rank(
     modules_to_save: Sequence[str] | None = None,
     seed: int | None = None,
     exclude_modules: Sequence[str] | str | re.Pattern | None = None,
+    start: str = "zero",
+    start_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    start_scale: float = START_SCALE,
 ) -> nn.Module:
     r"""Replace selected modules by low-rank layers (adapters or compression).
 
@@ -283,6 +287,19 @@ def apply_low_rank(
     exclude_modules : list of str, str, compiled regex or None
         Modules never converted (matched like ``target_modules``, as PEFT's option), e.g. the
         output head with ``target_modules=None``.
+    start : {"zero", "loi"}
+        Adapter mode: where the adapters start. "zero" (default): ``U S V^T = 0``, the model's
+        function unchanged; the first optimizer step starts each adapter from its gradient.
+        "loi": the locally optimal start of Bogachev et al. (arXiv 2507.12142,
+        :func:`rankopt.locally_optimal_start`), ``U S V^T = start_scale U_{1..r} V_{r+1..2r}^T``
+        from the SVD of the weight's gradient of ``start_loss`` (one forward and backward of the
+        plain model before anything is converted; see :mod:`rankopt.torch.loi`): the tangent
+        space at the start holds the gradient's top 2r singular directions. The function
+        changes at conversion by a rank-r term of spectral norm ``|start_scale|``.
+    start_loss : callable, optional
+        ``start="loi"`` only: ``model -> scalar loss tensor`` on a batch you choose.
+    start_scale : float
+        ``start="loi"`` only: the start's singular values (default 1e-3; nonzero, finite).
 
     Returns
     -------
@@ -311,6 +328,7 @@ def apply_low_rank(
         module that is not converted), a weight of rank below the requested rank ("compress").
     """
     _check_rank(rank, mode, energy)
+    check_start(start, mode, start_loss, start_scale)
     report = ConversionReport(target_modules=target_modules)
     targets = _select(model, rank, target_modules, exclude_modules, modules_to_save, report)
     groups = _tie_groups(model, targets, report, explicit=target_modules is not None)
@@ -321,11 +339,15 @@ def apply_low_rank(
             "no module could be converted: "
             + "; ".join(f"{s.name!r} ({s.detail})" for s in report.skipped_for(*WARNED))
         )
+    # LOI reads the plain model's gradients: before anything (attention included) changes
+    starts = loi_starts(model, groups, rank, start_loss, start_scale) if start == "loi" else None
     groups = _unpack_attention(model, groups)
     names = module_names(model)
     new_layers = []
     for i, group in enumerate(groups):
         layers = _convert_group(group, rank, mode, energy, None if seed is None else seed + i)
+        if starts is not None:  # tied layers share the factors: set once
+            layers[0].set_factors(starts[i].U, starts[i].s, starts[i].V)
         for (name, mod), layer in zip(group, layers, strict=True):
             for n in names[id(mod)]:  # a shared module stays shared
                 set_module(model, n, layer)
@@ -343,6 +365,7 @@ def apply_low_rank(
     model.rankopt_config = dict(
         mode=mode, rank=rank, energy=energy, target_modules=_jsonable(target_modules),
         exclude_modules=_jsonable(exclude_modules), modules_to_save=list(modules_to_save or ()),
+        start=start, start_scale=start_scale if start == "loi" else None,
     )  # fmt: skip
     model.rankopt_report = report
     patch_save_pretrained()

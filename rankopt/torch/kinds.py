@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,8 +32,8 @@ from .conv1d import LowRankConv1D, LowRankConv1d
 from .embedding import LowRankEmbedding
 from .layers import HALF_DTYPES, LowRankBase, LowRankConv2d, LowRankLinear
 
-__all__ = ["Kind", "KINDS", "plain_kind", "layer_kind", "flat_weight", "unsupported", "make_layer",
-           "plain_module", "LOW_RANK_TYPES", "is_hf_conv1d"]  # fmt: skip
+__all__ = ["Kind", "KINDS", "plain_kind", "layer_kind", "flat_weight", "weight_matrix", "unsupported",
+           "make_layer", "plain_module", "LOW_RANK_TYPES", "is_hf_conv1d"]  # fmt: skip
 
 
 def is_hf_conv1d(mod: Any) -> bool:
@@ -153,6 +154,12 @@ def layer_kind(layer: Any) -> Kind | None:
 def flat_weight(mod: nn.Module) -> torch.Tensor:
     """A plain module's weight as the m x n matrix a low-rank layer approximates."""
     return plain_kind(mod).flat(mod)
+
+
+def weight_matrix(mod: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A tensor of ``mod``'s weight shape (its gradient, say) as the m x n matrix, read as
+    :func:`flat_weight` reads the weight (a view: reshaped, or transposed for ``Conv1D``)."""
+    return plain_kind(mod).flat(SimpleNamespace(weight=w))
 
 
 def unsupported(mod: nn.Module, rank: int | None) -> tuple[str, str] | None:
