@@ -44,16 +44,17 @@ def test_table_has_every_task_and_method(quick):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in acc_table.splitlines()
             if line.startswith("| ") and not line.startswith("| task")]  # fmt: skip
     timing = stdout[stdout.index("| task | method | ms per step") :].split("\n\n")[0]
-    assert len([ln for ln in timing.splitlines() if ln.startswith("| tweets |")]) == 9
+    assert len([ln for ln in timing.splitlines() if ln.startswith("| tweets |")]) == 11
     by_task: dict[str, list[str]] = {}
     for r in rows:
         by_task.setdefault(r[0], []).append(r[1].strip("*"))
     assert set(by_task) == {"tweets", "reviews", "courses", "compress", "gpt2"}
     for task in ("tweets", "reviews", "courses", "gpt2"):
-        assert len(by_task[task]) == 9, by_task[task]
+        assert len(by_task[task]) == 11, by_task[task]
         assert "rankopt RAdamW" in by_task[task] and "LoRA + AdamW (PEFT)" in by_task[task]
         assert "authors' RAdamW (reference)" in by_task[task]
-    assert len(by_task["compress"]) == 4
+        assert "rankopt Riemannion + LOI" in by_task[task]
+    assert len(by_task["compress"]) == 5
     assert "skipped" not in stdout
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["tweets"]["radamw"]["n"] == 2  # the quick mode's two seeds
@@ -67,7 +68,7 @@ def test_table_has_every_task_and_method(quick):
 def test_runs_are_resumable_and_png_says_smoke(quick, run_script):
     stdout, out = quick
     runs = list((out / "runs").glob("*.json"))
-    assert len(runs) == 4 * 9 * 2 + 4 * 2  # tasks x methods x seeds (one lr each in quick)
+    assert len(runs) == 4 * 11 * 2 + 5 * 2  # tasks x methods x seeds (one lr each in quick)
     rec = json.loads(runs[0].read_text())
     assert {"val_acc", "test_acc", "losses", "opt_state_bytes", "status"} <= set(rec)
     again = _run(run_script, out)

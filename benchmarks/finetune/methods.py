@@ -88,9 +88,16 @@ def m_galore(model: nn.Module, lr: float, seed: int) -> Built:
     return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
 
 
-def _rankopt_adapter(model: nn.Module, seed: int) -> nn.Module:
+#: the LOI start's singular values (``start_scale``; the same as benchmarks/optimizers.py's)
+LOI_SCALE = 1e-3
+
+
+def _rankopt_adapter(model: nn.Module, seed: int, start_loss: Callable | None = None) -> nn.Module:
+    """rankopt adapters on the targets; with ``start_loss``, started by LOI from its gradient."""
+    loi = {} if start_loss is None else dict(start="loi", start_loss=start_loss,
+                                             start_scale=LOI_SCALE)  # fmt: skip
     return rt.apply_low_rank(model, rank=RANK, target_modules=model.targets,
-                             modules_to_save=model.saved or None, seed=seed)  # fmt: skip
+                             modules_to_save=model.saved or None, seed=seed, **loi)  # fmt: skip
 
 
 def m_radamw(model: nn.Module, lr: float, seed: int) -> Built:
@@ -111,6 +118,15 @@ def m_dlraadam(model: nn.Module, lr: float, seed: int) -> Built:
     return model, rt.DLRAAdam(
         rt.trainable_parameters(model), lr=lr, weight_decay=0.0, max_rank=RANK
     )  # equal rank: never above the others' 8
+
+
+def m_riemannion(
+    model: nn.Module, lr: float, seed: int, start_loss: Callable | None = None
+) -> Built:
+    """rankopt adapters + ``rt.Riemannion`` (its defaults: momentum 0.9, exact matrix sign;
+    the head by AdamW at the same rate); with ``start_loss`` the adapters start by LOI."""
+    model = _rankopt_adapter(model, seed, start_loss)
+    return model, rt.Riemannion(rt.trainable_parameters(model), lr=lr, weight_decay=0.0)
 
 
 def _reference_radamw(params: list, lr: float) -> Any:
@@ -176,15 +192,24 @@ def c_dlraadam(model: nn.Module, lr: float, seed: int) -> Built:
     )
 
 
+def c_riemannion(model: nn.Module, lr: float, seed: int) -> Built:
+    """Every top-layer linear compressed by rankopt (rank 32) + ``rt.Riemannion``."""
+    model = _rankopt_compress(model)
+    return model, rt.Riemannion(rt.trainable_parameters(model), lr=lr, weight_decay=0.0)
+
+
 @dataclass
 class Method:
     """A method: its label in the tables, ``build(model, lr, seed) -> (model, optimizer)``,
-    its starting learning-rate grid, and whether it is rankopt's (bold, red)."""
+    its starting learning-rate grid, whether it is rankopt's (bold, red), and whether its
+    adapters start by LOI (``build`` then takes ``start_loss=``: the loss of the run's first
+    batch)."""
 
     label: str
-    build: Callable[[nn.Module, float, int], Built]
+    build: Callable[..., Built]
     grid: tuple[float, ...]
     rankopt: bool = False
+    loi: bool = False
 
 
 G_LORA = (1e-3, 3e-3, 1e-2)
@@ -199,10 +224,13 @@ METHODS = {
     "radagrad": Method("rankopt RAdaGrad", m_radagrad, (3e-3, 1e-2, 3e-2), True),
     "dlraadam": Method("rankopt DLRAAdam", m_dlraadam, G_ADAM, True),
     "radamw_reference": Method("authors' RAdamW (reference)", m_radamw_reference, G_ADAM, True),
+    "riemannion": Method("rankopt Riemannion", m_riemannion, G_LORA, True),
+    "riemannion_loi": Method("rankopt Riemannion + LOI", m_riemannion, G_LORA, True, loi=True),
 }
 COMPRESS_METHODS = {
     "svd_adamw": Method("truncated SVD factors + AdamW", c_svd_adamw, G_ADAM),
     "radamw": Method("rankopt RAdamW", c_radamw, G_ADAM, True),
     "radagrad": Method("rankopt RAdaGrad", c_radagrad, (3e-3, 1e-2, 3e-2), True),
     "dlraadam": Method("rankopt DLRAAdam", c_dlraadam, G_ADAM, True),
+    "riemannion": Method("rankopt Riemannion", c_riemannion, G_LORA, True),
 }

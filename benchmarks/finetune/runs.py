@@ -16,6 +16,7 @@ import statistics
 import time
 import warnings
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,23 @@ def build_model(task: str, template: Any, data: dict) -> nn.Module:
     return TopClassifier(copy.deepcopy(template), int(data["train"][2].max()) + 1)
 
 
+def first_batch_loss(train: tuple, seed: int, batch: int) -> Callable[[nn.Module], torch.Tensor]:
+    """``model -> loss`` on the first batch :func:`_train` draws with ``seed`` (the batch of
+    the LOI start, as the paper's first gradient)."""
+    h, m, y = train
+    b = torch.as_tensor(np.random.default_rng(seed).choice(len(y), batch, replace=False))
+    return lambda model: nn.functional.cross_entropy(model(h[b], m[b]), y[b])
+
+
+def build_run(task: str, method: Method, lr: float, seed: int, data: dict, template: Any,
+              batch: int) -> tuple:  # fmt: skip
+    """``(model, optimizer)`` of one run: a fresh model of ``task`` (eval mode: no dropout)
+    built by ``method``; a LOI method gets the loss of the run's first batch."""
+    model = build_model(task, template, data).eval()
+    kw = {"start_loss": first_batch_loss(data["train"], seed, batch)} if method.loi else {}
+    return method.build(model, lr, seed, **kw)
+
+
 def _train(model: nn.Module, opt: Any, train: tuple, seed: int, args: Namespace) -> tuple:
     """``args.steps`` steps on batches drawn by ``seed`` (the same for every method); returns
     the losses, the seconds per step and per optimizer step, and the run's status."""
@@ -96,7 +114,7 @@ def train_run(
     step and per optimizer step after 3 warm-up steps, optimizer state bytes, trainable
     parameters)."""
     torch.manual_seed(seed)
-    model, opt = method.build(build_model(task_name, template, data), lr, seed)
+    model, opt = build_run(task_name, method, lr, seed, data, template, args.batch)
     model.eval()  # no dropout: a deterministic comparison
     losses, t_step, t_opt, status = _train(model, opt, data["train"], seed, args)
     if status != "ok":

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from benchmarks.finetune.methods import COMPRESS_METHODS, METHODS
-from benchmarks.finetune.runs import Runner, build_model
+from benchmarks.finetune.runs import Runner, build_run
 from benchmarks.finetune.tasks import COMPRESS_DATA
 from benchmarks.harness import bench_lock, time_interleaved
 
@@ -55,8 +55,8 @@ def timing_stage(runner: Runner, task: str, results: dict, rounds: int, steps: i
     fns = {}
     for key, res in results.items():
         torch.manual_seed(0)
-        model = build_model(task, runner.template(task), data)
-        model, opt = methods[key].build(model, res["best_lr"], 0)
+        model, opt = build_run(task, methods[key], res["best_lr"], 0, data, runner.template(task),
+                               runner.args.batch)  # fmt: skip
         batches = [torch.as_tensor(rng.choice(len(train[2]), runner.args.batch, replace=False))
                    for _ in range(1 + rounds * steps)]  # fmt: skip
         fns[key] = _stepper(model, opt, train, batches)
