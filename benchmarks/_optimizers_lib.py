@@ -77,6 +77,7 @@ METHOD_STYLES = {
     "DLRAHeavyBall": ("tab:orange", "-"),
     "Riemannion": ("tab:purple", "-"),
     "Riemannion + LOI": ("tab:purple", "--"),
+    "Riemannion + cosine": ("tab:purple", "-."),
     "Riemannion Newton-Schulz": ("tab:purple", ":"),
 }
 
@@ -172,6 +173,8 @@ class Method:
     note: str = ""
     #: "loi": from W = 0, start at rankopt.locally_optimal_start of the first gradient
     start: str = "zero"
+    #: "cosine": lr_k = lr (1 + cos(pi k / steps)) / 2 on (i)-(iv) (the torch runs: constant)
+    schedule: str = "constant"
 
 
 def _rt():
@@ -275,6 +278,10 @@ def _rule_methods() -> list[Method]:
                torch_of("Riemannion"),
                f"from W = 0: locally_optimal_start(G_0, scale={LOI_SCALE:g}); (iv), (v): as Riemannion",
                start="loi"),
+        Method("Riemannion + cosine", "Riemannion", "rule", 1e-3, lambda lr: R.Riemannion(lr=lr),
+               torch_of("Riemannion"),
+               "(i)-(iv): cosine decay of lr to 0 over the run; (v): constant lr, as Riemannion",
+               schedule="cosine"),
         Method("Riemannion Newton-Schulz", "Riemannion", "rule", 1e-3,
                lambda lr: R.Riemannion(lr=lr, ns_steps=5), torch_of("Riemannion", ns_steps=5),
                "ns_steps=5: Muon's quintic Newton-Schulz instead of the exact sign (rankopt's)"),
@@ -380,9 +387,14 @@ def run_rule(method: Method, prob: Regression, lr: float, steps: int) -> Run:
             xi = man(r).geometry.project(x, G)
             losses, ranks = [prob.cost(W)], [r]
         size = state_bytes(rules.state_arrays(st))
-        for _ in range(steps):
+        for k in range(steps):
             M = man(x.rank)
-            x, st = spec.step(M, x, xi, st, lr=lr, **_extra(spec, M, G))
+            lr_k = (
+                lr
+                if method.schedule == "constant"
+                else lr * (1 + math.cos(math.pi * k / steps)) / 2
+            )
+            x, st = spec.step(M, x, xi, st, lr=lr_k, **_extra(spec, M, G))
             W = x.to_dense()
             f = prob.cost(W)
             losses.append(f)
