@@ -26,9 +26,15 @@ all-reduce) it raises a ``ValueError`` instead of taking an inconsistent step.
 
 Gradient accumulation works (the captures accumulate like ``.grad``; they are cleared by the
 optimizer's ``step`` and ``zero_grad``; a step that raises keeps them, like the gradients, so it
-can be retried). **DistributedDataParallel is not supported** by these rules: the captured
+can be retried). A layer without a captured batch whose gradient is exactly zero (e.g. the
+zero-gradient step by which ``torch.distributed.checkpoint`` initializes an optimizer's state)
+reads a zero batch. **DistributedDataParallel is not supported** by these rules: the captured
 batch is each process's own (and rank changes resize parameters, which DDP does not allow
-either); the consistency check raises.
+either); the consistency check raises. **FSDP2** (``fully_shard``) is: for a sharded layer the
+sketches of the local batch (``(m + n + r) r`` numbers) and what the rule reads (the DLRA normal
+block, ``4 r^2``, or the reference rules' dense ``m x n`` gradient) are all-reduced over the
+processes (:func:`rankopt.torch.sharded.all_reduce_parts`), and the consistency check compares
+the sums with the reduced ``.grad`` (their ratio is FSDP's averaging factor).
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ import torch
 
 from .. import rules
 from ..containers import FixedRankPoint
-from ._autograd import get_capture, start_capture
+from ._autograd import Capture, get_capture, start_capture
+from .sharded import all_reduce_parts
 from .stacks import Layer
 
 __all__ = [
@@ -100,52 +107,91 @@ def _inconsistent(L: Layer, mismatch: float, owner: str) -> ValueError:
 
 def layer_captures(
     layers: list[Layer], x: FixedRankPoint, xi: Any, started: bool, default: float, owner: str
-) -> list[tuple[Any, float]]:
-    """``[(capture, scale)]`` per layer: the capture and the factor by which ``.grad`` (gathered
-    in ``xi``) differs from it (``default`` where the capture is zero). Raises if ``.grad`` is not
-    such a multiple (:func:`consistency_tolerance`). One host read per layer."""
-    out = []
+) -> list[tuple[Any, float, Any]]:
+    """``[(capture, scale, factor)]`` per layer: the capture, the factor by which ``.grad``
+    (gathered in ``xi``) differs from it (``default`` where the capture is zero) and the layer's
+    ``U`` (FSDP2-sharded: the capture's products are summed over the processes). Raises if
+    ``.grad`` is not such a multiple (:func:`consistency_tolerance`), or has no capture and is
+    not zero. Host reads: three numbers per layer (the sketches of sharded layers all-reduced
+    first, one collective)."""
+    caps, parts = [], []
     for k, L in enumerate(layers):
         cap = get_capture(L.U.link)
-        if cap is None or cap.empty:
-            raise _missing(L, owner)
+        if cap is None or cap.empty:  # no batch recorded: zero (refused below unless .grad is)
+            cap = Capture("batch", _NOBODY)
         U, V = x.U[k], x.V[k]
         GV, GtU, M = cap.sketches(U, V)
         if started:
             GV, GtU = GV - U @ M, GtU - V @ M.T
-        have = (xi.M[k], xi.Up[k], xi.Vp[k])
-        dot = sum(float((a * b).sum()) for a, b in zip(have, (M, GV, GtU), strict=True))
-        cc = sum(float((b * b).sum()) for b in (M, GV, GtU))
-        hh = sum(float((a * a).sum()) for a in have)
+        caps.append(cap)
+        parts.append(torch.cat([M.reshape(-1), GV.reshape(-1), GtU.reshape(-1), _count(cap, M)]))
+    parts = all_reduce_parts(parts, [L.U for L in layers])
+    out = []
+    for k, (L, cap, part) in enumerate(zip(layers, caps, parts, strict=True)):
+        have = [t.reshape(-1) for t in (xi.M[k], xi.Up[k], xi.Vp[k])]
+        got = torch.split(part[:-1], [t.numel() for t in have])
+        sums = torch.stack([(a * b).sum() for a, b in zip(have, got, strict=True)]
+                           + [(b * b).sum() for b in got] + [(a * a).sum() for a in have]
+                           + [part[-1]]).double()  # fmt: skip
+        dot_t, cc_t = sums[0] + sums[1] + sums[2], sums[3] + sums[4] + sums[5]
+        dot, cc, hh, count = (
+            float(v) for v in _host([dot_t, cc_t, sums[6] + sums[7] + sums[8], sums[9]])
+        )
+        if count == 0 and hh > 0:
+            raise _missing(L, owner)
         scale = dot / cc if cc > 0 else default
         res = max(hh - 2 * scale * dot + scale * scale * cc, 0.0)
-        tol = consistency_tolerance(_capture_dtype(cap))
+        tol = consistency_tolerance(_capture_dtype(cap, x.U.dtype))
         if cc > 0 and res > (tol * tol) * max(hh, scale * scale * cc):
             raise _inconsistent(L, math.sqrt(res / max(hh, 1e-300)), owner)
-        out.append((cap, scale))
+        # the scale as a tensor (its value dot / cc): a compiled step does not specialize on it
+        out.append((cap, dot_t / cc_t if cc > 0 else default, L.U))
     return out
 
 
+def _host(values: list[torch.Tensor]) -> list[float]:
+    """The values of 0-d tensors (one host read)."""
+    return torch.stack(values).tolist()
+
+
+class _Nobody:
+    """The owner of the empty captures that stand for a batch no backward recorded."""
+
+
+_NOBODY = _Nobody()
+
+
+def _count(cap: Any, like: torch.Tensor) -> torch.Tensor:
+    """1 if ``cap`` recorded a batch, else 0 (summed over processes: how many did)."""
+    return like.new_full((1,), 0.0 if cap.empty else 1.0)
+
+
 def extra_inputs(spec: rules.Rule, caps: list, x: FixedRankPoint) -> dict:
-    """The keyword arguments of ``spec.step`` besides the tangent gradient, from the captures:
-    ``normal=f`` (``f(Q_u, Q_v) = Q_u^T G Q_v`` per layer) or ``egrad=G`` (stacked)."""
+    """The keyword arguments of ``spec.step`` besides the tangent gradient, from the captures
+    of :func:`layer_captures`: ``normal=f`` (``f(Q_u, Q_v) = Q_u^T G Q_v`` per layer) or
+    ``egrad=G`` (stacked); summed over the processes for FSDP2-sharded layers."""
     kind = rules.gradient_input(spec)
+    like = [u for _, _, u in caps]
     if kind == "normal":
 
         def normal(Qu, Qv):
-            return torch.stack([s * c.normal(Qu[k], Qv[k]) for k, (c, s) in enumerate(caps)])
+            parts = [c.normal(Qu[k], Qv[k]) for k, (c, _, _) in enumerate(caps)]
+            parts = all_reduce_parts(parts, like)
+            return torch.stack([s * p for p, (_, s, _) in zip(parts, caps, strict=True)])
 
         return {"normal": normal}
     if kind == "dense":
-        dtype = x.U.dtype
-        return {"egrad": torch.stack([s * c.dense.to(dtype) for c, s in caps])}
+        dtype, (m, n) = x.U.dtype, x.shape
+        parts = [x.U.new_zeros(m, n) if c.dense is None else c.dense.to(dtype) for c, _, _ in caps]
+        parts = all_reduce_parts(parts, like)
+        return {"egrad": torch.stack([s * p for p, (_, s, _) in zip(parts, caps, strict=True)])}
     return {}
 
 
-def _capture_dtype(cap: Any) -> torch.dtype:
+def _capture_dtype(cap: Any, default: torch.dtype) -> torch.dtype:
     if cap.dense is not None:
         return cap.dense.dtype
-    return cap.records[0][2].dtype
+    return cap.records[0][2].dtype if cap.records else default
 
 
 def split_items(x: FixedRankPoint, state: Any) -> tuple[list, list]:

@@ -1,4 +1,4 @@
-r"""The checks of a torch optimizer's param groups: hyperparameters and rank options.
+r"""Param-group checks (hyperparameters, rank options) and defaults of the torch optimizers.
 
 They read Python numbers only (microseconds, no device synchronization) and run when a group is
 added and before every step, so that an invalid value set in ``param_groups`` after construction
@@ -8,14 +8,19 @@ is refused before anything moves.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Any
 
 import torch
 
 from ..rules import Rule
+from ..rules.registry import Registration
+from .ordinary import ORDINARY
 from .stacks import Layer
 
 __all__ = [
+    "COMMON_OPTIONS",
+    "optimizer_defaults",
     "check_group",
     "check_rank_options",
     "check_rank_budget",
@@ -23,6 +28,11 @@ __all__ = [
     "describe",
     "lr_text",
 ]
+
+#: options every rankopt optimizer takes besides its rule's and its ordinary rule's, and their
+#: defaults (``check_finite`` is a constructor argument, not a param-group option)
+COMMON_OPTIONS = {"foreach": None, "fused": None, "stack_layers": True, "compile": False}
+
 
 #: param-group options that must be finite numbers >= 0, and those that must be > 0
 _AT_LEAST_ZERO = ("weight_decay", "momentum", "lr_decay", "initial_accumulator_value")
@@ -146,3 +156,29 @@ def rank_budget(spec: Rule, L: Layer, mn: int, r: int, state: Any) -> tuple[int 
     if spec.rank_semantics == "truncation":
         return (None if getattr(spec, "faithful", False) else r), "the rank never grows"
     return mn, "min(m, n)"
+
+
+def optimizer_defaults(reg: Registration, base: Rule | None, options: dict) -> dict:
+    """The param-group defaults of an optimizer with the rule ``reg``: the spec's fields (from
+    ``options``, else from the instance ``base``, else the spec's defaults), the ordinary rule's
+    options (shared by name with the spec, fixed by the registration, or from ``options`` with
+    torch's default) and :data:`COMMON_OPTIONS`. Raises ``TypeError`` naming unknown options."""
+    options = dict(options)
+    spec_values = {f.name: getattr(base, f.name) if base is not None else f.default
+                   for f in fields(reg.spec)}  # fmt: skip
+    defaults = {k: options.pop(k, v) for k, v in spec_values.items()}
+    ordinary = ORDINARY[reg.ordinary]
+    for key in ordinary.keys:
+        if key in defaults:
+            continue
+        if key in reg.ordinary_fixed:
+            defaults[key] = reg.ordinary_fixed[key]
+        else:
+            defaults[key] = options.pop(key, ordinary.default(key))
+    defaults.update({k: options.pop(k, v) for k, v in COMMON_OPTIONS.items()})
+    if options:
+        known = sorted(defaults)
+        raise TypeError(f"{reg.name} got unknown options {sorted(options)}; it takes {known}")
+    if isinstance(defaults.get("betas"), list):
+        defaults["betas"] = tuple(defaults["betas"])
+    return defaults

@@ -86,7 +86,15 @@ class ManifoldLink:
         return f"ManifoldLink(kind={self.kind!r}, started={self.started})"
 
 
-class ManifoldParameter(nn.Parameter):
+class _TaggedMeta(type(nn.Parameter)):
+    """Counts a tensor tagged by :meth:`LowRankBase.__setattr__` (FSDP2) as a factor."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        link = getattr(obj, "link", None) if isinstance(obj, torch.Tensor) else None
+        return isinstance(link, ManifoldLink) or super().__instancecheck__(obj)
+
+
+class ManifoldParameter(nn.Parameter, metaclass=_TaggedMeta):
     """A factor (``role`` "U", "S" or "V") of a low-rank layer's fixed-rank weight.
 
     Behaves like ``nn.Parameter``; the extra attributes survive ``copy.deepcopy`` (the three
@@ -171,6 +179,13 @@ class LowRankBase(nn.Module):
     """Shared machinery: factors ``U`` (m x r), ``S`` (r x r), ``V`` (n x r), optional base."""
 
     _kind = "base"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Tag a tensor replacing a factor (FSDP2's parameters) with its ``role`` and ``link``."""
+        old = self.__dict__.get("_parameters", {}).get(name)
+        if isinstance(old, ManifoldParameter) and isinstance(value, torch.Tensor):
+            value.role, value.link = old.role, old.link
+        super().__setattr__(name, value)
 
     def _init_factors(
         self,

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from .. import rules
-from ..containers import FixedRankPoint, TangentVector
+from ..containers import TangentVector
 from ..manifold import FixedRankManifold
 from ..rules import Rule, state_arrays
-from ..rules.registry import Registration, registration
+from ..rules.registry import registration
 from .captures import (
     CAPTURE_KINDS,
     clear_captures,
@@ -28,32 +28,40 @@ from .captures import (
     split_items,
 )
 from .checks import (
+    COMMON_OPTIONS,
     check_group,
     check_rank_budget,
     check_rank_options,
-    describe,
-    lr_text,
+    optimizer_defaults,
 )
 from .compiled import CompiledSteps
-from .finite import nonfinite_error, unscale
-from .layers import ManifoldParameter, resize_parameter_
+from .finite import (
+    finite_gate,
+    finite_inputs,
+    nonfinite_error,
+    register_locator,
+    rule_error,
+    unscale,
+)
+from .layers import ManifoldParameter
 from .ordinary import ORDINARY
+from .sharded import any_sharded, check_fixed_rank, check_same_rank, gather_full
 from .stacks import (
     BucketUpdate,
     Layer,
     StateStack,
+    checked_entries,
     gather_point,
     gather_tangent,
+    pick_items,
+    template_point,
     work_dtype,
+    write_items,
     write_point,
 )
 from .start import adapter_start
 
 __all__ = ["RiemannianOptimizer", "optimizer_defaults", "COMMON_OPTIONS"]
-
-#: options every rankopt optimizer takes besides its rule's and its ordinary rule's, and their
-#: defaults (``check_finite`` is a constructor argument, not a param-group option)
-COMMON_OPTIONS = {"foreach": None, "fused": None, "stack_layers": True, "compile": False}
 
 
 def _rule_key(rule: Any) -> Any:
@@ -63,32 +71,6 @@ def _rule_key(rule: Any) -> Any:
             "lr=...) (or use a named optimizer, rankopt.torch.RAdamW)"
         )
     return rule
-
-
-def optimizer_defaults(reg: Registration, base: Rule | None, options: dict) -> dict:
-    """The param-group defaults of an optimizer with the rule ``reg``: the spec's fields (from
-    ``options``, else from the instance ``base``, else the spec's defaults), the ordinary rule's
-    options (shared by name with the spec, fixed by the registration, or from ``options`` with
-    torch's default) and :data:`COMMON_OPTIONS`. Raises ``TypeError`` naming unknown options."""
-    options = dict(options)
-    spec_values = {f.name: getattr(base, f.name) if base is not None else f.default
-                   for f in fields(reg.spec)}  # fmt: skip
-    defaults = {k: options.pop(k, v) for k, v in spec_values.items()}
-    ordinary = ORDINARY[reg.ordinary]
-    for key in ordinary.keys:
-        if key in defaults:
-            continue
-        if key in reg.ordinary_fixed:
-            defaults[key] = reg.ordinary_fixed[key]
-        else:
-            defaults[key] = options.pop(key, ordinary.default(key))
-    defaults.update({k: options.pop(k, v) for k, v in COMMON_OPTIONS.items()})
-    if options:
-        known = sorted(defaults)
-        raise TypeError(f"{reg.name} got unknown options {sorted(options)}; it takes {known}")
-    if isinstance(defaults.get("betas"), list):
-        defaults["betas"] = tuple(defaults["betas"])
-    return defaults
 
 
 class RiemannianOptimizer(torch.optim.Optimizer):
@@ -108,7 +90,8 @@ class RiemannianOptimizer(torch.optim.Optimizer):
     rule (see :mod:`rankopt.torch.stacks`). Host synchronizations per step: one for the optional
     finite check (or GradScaler's inf check); rank-adaptive rules read the new ranks, the first
     step of adapters reads which layers got a gradient, and rules that need the backward's batch
-    (:mod:`rankopt.torch.captures`) read one scale per layer.
+    (:mod:`rankopt.torch.captures`) read one scale per layer. Under ``torch.compile(opt.step)``
+    the updates that read the host run eagerly, the rest compiled (:meth:`_updates`).
 
     **A step is taken whole or not at all.** First every param group's hyperparameters are
     checked (:func:`rankopt.torch.checks.check_group`; the rule spec checks its own options when
@@ -162,6 +145,8 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         self._specs: dict = {}
         self._splits: dict = {}
         self._compiled: dict = {}
+        #: the key of this optimizer's eager error locator (the compiled finite check's callback)
+        self._locator = register_locator(self._located_error)
         # the spec's hyperparameters other than lr (read once: no dataclass introspection per step)
         self._spec_names = tuple(f.name for f in fields(self.spec_class) if f.name != "lr")
         base = rule if isinstance(rule, Rule) else None
@@ -253,6 +238,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
 
     def _check_rank_budget(self, index: int, spec: Rule, layers: list[Layer]) -> None:
         check_rank_budget(spec, index, layers, self.state, type(self).__name__)
+        check_fixed_rank(spec, layers, index, type(self).__name__)  # FSDP2: fixed shapes
 
     def _manifold(self, m: int, n: int, r: int, dtype, device) -> FixedRankManifold:
         key = (m, n, r, dtype, device)
@@ -280,7 +266,6 @@ class RiemannianOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and float(found_inf) > 0:
             warnings.warn(
@@ -291,24 +276,59 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             )
             return loss
         plan = self._plan()  # checks every option and rank budget; nothing is written
-        if grad_scale is not None:  # GradScaler passed the scale: unscale the stacked copies
-            unscale([t for _, _, buckets, _ in plan for b in buckets for t in b[2]], grad_scale)
-        updates = self._updates(plan, grad_scale is None)
+        updates, grads = self._prepare(plan)
         if self.check_finite:
-            error = nonfinite_error(plan, updates, grads=grad_scale is None)
-            if error is not None:
-                raise error
+            updates = self._finite(plan, updates, grads)
         # -- from here on the step is taken: torch's rules (they may still refuse their
         # options, before they write), then the low-rank layers' new points and states
+        grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
             unscale([p.grad for _, _, _, ordinary in plan for p in ordinary], grad_scale)
-        for group, _, _, ordinary in plan:
+        for index, (_, _, _, ordinary) in enumerate(plan):
             if ordinary:
-                self._euclidean_step(group, ordinary)
+                self._euclidean_step(index)
         for _, u in updates:
             self._commit(u)
+        resized = [u for _, u in updates if isinstance(u.point, list)]
+        if resized:  # one call outside the loop: a compiled step breaks its graph once here
+            write_items(resized, self.state)
+        if any(u.stack is None and u.layers for _, u in updates):
+            self._restack()  # adapters started
         self._clear_captures()  # consumed (a step that raised keeps them, with the gradients)
         return loss
+
+    def _prepare(self, plan: list) -> tuple[list, bool]:
+        """``(updates, grads)`` of the step (:meth:`_updates`; ``grads``: whether the finite
+        check reads the gradients, False when GradScaler checked them, whose scale is then
+        divided out of the stacked copies). Writes nothing."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            unscale([t for _, _, buckets, _ in plan for b in buckets for t in b[2]], grad_scale)
+        elif self.check_finite and torch.compiler.is_compiling():
+            plan = finite_inputs(plan)  # compiled: non-finite gradients reach no factorization
+        return self._updates(plan, grad_scale is None), grad_scale is None
+
+    def _finite(self, plan: list, updates: list, grads: bool) -> list:
+        """The finite check (a ``ValueError`` before anything is written). Under
+        ``torch.compile``: an operator of the graph (:func:`~rankopt.torch.finite.finite_gate`)
+        whose result every write depends on: the new points and states, and the ordinary
+        parameters' gradients that torch's rules read (multiplied by True: the same values)."""
+        if not torch.compiler.is_compiling():
+            error = nonfinite_error(plan, updates, grads)
+            if error is not None:
+                raise error
+            return updates
+        ok = finite_gate(plan, updates, grads, self._locator)
+        for _, _, _, ordinary in plan:
+            for p in ordinary:
+                p.grad.mul_(ok)
+        return [(index, u.gated(ok)) for index, u in updates]
+
+    def _located_error(self) -> ValueError | None:
+        """The eager finite check of the step about to be taken (the compiled check's locator)."""
+        plan = self._plan()
+        updates, grads = self._prepare(plan)
+        return nonfinite_error(plan, updates, grads)
 
     def _plan(self) -> list:
         """Per group: ``(group, spec, buckets, ordinary params with grads)``; each bucket is
@@ -322,68 +342,90 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             if any(p.grad.is_sparse for p in ordinary):
                 raise ValueError("sparse gradients are not supported by rankopt optimizers")
             spec = self._spec(group, index)
-            buckets = []
-            for key, group_layers in self._buckets(group, layers).items():
+            buckets = list(self._buckets(group, layers).values())
+            for group_layers in buckets:
                 self._check_rank_budget(index, spec, group_layers)
-                wd = work_dtype(key[3])
-                x = gather_point(group_layers, wd)
-                buckets.append((group_layers, x, gather_tangent(group_layers, wd)))
             plan.append((group, spec, buckets, ordinary))
-        return plan
+        full = self._gathered([L for _, _, buckets, _ in plan for b in buckets for L in b])
+        out = []
+        for group, spec, buckets, ordinary in plan:
+            stacked = []
+            for ls in buckets:
+                wd = work_dtype(ls[0].U.dtype)
+                stacked.append((ls, gather_point(ls, wd, full), gather_tangent(ls, wd, full)))
+            out.append((group, spec, stacked, ordinary))
+        return out
 
-    def _buckets(self, group: dict, layers: list[Layer]) -> dict[tuple, list[Layer]]:
-        """The layers with gradients by ``Layer.key`` (each its own with ``stack_layers=False``)."""
+    def _gathered(self, layers: list[Layer]) -> Any:
+        """None, or for FSDP2-sharded factors a map to their whole tensors and gradients (one
+        all-gather, :func:`~rankopt.torch.sharded.gather_full`)."""
+        tensors = [t for L in layers for p in (L.U, L.S, L.V) for t in (p, p.grad)]
+        if not any_sharded(tensors):
+            return None
+        found = gather_full(tensors)
+        return lambda t: found.get(id(t), t)
+
+    def _buckets(self, group: dict, layers: list[Layer], grads: bool = True) -> dict:
+        """The layers with gradients (``grads=False``: all) by ``Layer.key`` (each its own with
+        ``stack_layers=False``)."""
         by_key: dict[tuple, list[Layer]] = {}
         alone = not group.get("stack_layers", True)
         for L in layers:
             gs = (L.U.grad, L.S.grad, L.V.grad)
-            if all(g is None for g in gs):
+            if grads and all(g is None for g in gs):
                 continue
-            if any(g is None for g in gs):
+            if grads and any(g is None for g in gs):
                 raise ValueError("a low-rank layer's U, S, V must all have gradients or none")
             by_key.setdefault(L.key + ((id(L.U),) if alone else ()), []).append(L)
         return by_key
 
     def _updates(self, plan: list, grads_unchecked: bool) -> list[tuple[int, BucketUpdate]]:
         """``(group index, update)`` of every bucket: its new point and state, computed into new
-        tensors (nothing is written). An error inside a rule is explained (a non-finite gradient
-        or ``lr`` when ``check_finite``, the layer and ``lr`` of a failed factorization)."""
+        tensors (nothing is written). In a compiled step the buckets whose update reads the host
+        (:meth:`_reads_host`) are computed first, eagerly, by one call outside any loop (one
+        graph break, after which Dynamo resumes; nothing in it to recompile)."""
+        host = [(i, k) for i, (_, spec, buckets, _) in enumerate(plan)
+                for k, (layers, _, _) in enumerate(buckets) if self._reads_host(spec, layers)]  # fmt: skip
+        early = self._eager_updates(plan, host, grads_unchecked) if host and _compiling() else {}
         updates = []
-        for index, (group, spec, buckets, _) in enumerate(plan):
-            for layers, x, xi in buckets:
-                try:
-                    u = self._bucket_update(group, spec, layers, x, xi)
-                except Exception as e:  # nothing was written: explain, re-raise
-                    better = self._explain(e, plan, index, layers, grads_unchecked)
-                    if better is None:
-                        raise
-                    raise better from e
+        for index, (_, _, buckets, _) in enumerate(plan):
+            for k, (layers, x, xi) in enumerate(buckets):
+                if (index, k) in early:
+                    u = early[(index, k)]
+                else:
+                    u = self._explained_update(plan, index, layers, x, xi, grads_unchecked)
                 if u is not None:
+                    if u.layers:  # FSDP2: the shapes of sharded layers are fixed
+                        ranks = [p.rank for p in u.point] if isinstance(u.point, list) else []
+                        check_same_rank(u.layers, x.rank, ranks or [u.point.rank], index)
                     updates.append((index, u))
         return updates
 
-    def _explain(
-        self, e: Exception, plan: list, index: int, layers: list[Layer], grads: bool
-    ) -> ValueError | None:
-        """A clearer error for ``e``, raised by the rule step of ``layers`` (None: re-raise
-        ``e``, with a note where Python supports notes)."""
-        if self.check_finite:  # non-finite inputs are the likeliest cause of any failure
-            error = nonfinite_error(plan, [], grads)
-            if error is not None:
-                return error
-        where = f"the low-rank layer {describe(layers[0])} in param group {index}"
-        if isinstance(e, torch.linalg.LinAlgError):
-            return ValueError(
-                f"the step of {where} failed (torch.linalg.LinAlgError: {e}): its update is "
-                f"not finite or ill-conditioned; lr={lr_text(plan[index][0]['lr'])} too large? "
-                "The step was not taken (no parameter or optimizer state changed)."
-            )
-        if hasattr(e, "add_note"):  # Python >= 3.11
-            e.add_note(
-                f"rankopt: raised by the step of {where}; the step was not taken (no parameter "
-                "or optimizer state changed)"
-            )
-        return None
+    @torch.compiler.disable
+    def _eager_updates(self, plan: list, which: list, grads_unchecked: bool) -> dict:
+        """``{(group index, bucket index): update}`` of the buckets ``which``, eagerly."""
+        return {(i, k): self._explained_update(plan, i, *plan[i][2][k], grads_unchecked)
+                for i, k in which}  # fmt: skip
+
+    def _explained_update(
+        self, plan: list, index: int, layers: list[Layer], x, xi, grads_unchecked: bool
+    ) -> BucketUpdate | None:
+        """:meth:`_bucket_update` of a bucket of param group ``index``; an error inside the rule
+        is explained (a non-finite gradient or ``lr`` when ``check_finite``, the layer and
+        ``lr`` of a failed factorization) and re-raised (nothing was written)."""
+        group, spec = plan[index][0], plan[index][1]
+        try:
+            return self._bucket_update(group, spec, layers, x, xi)
+        except Exception as e:
+            better = rule_error(e, plan, index, layers, grads_unchecked, self.check_finite)
+            if better is None:
+                raise
+            raise better from e
+
+    def _reads_host(self, spec: Rule, layers: list[Layer]) -> bool:
+        """Whether a bucket's update reads values on the host: adapters' first step (which got a
+        gradient), a rank-adaptive rule (the new ranks), captured batches (one scale per layer)."""
+        return not layers[0].U.link.started or spec.rank_adaptive or self.capture_kind is not None
 
     def _bucket_update(
         self, group: dict, spec: Rule, layers: list[Layer], x, xi
@@ -397,10 +439,9 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             found = layer_captures(layers, x, xi, started, default, type(self).__name__)
             caps = {id(L): c for L, c in zip(layers, found, strict=True)}
         man = self._layer_manifold(layers[0])
-        begun = self._begin(spec, man, layers, x, xi)
-        if begun is None:
-            return None
-        layers, x, xi, state, stack = begun
+        layers, x, xi, state, stack, idle = self._begin(spec, man, layers, x, xi)
+        if not layers:  # adapters without a gradient: they only get their state entries
+            return BucketUpdate([], None, None, None, idle) if idle[0] else None
         if caps is not None:
             extra = extra_inputs(spec, [caps[id(L)] for L in layers], x)
             x_new, new_state = self._rule_step(group, spec, man, x, xi, state, extra)
@@ -408,7 +449,7 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             x_new, new_state = self._rule_step(group, spec, man, x, xi, state, {})
         if not isinstance(x_new, list) and x_new.rank != x.rank:
             x_new, new_state = split_items(x_new, new_state)
-        return BucketUpdate(layers, x_new, new_state, stack)
+        return BucketUpdate(layers, x_new, new_state, stack, idle)
 
     def _rule_step(self, group: dict, spec: Rule, man, x, xi, state, extra: dict) -> tuple:
         """``spec.step``, compiled when the group asks for it (:mod:`rankopt.torch.compiled`)."""
@@ -419,17 +460,32 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             steps = self._compiled[id(group)] = CompiledSteps(group["compile"])
         return steps.step(spec, man, x, xi, state, group["lr"], extra)
 
-    def _begin(self, spec: Rule, man, layers: list[Layer], x, xi) -> tuple | None:
-        """``(layers, x, xi, state, stack)`` of the layers that step: adapters' first step
-        starts them (``stack`` None, state from ``init``; None if none got a gradient), other
-        layers read their state stack. Writes nothing."""
+    def _begin(self, spec: Rule, man, layers: list[Layer], x, xi) -> tuple:
+        """``(layers, x, xi, state, stack, idle)`` of the layers that step: adapters' first step
+        starts them (``stack`` None, state from ``init``; ``idle``: those without a gradient, and
+        the ``init`` state of their points), other layers read their state stack. Writes
+        nothing."""
         if not layers[0].U.link.started:
-            x, xi, layers = self._start(man, layers, xi)
-            if not layers:
-                return None
-            return layers, x, xi, spec.init(man, x), None
+            x0, xi, on, off = self._start(man, layers, xi)
+            idle = ([layers[i] for i in off], spec.init(man, pick_items(x, off)) if off else None)
+            if not on:
+                return [], None, None, None, None, idle
+            return [layers[i] for i in on], x0, xi, spec.init(man, x0), None, idle
         stack = self._stack(spec, man, layers, x)
-        return layers, x, xi, stack.state(), stack
+        return layers, x, xi, stack.state(), stack, ([], None)
+
+    def _restack(self) -> None:
+        """Bind a state stack to each bucket of started layers (adapters that started join the
+        layers of their shape): the next step reads the stacks it keeps (compiles no more)."""
+        for index, group in enumerate(self.param_groups):
+            for ls in self._buckets(group, self._split(group)[0], grads=False).values():
+                key = tuple(id(L.U) for L in ls)
+                if key in self._stacks or not all(self.state.get(L.U) for L in ls):
+                    continue
+                init = self._spec(group, index).init(
+                    self._layer_manifold(ls[0]), template_point(ls[0], (len(ls),))
+                )
+                self._stacks[key] = StateStack.build(self.state, ls, init)
 
     def _stack(self, spec: Rule, man, layers: list[Layer], x) -> StateStack:
         """The layers' state stack: the bound one, or one gathered from their entries (bound
@@ -439,98 +495,90 @@ class RiemannianOptimizer(torch.optim.Optimizer):
             stack = StateStack.gather(self.state, layers, spec.init(man, x))
         return stack
 
-    def _start(self, man, layers: list[Layer], sketches: TangentVector):
-        """Adapters' first step: start points from the sketches (one host read of which
-        layers got a gradient); layers with a zero sketch stay unstarted. Sets no flag (the
+    def _start(self, man, layers: list[Layer], sketches: TangentVector) -> tuple:
+        """Adapters' first step: ``(x0, xi, on, off)``, the start points from the sketches of
+        the layers ``on`` (indices), and the indices ``off`` of the layers with a zero sketch
+        (they stay unstarted). One host read (which layers got a gradient); sets no flag (the
         step's commit does)."""
         x0, xi, ok = adapter_start(man, sketches.Up, sketches.M, sketches.Vp)
         keep = ok.tolist()
-        if all(keep):
-            return x0, xi, layers
-        idx = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=ok.device)
-        pick = lambda a: a.index_select(0, idx)  # noqa: E731
-        x0 = FixedRankPoint(pick(x0.U), pick(x0.s), pick(x0.V))
-        xi = TangentVector(pick(xi.M), pick(xi.Up), pick(xi.Vp))
-        return x0, xi, [L for L, k in zip(layers, keep, strict=True) if k]
+        on = [i for i, k in enumerate(keep) if k]
+        off = [i for i, k in enumerate(keep) if not k]
+        if not off:
+            return x0, xi, on, off
+        x0 = pick_items(x0, on)
+        xi = pick_items(xi, on)
+        return x0, xi, on, off
 
     def _commit(self, u: BucketUpdate) -> None:
-        """Write a checked update: the new points into the factors, the new states."""
+        """Write a checked update: the new points into the factors, the new states (and the
+        ``init`` entries of idle adapters that have none: a state_dict template, e.g. of
+        ``torch.distributed.checkpoint``, then holds every layer)."""
+        idle, init = u.idle
+        for k, L in enumerate(idle):
+            if not self.state.get(L.U):
+                self.state[L.U] = {n: v[k].clone() for n, v in state_arrays(init).items()}
+        for L in (*idle, *u.layers):  # S, V: empty entries (a stepped parameter has one)
+            self.state.setdefault(L.S, {})
+            self.state.setdefault(L.V, {})
+        if not u.layers:
+            return
         for L in u.layers:
             L.U.link.started = True
-        if isinstance(u.point, list):  # rank-adaptive: each layer its own rank
-            self._write_items(u.layers, u.point, u.state)
+        if isinstance(u.point, list):  # rank-adaptive: each layer its own rank (write_items)
             return
         write_point(u.layers, u.point)
         key = tuple(id(L.U) for L in u.layers)
         if u.stack is None:  # adapters' first step: the state starts here
-            self._stacks[key] = StateStack.build(self.state, u.layers, u.state)
+            self._stacks[key] = StateStack.fresh(self.state, u.layers, u.state)
             return
         if not u.stack.bound:
             u.stack.bind(self.state, u.layers)
             self._stacks[key] = u.stack
         u.stack.store(u.state)
 
-    def _write_items(self, layers: list[Layer], points: list, states: list) -> None:
-        """Write per-layer results of another rank (same Parameter objects, resized)."""
-        for L, x, st in zip(layers, points, states, strict=True):
-            for p, new in ((L.U, x.U), (L.S, torch.diag_embed(x.s)), (L.V, x.V)):
-                new = new.to(p.dtype)
-                if p.shape == new.shape:
-                    p.copy_(new)
-                else:
-                    resize_parameter_(p, new.contiguous())
-            entry = self.state[L.U]
-            entry.clear()
-            entry.update({k: v.clone() for k, v in state_arrays(st).items()})
-
     # -- state_dict: per-layer entries, checked on load ---------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()``; manifold entries are checked and kept in
-        the layers' working dtype (not cast to the factors' dtype)."""
+        the layers' working dtype (not cast to the factors' dtype). Parameters are matched as
+        torch does, by their order in the saved param groups (their keys may be indices or, from
+        ``torch.distributed.checkpoint``'s state-dict API, names)."""
+        saved = [k for g in state_dict["param_groups"] for k in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        by_key = dict(zip(saved, params, strict=False))  # torch's load checks the lengths
         manifold, rest = {}, {}
         for k, v in state_dict["state"].items():
-            p = params[int(k)] if int(k) < len(params) else None
+            p = by_key.get(k)
             if isinstance(p, ManifoldParameter) and p.role == "U" and isinstance(v, dict):
-                manifold[int(k)] = v
+                manifold[k] = v
             else:
                 rest[k] = v
         super().load_state_dict({**state_dict, "state": rest})
         layers = {id(L.U): (L, g) for g in self.param_groups for L in self._split(g)[0]}
         for k, v in manifold.items():
-            L, group = layers[id(params[k])]
+            L, group = layers[id(by_key[k])]
             self.state[L.U] = self._checked_entries(L, group, v)
         self._stacks.clear()
 
     def _checked_entries(self, L: Layer, group: dict, saved: dict) -> dict:
-        man = self._layer_manifold(L)
-        x = FixedRankPoint(L.U.detach(), L.S.detach().diagonal(), L.V.detach())
-        expected = state_arrays(self._spec(group).init(man, x))
-        rule = self.registration.name
-        missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"optimizer state for a low-rank layer (m, n, r) = {tuple(x.shape) + (x.rank,)} "
-                f"does not match the rule {rule}: missing {missing}, unexpected {extra} (was it "
-                "saved by another optimizer?)"
-            )
-        out = {}
-        for k, ref in expected.items():
-            v = torch.as_tensor(saved[k])
-            ref = torch.as_tensor(ref)
-            if tuple(v.shape) != tuple(ref.shape):
-                raise ValueError(
-                    f"optimizer state {k!r} of a low-rank layer has shape {tuple(v.shape)}, but "
-                    f"the layer (m, n, r) = {tuple(x.shape) + (x.rank,)} needs "
-                    f"{tuple(ref.shape)}: load the model's state (its ranks) first, or the "
-                    "state of a model with the same ranks"
-                )
-            out[k] = v.to(dtype=ref.dtype, device=L.U.device, copy=True)
-        return out
+        x = template_point(L)
+        expected = state_arrays(self._spec(group).init(self._layer_manifold(L), x))
+        mnr = (x.shape[0], x.shape[1], x.rank)
+        return checked_entries(expected, saved, mnr, self.registration.name, L.U.device)
 
-    def _euclidean_step(self, group: dict, params: list) -> None:
-        """torch's rule of the ordinary parameters (:mod:`rankopt.torch.ordinary`)."""
+    def _euclidean_step(self, index: int) -> None:
+        """torch's rule (:mod:`rankopt.torch.ordinary`) of the param group ``index``'s ordinary
+        parameters with gradients, read from ``param_groups``: a compiled step that resumes after
+        a graph break guards them as ``.grad`` of the parameters, not by identity (which
+        ``zero_grad(set_to_none=True)`` breaks at every step)."""
+        group = self.param_groups[index]
+        params = [p for p in self._split(group)[1] if p.grad is not None]
         self.ordinary.step(self, group, params)
+
+
+def _compiling() -> bool:
+    """Whether Dynamo is tracing the step (``torch.compile(opt.step)``)."""
+    return torch.compiler.is_compiling()
 
 
 def _hashable(v: Any) -> Any:

@@ -16,6 +16,7 @@ change in which layers have gradients) the group is re-stacked from the per-laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ import torch
 
 from ..containers import FixedRankPoint, TangentVector
 from ..rules import state_arrays, state_from_arrays
+from .layers import resize_parameter_
+from .sharded import any_sharded, local_pairs
 
 __all__ = [
     "Layer",
@@ -30,8 +33,12 @@ __all__ = [
     "gather_point",
     "gather_tangent",
     "write_point",
+    "write_items",
     "StateStack",
     "BucketUpdate",
+    "checked_entries",
+    "pick_items",
+    "template_point",
 ]
 
 
@@ -62,22 +69,34 @@ def _stack(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return out if out.dtype == dtype else out.to(dtype)
 
 
-def gather_point(layers: list[Layer], dtype: torch.dtype) -> FixedRankPoint:
-    """The stacked point ``(U, diag(S), V)`` of the layers, in ``dtype``."""
-    S = _stack([L.S.detach() for L in layers], dtype)
+def _whole(full: Callable | None) -> Callable:
+    return (lambda t: t.detach()) if full is None else (lambda t: full(t).detach())
+
+
+def gather_point(
+    layers: list[Layer], dtype: torch.dtype, full: Callable | None = None
+) -> FixedRankPoint:
+    """The stacked point ``(U, diag(S), V)`` of the layers, in ``dtype`` (``full`` maps an
+    FSDP2-sharded factor to its gathered whole, :func:`rankopt.torch.sharded.gather_full`)."""
+    whole = _whole(full)
+    S = _stack([whole(L.S) for L in layers], dtype)
     return FixedRankPoint(
-        _stack([L.U.detach() for L in layers], dtype),
+        _stack([whole(L.U) for L in layers], dtype),
         S.diagonal(dim1=-2, dim2=-1),
-        _stack([L.V.detach() for L in layers], dtype),
+        _stack([whole(L.V) for L in layers], dtype),
     )
 
 
-def gather_tangent(layers: list[Layer], dtype: torch.dtype) -> TangentVector:
-    """The stacked tangent vector ``(S.grad, U.grad, V.grad)`` (= ``(M, Up, Vp)``) in ``dtype``."""
+def gather_tangent(
+    layers: list[Layer], dtype: torch.dtype, full: Callable | None = None
+) -> TangentVector:
+    """The stacked tangent vector ``(S.grad, U.grad, V.grad)`` (= ``(M, Up, Vp)``) in ``dtype``
+    (``full``: as for :func:`gather_point`)."""
+    whole = _whole(full)
     return TangentVector(
-        _stack([L.S.grad for L in layers], dtype),
-        _stack([L.U.grad for L in layers], dtype),
-        _stack([L.V.grad for L in layers], dtype),
+        _stack([whole(L.S.grad) for L in layers], dtype),
+        _stack([whole(L.U.grad) for L in layers], dtype),
+        _stack([whole(L.V.grad) for L in layers], dtype),
     )
 
 
@@ -90,13 +109,55 @@ def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
             d.copy_(s)
 
 
+def template_point(L: Layer, batch: tuple[int, ...] = ()) -> FixedRankPoint:
+    """A point of the layer's shape and working dtype (``U = I[:, :r]``, ``s = 1``; stacked to
+    ``batch``): what a rule's ``init`` needs to give the names and shapes of its state, without
+    the layer's factors (they may be FSDP2 shards)."""
+    (m, r), n = L.U.shape, L.V.shape[0]
+    kw = {"dtype": work_dtype(L.U.dtype), "device": L.U.device}
+    eye = lambda k: torch.eye(k, r, **kw).expand(*batch, k, r).contiguous()  # noqa: E731
+    return FixedRankPoint(eye(m), torch.ones(*batch, r, **kw), eye(n))
+
+
+def pick_items(x: Any, idx: list[int]) -> Any:
+    """The items ``idx`` of a stacked point or tangent vector (copies)."""
+
+    def pick(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(0, torch.tensor(idx, dtype=torch.long, device=t.device))
+
+    if isinstance(x, FixedRankPoint):
+        return FixedRankPoint(pick(x.U), pick(x.s), pick(x.V))
+    return TangentVector(pick(x.M), pick(x.Up), pick(x.Vp))
+
+
 def write_point(layers: list[Layer], x: FixedRankPoint) -> None:
     """Copy a stacked point of the layers' shape back into their factors (in place; one
-    multi-tensor copy for all three factors of every layer)."""
+    multi-tensor copy for all three factors of every layer; an FSDP2-sharded factor gets its
+    process's rows, :func:`rankopt.torch.sharded.local_pairs`)."""
     dst = [p for L in layers for p in (L.U, L.S, L.V)]
     parts = (x.U.unbind(0), torch.diag_embed(x.s).unbind(0), x.V.unbind(0))
     src = [a for t in zip(*parts, strict=True) for a in t]
+    if any_sharded(dst):
+        dst, src = local_pairs(dst, src)
     _copy_all(dst, src)
+
+
+@torch.compiler.disable  # resizing parameters: eager, also in a compiled step
+def write_items(updates: list[BucketUpdate], opt_state: Any) -> None:
+    """Write rank-adaptive updates (one point and state per layer, of another rank): the same
+    Parameter objects, resized where the rank changed; the layers' entries in ``opt_state``
+    (the optimizer's ``state``, keyed by ``U``) replaced."""
+    for u in updates:
+        for L, x, st in zip(u.layers, u.point, u.state, strict=True):
+            for p, new in ((L.U, x.U), (L.S, torch.diag_embed(x.s)), (L.V, x.V)):
+                new = new.to(p.dtype)
+                if p.shape == new.shape:
+                    p.copy_(new)
+                else:
+                    resize_parameter_(p, new.contiguous())
+            entry = opt_state[L.U]
+            entry.clear()
+            entry.update({k: v.clone() for k, v in state_arrays(st).items()})
 
 
 class StateStack:
@@ -120,6 +181,13 @@ class StateStack:
     def build(cls, opt_state: Any, layers: list[Layer], init_state: Any) -> StateStack:
         """:meth:`gather` and :meth:`bind`: the stack, its views in ``opt_state``."""
         out = cls.gather(opt_state, layers, init_state)
+        out.bind(opt_state, layers)
+        return out
+
+    @classmethod
+    def fresh(cls, opt_state: Any, layers: list[Layer], state: Any) -> StateStack:
+        """A stack of ``state`` (stacked), bound to the layers (their saved entries replaced)."""
+        out = cls(layers, state_arrays(state), type(state))
         out.bind(opt_state, layers)
         return out
 
@@ -193,10 +261,39 @@ class BucketUpdate:
     point: Any
     state: Any
     stack: StateStack | None
+    #: adapters of the bucket that got no gradient (they stay unstarted) and the rule's ``init``
+    #: state of their points (stacked): their entries if they have none yet
+    idle: tuple[list[Layer], Any] = ([], None)
+
+    def gated(self, ok: torch.Tensor) -> BucketUpdate:
+        """This update with each new floating-point tensor made to depend on ``ok`` (True, else
+        the step raised before): under ``torch.compile`` the writes follow the finite check."""
+
+        def gate(v: Any) -> Any:
+            return torch.where(ok, v, 0.0) if _is_float_tensor(v) else v
+
+        def point(x: Any) -> Any:
+            return FixedRankPoint(gate(x.U), gate(x.s), gate(x.V))
+
+        def state(st: Any) -> Any:
+            return state_from_arrays(type(st), {k: gate(v) for k, v in state_arrays(st).items()})
+
+        if not self.layers:
+            return self
+        many = isinstance(self.point, list)
+        return BucketUpdate(
+            self.layers,
+            [point(x) for x in self.point] if many else point(self.point),
+            [state(st) for st in self.state] if many else state(self.state),
+            self.stack,
+            self.idle,
+        )
 
     def tensors(self) -> list[torch.Tensor]:
         """Every floating-point tensor of the new points and states (what the finite check
-        reads)."""
+        reads; none for an update of idle adapters only)."""
+        if not self.layers:
+            return []
         points = self.point if isinstance(self.point, list) else [self.point]
         states = self.state if isinstance(self.state, list) else [self.state]
         out = [t for x in points for t in (x.U, x.s, x.V)]
@@ -215,6 +312,30 @@ class BucketUpdate:
         out = {"U": item(x.U), "S": item(x.s), "V": item(x.V)}
         out.update({f"state {n!r}": item(v) for n, v in st.items() if _is_float_tensor(v)})
         return out
+
+
+def checked_entries(expected: dict, saved: dict, mnr: tuple, rule: str, device: Any) -> dict:
+    """A low-rank layer's saved state entries, checked against the rule's ``expected`` names
+    and shapes (``ValueError`` naming what differs) and cast to their dtypes on ``device``
+    (copies). ``mnr``: the layer's ``(m, n, r)``, for the messages."""
+    missing, extra = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"optimizer state for a low-rank layer (m, n, r) = {mnr} does not match the rule "
+            f"{rule}: missing {missing}, unexpected {extra} (was it saved by another optimizer?)"
+        )
+    out = {}
+    for k, ref in expected.items():
+        v = torch.as_tensor(saved[k])
+        ref = torch.as_tensor(ref)
+        if tuple(v.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"optimizer state {k!r} of a low-rank layer has shape {tuple(v.shape)}, but "
+                f"the layer (m, n, r) = {mnr} needs {tuple(ref.shape)}: load the model's state "
+                "(its ranks) first, or the state of a model with the same ranks"
+            )
+        out[k] = v.to(dtype=ref.dtype, device=device, copy=True)
+    return out
 
 
 def _is_float_tensor(v: Any) -> bool:
