@@ -6,9 +6,14 @@ its peak resident memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, generat
 is its own; the worker prints a line per stage (generation, spectral start, every Gauss-Newton
 iteration with its time) and a JSON line with the results:
 
-* ``generate_s`` (``random_completion``), ``time`` (``ro.solve``, end to end), ``iterations``,
+* ``generate_s`` (``random_completion``), ``time`` (``ro.solve``, end to end, less the
+  callback's error evaluations), ``iterations``, ``trace`` (time and relative error after every
+  iteration), ``longest_error_rise`` (most consecutive iterations whose error grew),
+  ``cpu_s`` (the process's CPU seconds of the solve: with one thread, the time on an idle
+  core when the machine is shared), ``load_average`` (1 min, at the end),
   ``cg_iterations`` (inner CG, phase 1), ``time_per_iteration``, ``rel_error``, ``stop``,
-  ``phase``, ``peak_rss_gib``, ``threads`` (numba / BLAS threads of the run).
+  ``phase``, ``peak_rss_gib``, ``threads`` (``solve(..., threads=N)``: BLAS and the numba
+  kernels).
 """
 
 from __future__ import annotations
@@ -36,15 +41,20 @@ def run_worker(
     kappa: float,
     oversampling: float,
     max_time: float,
-    parallel: bool,
+    parallel: bool = False,
     backend: str = "numpy",
     device: str | None = None,
+    threads: int = 1,
 ) -> None:
-    """Generate one problem and solve it; prints progress lines and a final JSON line."""
+    """Generate one problem and solve it with ``ro.solve(..., threads=threads)`` (BLAS and the
+    kernels on ``threads`` threads; ``parallel`` without ``threads``, the older spelling: the
+    ``NUMBA_NUM_THREADS`` of the environment); prints progress lines and a final JSON line."""
     import rankopt as ro
-    from rankopt.problems import MatrixCompletion, random_completion, warmup_kernels
+    from rankopt.problems import random_completion, warmup_kernels
 
-    warmup_kernels()
+    if parallel and threads == 1:
+        threads = int(os.environ.get("NUMBA_NUM_THREADS", "2") or 2)
+    warmup_kernels(parallel=None if threads > 1 else False)
     t = time.perf_counter()
     p = random_completion(
         n,
@@ -56,21 +66,14 @@ def run_worker(
         backend=backend,
         device=device,
     )
-    if parallel and backend == "numpy":
-        p = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, truth=p.truth, parallel=True)
     t_gen = time.perf_counter() - t
     print(f"  generated n={n} seed={seed}: |Omega|={p.nnz} in {t_gen:.1f} s", flush=True)
-    t0 = time.perf_counter()
-
-    def progress(info: Any) -> None:
-        print(
-            f"    iteration {info.iteration}: {time.perf_counter() - t0:.1f} s, rank "
-            f"{info.point.rank}, gradient {info.grad_norm:.2e}",
-            flush=True,
-        )
-
-    res = ro.solve(p, RANK, tol=1e-10, seed=0, max_time=max_time, callback=progress)
-    t_solve = time.perf_counter() - t0
+    progress = ErrorTrace(p)
+    res = ro.solve(
+        p, RANK, tol=1e-10, seed=0, max_time=max_time, callback=progress, threads=threads
+    )
+    t_solve, cpu = progress.elapsed()
+    trace = progress.trace
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     first = res.info.get("first_phase", res)
     state = first.info.get("state")
@@ -82,6 +85,8 @@ def run_worker(
         "nnz": p.nnz,
         "generate_s": t_gen,
         "time": t_solve,
+        "cpu_s": cpu,
+        "load_average": os.getloadavg()[0],
         "iterations": res.iterations,
         "cg_iterations": getattr(state, "cg_total", None),
         "time_per_iteration": t_solve / max(res.iterations, 1),
@@ -90,11 +95,52 @@ def run_worker(
         "phase": res.info.get("phase"),
         "rank": res.rank,
         "peak_rss_gib": ru / 2**20 if sys.platform != "darwin" else ru / 2**30,
-        "threads": int(os.environ.get("NUMBA_NUM_THREADS", "0") or 0) if parallel else 1,
+        "threads": threads,
+        "first_phase_skipped": res.info.get("first_phase_skipped"),
+        "longest_error_rise": longest_rise([e for _, e in trace]),
+        "trace": trace,
         "backend": backend,
         "device": str(device),
     }
     print(json.dumps(out), flush=True)
+
+
+class ErrorTrace:
+    """A solve's callback: prints a line per iteration and keeps ``trace``, the (seconds since
+    construction, relative error) after every iteration; the seconds it spends itself (the
+    error, O((m + n) r^2)) are taken out of the times it reports."""
+
+    def __init__(self, problem: Any) -> None:
+        self.problem, self.trace = problem, []
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self.spent = [0.0, 0.0]  # own wall and CPU seconds
+
+    def __call__(self, info: Any) -> None:
+        t_in, c_in = time.perf_counter(), time.process_time()
+        err = float(self.problem.relative_error(info.point))
+        self.trace.append((t_in - self.t0 - self.spent[0], err))
+        print(
+            f"    iteration {info.iteration}: {self.trace[-1][0]:.1f} s, rank "
+            f"{info.point.rank}, gradient {info.grad_norm:.2e}, error {err:.2e}",
+            flush=True,
+        )
+        self.spent[0] += time.perf_counter() - t_in
+        self.spent[1] += time.process_time() - c_in
+
+    def elapsed(self) -> tuple[float, float]:
+        """Wall and CPU seconds since construction, less the callback's own."""
+        wall = time.perf_counter() - self.t0 - self.spent[0]
+        return wall, time.process_time() - self.c0 - self.spent[1]
+
+
+def longest_rise(errors: list[float]) -> int:
+    """The most consecutive iterations whose error grew by more than 0.1% (rounding-level
+    jitter near the end does not count; the issue's acceptance: at most 2)."""
+    best = run = 0
+    for a, b in zip(errors, errors[1:], strict=False):
+        run = run + 1 if b > 1.001 * a else 0
+        best = max(best, run)
+    return best
 
 
 def run_fresh(
@@ -114,8 +160,8 @@ def run_fresh(
     ``log``."""
     env = dict(os.environ)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = "1"  # BLAS stays single-threaded: the heavy work is in the numba kernels
-    env["NUMBA_NUM_THREADS"] = str(threads)
+        env[var] = str(threads)  # the pools' sizes; solve(threads=...) sets what is used
+    env["NUMBA_NUM_THREADS"] = str(max(threads, 1))
     cmd = [
         sys.executable,
         "-m",
@@ -128,7 +174,7 @@ def run_fresh(
                 "kappa": kappa,
                 "oversampling": oversampling,
                 "max_time": max_time,
-                "parallel": threads > 1,
+                "threads": threads,
                 "backend": backend,
                 "device": device,
             }
@@ -153,8 +199,8 @@ def run_fresh(
 
 def scale_table(rows: list[dict]) -> list[str]:
     out = [
-        "| n | seed | |Omega| | threads | generate [s] | solve [s] | iterations | CG iterations | s / iteration | us per 1000 entries and iteration | rel. error | phase | peak memory [GiB] |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| n | kappa | seed | |Omega| | threads | generate [s] | solve [s] | solve CPU [s] | iterations | CG iterations | s / iteration | us per 1000 entries and iteration | rel. error | phase | longest error rise | peak memory [GiB] |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
@@ -162,10 +208,13 @@ def scale_table(rows: list[dict]) -> list[str]:
             continue
         per = 1e6 * r["time"] / max(r["iterations"], 1) / (r["nnz"] / 1000)
         out.append(
-            f"| {r['n']:.0e} | {r['seed']} | {r['nnz']:.2e} | {r['threads']} | "
-            f"{r['generate_s']:.1f} | {r['time']:.1f} | {r['iterations']} | "
+            f"| {r['n']:.0e} | {r.get('kappa', 1.0):g} | {r['seed']} | {r['nnz']:.2e} | "
+            f"{r['threads']} | "
+            f"{r['generate_s']:.1f} | {r['time']:.1f} | {r.get('cpu_s', float('nan')):.1f} | "
+            f"{r['iterations']} | "
             f"{r['cg_iterations']} | {r['time_per_iteration']:.2f} | {per:.0f} | "
-            f"{r['rel_error']:.1e} | {r['phase']} | {r['peak_rss_gib']:.2f} |"
+            f"{r['rel_error']:.1e} | {r['phase']} | {r.get('longest_error_rise', '-')} | "
+            f"{r['peak_rss_gib']:.2f} |"
         )
     return out
 
@@ -183,9 +232,69 @@ def plot_scale(rows: list[dict], path: Path, title_note: str = "") -> None:
         ax.loglog(xs, [y0 * x / x0 for x in xs], "k:", lw=1, label="linear in |Omega|")
     ax.set_xlabel("|Omega| (observed entries)")
     ax.set_ylabel("solve time [s] (end to end)")
-    ax.set_title(f"Completion, rank {RANK}, kappa 1, oversampling 3{title_note}", fontsize=10)
+    kappas = sorted({r.get("kappa", 1.0) for r in ok}) or [1.0]
+    kap = ", ".join(f"{k:g}" for k in kappas)
+    ax.set_title(f"Completion, rank {RANK}, kappa {kap}, oversampling 3{title_note}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def kernel_times(n: int, threads: tuple, repeats: int, log: Callable[[str], None]) -> list:
+    """The completion kernels at ``n x n`` (kappa 1, oversampling 3, seed 0, rank 10, at the
+    spectral start) on each thread count, interleaved, ``repeats`` times, each inside
+    ``kernel_threads(t)`` with BLAS limited to ``t``: cost and gradient, one Gauss-Newton
+    operator application, the block preconditioner's set-up with one application, 20 pairs of
+    single-vector products of the spectral start's operator. Rows ``{piece, threads,
+    seconds, median}``."""
+    import statistics
+
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from rankopt import FixedRankPoint
+    from rankopt.problems import MatrixCompletion, kernel_threads, random_completion
+    from rankopt.problems._kernels import BlockedPattern
+
+    p = random_completion(n, n, RANK, oversampling=3, seed=0)
+    M = p.manifold(RANK)
+    x = p.spectral_init(RANK, seed=0)
+    v = M.random_tangent_vector(x, seed=1)
+    bp = BlockedPattern(np.asarray(p.rows), np.asarray(p.cols), n, max(1, (8 << 20) // 160))
+    vals = bp.reorder(np.asarray(p.vals))
+    u0 = np.random.default_rng(2).standard_normal(n)
+
+    def products(q: MatrixCompletion) -> None:
+        Y = bp.operator(vals, n, parallel=q.parallel)
+        for _ in range(20):
+            Y.rmatvec(Y.matvec(u0))
+
+    pieces = {
+        "cost and gradient": lambda q: q.cost_and_egrad(FixedRankPoint(x.U, x.s, x.V)),
+        "Gauss-Newton operator (one application)": lambda q: q.gn_operator(M, x)(v),
+        "block preconditioner (set-up, one application)": lambda q: q.gn_preconditioner(M, x)(v),
+        "spectral start (20 product pairs)": products,
+    }
+    times: dict = {}
+    for _ in range(repeats):
+        for t in threads:
+            q = MatrixCompletion(p.rows, p.cols, p.vals, p.shape, preconditioner="block")
+            with threadpool_limits(limits=t, user_api="blas"), kernel_threads(t):
+                for name, fn in pieces.items():
+                    t0 = time.perf_counter()
+                    fn(q)
+                    times.setdefault((name, t), []).append(time.perf_counter() - t0)
+    rows = []
+    for (name, t), secs in sorted(times.items()):
+        med = statistics.median(secs)
+        rows.append({"piece": name, "threads": t, "seconds": secs, "median": med})
+        log(f"  {name}, {t} thread(s): median {med:.3f} s ({', '.join(f'{v:.3f}' for v in secs)})")
+    return rows
+
+
+def kernel_section(n: int, log: Callable[[str], None]) -> list:
+    """``--kernels N`` of ``benchmarks.completion``: :func:`kernel_times` on 1 and 2 threads."""
+    log(f"\n## kernels at n = {n:g} on 1 and 2 threads (interleaved, 3 repeats)")
+    return kernel_times(n, (1, 2), 3, log)

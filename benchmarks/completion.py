@@ -32,7 +32,9 @@ Every thread pool (BLAS, OpenMP, numba) is pinned to one thread
 (:func:`benchmarks.harness.pin_threads`): on a small shared machine, OpenBLAS threads that
 compete with other processes for the cores make the small QRs/SVDs of these solvers up to 100x
 slower, and timings become noise; one thread also makes rankopt and pymanopt run under the same
-conditions. ``--scale --threads N`` measures threaded numba kernels (in fresh processes).
+conditions. ``--scale --threads N`` runs the fresh processes with ``solve(..., threads=N)``
+(BLAS and the numba kernels on N threads); ``--scale 1e6 --kappa 100`` another condition number;
+``--als [N ...]`` compares with Spark's ALS (``benchmarks/_als.py``, the extra ``als``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from typing import Any
 import numpy as np
 
 import rankopt as ro
+from benchmarks import _als as als_bench  # --als: rankopt against Spark's ALS
 from benchmarks import _completion_noise as noise_bench
 from benchmarks import _completion_scale as scale_bench
 from benchmarks._pymanopt_completion import pymanopt_available, run_pymanopt_cg
@@ -359,7 +362,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "default sizes 1e3 3e3 1e4 3e4 1e5 3e5 1e6",
     )
     ap.add_argument("--seeds", type=int, default=1, help="seeds per --scale size")
-    ap.add_argument("--threads", type=int, default=1, help="numba threads of the --scale workers")
+    ap.add_argument("--first-seed", type=int, default=0, help="first seed of --scale")
+    ap.add_argument("--kappa", type=float, default=1.0, help="condition number of --scale")
+    ap.add_argument("--als", type=float, nargs="*", default=None, metavar="N",
+                    help="rankopt against Spark's ALS at these sizes (default 2e4 1e5), "
+                    "kappa 1 and 100 (extra 'als')")  # fmt: skip
+    ap.add_argument("--als-cores", type=int, default=2, help="Spark's local[N] cores")
+    ap.add_argument("--als-reg", type=float, nargs="+", help="ALS regParam grid")
+    ap.add_argument("--als-iters", type=int, nargs="+", help="ALS maxIter grid")
+    ap.add_argument("--als-kappas", type=float, nargs="+", help="--als kappas (1 100)")
+    ap.add_argument("--threads", type=int, default=1, help="solve(threads=N) in --scale workers")
+    ap.add_argument("--kernels", type=float, help="time the kernels at N x N on 1 and 2 threads")
     ap.add_argument(
         "--backend",
         choices=("numpy", "torch", "cupy"),
@@ -470,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         scale_bench.run_worker(**json.loads(args.worker))
         return 0
     check_device(args)
-    if args.noise or args.sampling or args.scale is not None:
+    if args.noise or args.sampling or args.kernels or (args.scale, args.als) != (None, None):
         return main_sections(args, argv)
     log, lines = _report_log(argv, ("numpy", "scipy", "numba", "pymanopt", "rankopt"))
     log(
@@ -522,18 +535,15 @@ def scale_section(args: argparse.Namespace, log, note: str) -> list[dict]:
     if args.quick:
         sizes = [s for s in sizes if s <= 3000] or [1000]
     log(
-        f"\n## scale: kappa 1, oversampling 3, {args.seeds} seed(s) per size, "
-        f"{args.threads} numba thread(s), each run in a fresh process{note}"
+        f"\n## scale: kappa {args.kappa:g}, oversampling 3, {args.seeds} seed(s) per size, "
+        f"{args.threads} thread(s), each run in a fresh process{note}"
     )
     rows = []
     for n in sizes:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             log(f"  n = {n}, seed {seed}: starting (load average {os.getloadavg()[0]:.2f})")
-            rows.append(
-                scale_bench.run_fresh(
-                    n, seed, log, threads=args.threads, backend=args.backend, device=args.device
-                )
-            )
+            kw = {"kappa": args.kappa, "threads": args.threads, "device": args.device}
+            rows.append(scale_bench.run_fresh(n, seed, log, backend=args.backend, **kw))
             log("  " + json.dumps(rows[-1]))
     for s in scale_bench.scale_table(rows):
         log(s)
@@ -543,7 +553,7 @@ def scale_section(args: argparse.Namespace, log, note: str) -> list[dict]:
 
 
 def main_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """The issue-12 sections: ``--noise``, ``--sampling``, ``--scale`` (any combination)."""
+    """The sections ``--noise``, ``--sampling``, ``--scale``, ``--als`` (any combination)."""
     log, lines = _report_log(argv, ("numpy", "scipy", "numba", "rankopt"))
     note = " (quick run)" if args.quick else ""
     t_all = time.perf_counter()
@@ -571,9 +581,14 @@ def main_sections(args: argparse.Namespace, argv: list[str] | None) -> int:
         out["sampling"] = rows
     if args.scale is not None:
         out["scale"] = scale_section(args, log, note)
+    if args.kernels:
+        out["kernels"] = scale_bench.kernel_section(int(args.kernels), log)
+    if args.als is not None:
+        out["als"] = als_bench.als_from_args(args, note, log)
     log("\nload average at the end: " + ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     log(f"total wall time {time.perf_counter() - t_all:.0f} s")
-    stem = "completion_" + "_".join(k for k in ("noise", "sampling", "scale") if k in out)
+    parts = ("noise", "sampling", "scale", "als", "kernels")
+    stem = "completion_" + "_".join(k for k in parts if k in out)
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
     print(f"wrote {args.out / (stem + '.md')}")

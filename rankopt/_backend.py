@@ -6,6 +6,11 @@ and Torch; what differs (namespaces, QR/SVD, random numbers, sparse products, de
 turning a 0-d array into a Python float) is wrapped here, on top of ``array-api-compat``.
 
 Backends are imported lazily: ``import rankopt`` imports neither torch nor cupy.
+
+Array types from outside this module can name their own :class:`Backend`: an object with a
+method ``__rankopt_backend__()`` returning one is an array of that backend for
+:func:`backend_name_of` and :func:`backend_like` (:mod:`rankopt.distributed`'s row-blocked Dask
+arrays do this; the hook costs one attribute lookup, and imports nothing).
 """
 
 from __future__ import annotations
@@ -46,10 +51,19 @@ def _is_scipy_sparse(x: Any) -> bool:
     return sp is not None and sp.issparse(x)
 
 
+def _own_backend(x: Any) -> Backend | None:
+    """The :class:`Backend` an array type names itself (``__rankopt_backend__()``), or None."""
+    get = getattr(type(x), "__rankopt_backend__", None)
+    return None if get is None else get(x)
+
+
 def backend_name_of(x: Any) -> str | None:
     """Name of the backend an array (dense or sparse) belongs to, or None if not an array."""
     if isinstance(x, np.ndarray) or _is_scipy_sparse(x):
         return "numpy"
+    own = _own_backend(x)
+    if own is not None:
+        return own.name
     if _is_torch(x):
         return "torch"
     if _is_cupy(x):
@@ -481,6 +495,9 @@ def _make_backend(name: str, dtype: Any, device: Any) -> Backend:
 
 def backend_like(a: Any) -> Backend:
     """The :class:`Backend` (name, dtype, device) of an existing array."""
+    own = _own_backend(a)
+    if own is not None:
+        return own
     name = backend_name_of(a)
     if name is None:
         raise ValueError(f"expected an array (numpy, torch or cupy), got {type(a).__name__}")

@@ -7,7 +7,9 @@
 * :class:`MatrixSensing`: linear measurements ``<A_i, X>`` (dense or matrix-free);
 * generators :func:`low_rank_truth`, :func:`random_completion`, :func:`random_sensing`;
 * :func:`warmup_kernels`: pay numba's one-time start-up (about 1-2 s per process) before
-  timing a completion solve.
+  timing a completion solve;
+* :func:`kernel_threads`: the numba threads of the completion kernels in a block (what
+  ``rankopt.solve(..., threads=N)`` enters; problems built with ``parallel=None`` follow it).
 
 Modules: ``base`` (protocols, :class:`Problem`), ``completion``, ``sensing``, ``synthetic``;
 the package-internal parts of completion: ``_observations`` (validation, CSR layout),
@@ -15,6 +17,7 @@ the package-internal parts of completion: ``_observations`` (validation, CSR lay
 and ``_svd`` (truncated SVDs, shared with ``sensing``).
 """
 
+from ._kernels import kernel_threads
 from ._kernels import warmup as warmup_kernels
 from .base import DataProblem, EntryProblem, Problem
 from .completion import MatrixCompletion
@@ -31,4 +34,5 @@ __all__ = [
     "random_completion",
     "random_sensing",
     "warmup_kernels",
+    "kernel_threads",
 ]

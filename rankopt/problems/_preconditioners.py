@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..containers import FixedRankPoint, TangentVector
-from ._kernels import csc_pattern, gram_inverses, rowwise_matmul
+from ._kernels import csc_pattern, gram_inverses, resolve_parallel, rowwise_matmul
 
 __all__ = [
     "BLOCK_MIN_NNZ",
@@ -110,8 +110,9 @@ class BlockJacobi:
     nnz : int
         ``|Omega|``.
     weight_decay : float
-    parallel : bool
-        Threaded numba kernels.
+    parallel : bool or None
+        Threaded numba kernels; None: as the enclosing ``threads=`` setting
+        (:func:`~rankopt.problems._kernels.resolve_parallel`, read at each call).
 
     Attributes
     ----------
@@ -131,12 +132,12 @@ class BlockJacobi:
         shape: tuple[int, int],
         nnz: int,
         weight_decay: float,
-        parallel: bool,
+        parallel: bool | None,
     ) -> None:
         self.rows, self.cols, self.indptr = rows, cols, indptr
         self.shape, self.nnz = shape, nnz
         self.weight_decay = weight_decay
-        self.parallel = bool(parallel)
+        self._parallel = parallel
         self.blocks: tuple[Any, Any, np.ndarray, np.ndarray] | None = None
         self.csc: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -148,6 +149,11 @@ class BlockJacobi:
         eye = np.eye(U.shape[1])
         drift = max(np.abs(Ru.T @ Ru - eye).max(), np.abs(Rv.T @ Rv - eye).max())
         return (Ru, Rv) if drift <= BLOCK_REUSE else None
+
+    @property
+    def parallel(self) -> bool:
+        """Whether the kernels run threaded now (the option, resolved at call time)."""
+        return resolve_parallel(self._parallel)
 
     def compute_blocks(self, U: np.ndarray, V: np.ndarray) -> None:
         """The blocks at ``(U, V)``: O(|Omega| r^2 + (m + n) r^3)."""

@@ -152,22 +152,26 @@ def spectral_factors(
     method: str,
     nnz: int,
     counts: tuple[np.ndarray, np.ndarray] | None = None,
+    fallback: bool = True,
 ) -> Triplets:
     """``(U, s, V)``, orthonormal factors of the start from the data matrix ``Y``.
 
     The top-``rank`` SVD of ``Y`` (:func:`~rankopt.problems._svd.top_svd`; PROPACK's Lanczos
     basis of ``max(10 r, r + 60)`` vectors: scipy's default, ``10 r``, fails to converge for
     r = 1, 2 on large matrices); with ``counts`` (degree weighting) unweighted,
-    ``|Omega| D_r^{-1/2} H_r(Y) D_c^{-1/2}`` and re-factored (O((m + n) r^2)).
+    ``|Omega| D_r^{-1/2} H_r(Y) D_c^{-1/2}`` and re-factored (O((m + n) r^2)). ``fallback``:
+    ARPACK when PROPACK does not converge (default), else its ``LinAlgError``.
 
     Raises
     ------
     ValueError
         If the data have rank < ``rank`` (a zero singular value would leave the manifold).
+    numpy.linalg.LinAlgError
+        With ``fallback=False``, when PROPACK does not converge in its basis.
     """
     m, n = Y.shape
     kmax = min(m, n, max(10 * rank, rank + 60))
-    u, s, v = top_svd(Y, rank, rng, method, maxiter=kmax)
+    u, s, v = top_svd(Y, rank, rng, method, maxiter=kmax, fallback=fallback)
     if counts is not None:
         dr, dc = degree_scales(counts)
         u, s, v = lowrank_svd((u * s) * (nnz / dr[:, None]), v / dc[:, None])

@@ -38,7 +38,12 @@ Triplets = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def top_svd(
-    Y: Any, rank: int, random_state: Any, method: str = "propack", maxiter: int | None = None
+    Y: Any,
+    rank: int,
+    random_state: Any,
+    method: str = "propack",
+    maxiter: int | None = None,
+    fallback: bool = True,
 ) -> Triplets:
     """``(u, s, v)``: the top ``rank`` singular triplets of ``Y``, in descending order.
 
@@ -53,6 +58,10 @@ def top_svd(
         ``LinAlgError``), with ARPACK, or :func:`randomized_svd`.
     maxiter : int, optional
         Size of PROPACK's Lanczos basis (scipy's default, ``10 rank``, when None).
+    fallback : bool
+        ARPACK when PROPACK does not converge in its basis (default); False re-raises its
+        ``LinAlgError`` (the top ``rank`` values are not separated from the next ones within
+        ``maxiter`` Lanczos steps).
 
     Returns
     -------
@@ -67,6 +76,8 @@ def top_svd(
                 Y, k=rank, solver="propack", random_state=random_state, maxiter=maxiter
             )
         except np.linalg.LinAlgError:
+            if not fallback:
+                raise
             method = "arpack"
     if method == "arpack":
         v0 = as_rng(random_state).standard_normal(min(m, n))

@@ -144,9 +144,11 @@ def solve(
     **options
         Passed to the solver (e.g. ``metric=``, ``lr=``, ``max_time=``, ``track_error=True``);
         :func:`method_options` lists what each method takes, and an option the method does not
-        take raises ``TypeError`` naming the methods that do. ``threads=`` sets the number of
-        BLAS threads for this call (default :func:`get_blas_threads`, which is 1; ``None``
-        leaves the BLAS settings alone). ``max_rank`` may only repeat ``rank`` (with
+        take raises ``TypeError`` naming the methods that do. ``threads=N`` runs this call on
+        ``N`` threads: BLAS, and the numba kernels of problems built with ``parallel=None``
+        (completion's sampling, Gauss-Newton operator, preconditioner, spectral start) on the
+        same ``N`` (:func:`blas_threads`; default :func:`get_blas_threads`, which is 1;
+        ``None`` leaves the BLAS settings alone). ``max_rank`` may only repeat ``rank`` (with
         ``rank="auto"`` it is the largest rank tried). For data problems (completion,
         sensing) also the options of :func:`rankopt.solvers.noise.plan`: ``noise`` (None:
         estimate it; 0: exact data; sigma: known level), ``validation`` (held-out fraction,
@@ -185,10 +187,11 @@ def solve(
         if x0 is None and rank == min(problem.shape):
             x0 = _full_rank_start(problem, rank, seed)
         res = solver.run(problem, x0, rank=rank, seed=seed, callback=callback)
-    if not plan.auto_rank:  # rank="auto" returns the rank it chose, up to max_rank
-        _check_result_rank(res, rank, method, is_rank_adaptive(method, options))
-    _check_converged(res, method)
-    return noise.finish(problem, res, plan, seed=seed, solver=solver)
+        if not plan.auto_rank:  # rank="auto" returns the rank it chose, up to max_rank
+            _check_result_rank(res, rank, method, is_rank_adaptive(method, options))
+        _check_converged(res, method)
+        # the checks after the run (an identifiability fit among them) on the same threads
+        return noise.finish(problem, res, plan, seed=seed, solver=solver)
 
 
 def _check_converged(res: SolverResult, method: str) -> None:

@@ -93,7 +93,8 @@ def _check_threads(threads: Any) -> None:
 
 
 def set_blas_threads(threads: int | None) -> None:
-    """Default number of BLAS threads inside solver runs (``None``: leave the BLAS settings alone).
+    """Default number of threads inside solver runs, for BLAS and the problems' numba kernels
+    together (:func:`blas_threads`; ``None``: leave the BLAS settings alone, kernels serial).
 
     The default is 1. ``solve(..., threads=...)`` overrides it for one call.
     """
@@ -109,9 +110,15 @@ def get_blas_threads() -> int | None:
 
 @contextmanager
 def blas_threads(threads: int | None | str = "default") -> Iterator[None]:
-    """Context manager: limit every loaded BLAS library to ``threads`` threads (threadpoolctl).
+    """Context manager: run with ``threads`` threads, BLAS and the problems' kernels together.
 
-    ``"default"`` uses :func:`get_blas_threads`; ``None`` changes nothing. Nested uses inside an
+    Every loaded BLAS library is limited to ``threads`` threads (threadpoolctl), and the numba
+    kernels of problems built with ``parallel=None`` (the default of
+    :class:`~rankopt.problems.MatrixCompletion`: sampling, the Gauss-Newton operator, the
+    block preconditioner, the spectral start's products) run on ``threads`` numba threads
+    (:func:`rankopt.problems.kernel_threads`: the parallel twins from 2 threads on, the serial
+    ones at 1). ``"default"`` uses :func:`get_blas_threads`; ``None`` changes nothing (BLAS as
+    it is, kernels serial unless a problem asks for ``parallel=True``). Nested uses inside an
     active block do nothing (the outer setting, ``None`` included, holds for the solvers a
     solver runs). Setting and restoring the limit costs about 20 us (the threadpoolctl
     controller is kept between calls and rebuilt only after new imports).
@@ -127,8 +134,11 @@ def blas_threads(threads: int | None | str = "default") -> Iterator[None]:
         if threads is None:
             yield
         else:
+            from ..problems import kernel_threads
+
             with _blas_controller().limit(limits=threads, user_api="blas"):
-                yield
+                with kernel_threads(threads):
+                    yield
     finally:
         _LIMIT_ACTIVE.on = False
 

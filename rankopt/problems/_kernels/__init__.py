@@ -18,7 +18,7 @@ own module, which is where to change them.
 """
 
 from .blocked import BlockedPattern, csc_pattern
-from .jit import HAVE_NUMBA, TwinKernel, threads
+from .jit import HAVE_NUMBA, TwinKernel, active_threads, kernel_threads, resolve_parallel, threads
 from .products import (
     PatternCSR,
     csr_matmul,
@@ -36,6 +36,9 @@ __all__ = [
     "HAVE_NUMBA",
     "TwinKernel",
     "threads",
+    "kernel_threads",
+    "active_threads",
+    "resolve_parallel",
     "sample_lowrank",
     "sampled_residual",
     "sample_lowrank_numpy",

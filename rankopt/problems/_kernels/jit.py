@@ -37,11 +37,24 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["HAVE_NUMBA", "JIT_OPTIONS", "LOOPS", "TwinKernel", "compile_twin", "renamed", "threads"]
+__all__ = [
+    "HAVE_NUMBA",
+    "JIT_OPTIONS",
+    "LOOPS",
+    "TwinKernel",
+    "compile_twin",
+    "renamed",
+    "threads",
+    "kernel_threads",
+    "active_threads",
+    "resolve_parallel",
+]
 
 #: Whether numba can be imported. It is imported lazily, on the first kernel compilation.
 HAVE_NUMBA = importlib.util.find_spec("numba") is not None
@@ -122,3 +135,56 @@ def threads(parallel: bool | None) -> int:
     import numba
 
     return int(numba.get_num_threads())
+
+
+# ---------------------------------------------------------------------------------------------
+# The thread count of a run: ``rankopt.solve(..., threads=N)`` (through
+# ``rankopt.solvers.blas_threads``) enters :func:`kernel_threads`; problems built with
+# ``parallel=None`` (the default) then run the parallel twins on N numba threads while it
+# holds, and the serial twins otherwise. Per Python thread, like numba's own setting.
+# ---------------------------------------------------------------------------------------------
+_ACTIVE = threading.local()
+
+
+def active_threads() -> int:
+    """Kernel threads of the :func:`kernel_threads` block around this call (1 outside one)."""
+    return int(getattr(_ACTIVE, "n", 1))
+
+
+def resolve_parallel(parallel: bool | None) -> bool:
+    """A problem's ``parallel`` option at call time: True or False as given; None follows the
+    enclosing :func:`kernel_threads` block (parallel twins when it asks for 2 or more)."""
+    return bool(parallel) if parallel is not None else active_threads() > 1
+
+
+@contextmanager
+def kernel_threads(n: int) -> Iterator[int]:
+    """Run the kernels of problems with ``parallel=None`` on ``n`` numba threads in this block.
+
+    ``n > 1`` sets ``numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))`` for the
+    calling thread (numba's setting is per thread; the previous one is restored on exit) and
+    makes :func:`resolve_parallel` choose the parallel twins; ``n = 1`` chooses the serial twins
+    and starts no threading runtime (numba is not even imported). Yields the thread count the
+    kernels get. Nested blocks: the inner one holds inside it.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"kernel threads must be a positive integer, got {n!r}")
+    before = active_threads()
+    if n == 1 or not HAVE_NUMBA:
+        _ACTIVE.n = 1
+        try:
+            yield 1
+        finally:
+            _ACTIVE.n = before
+        return
+    import numba
+
+    saved = numba.get_num_threads()
+    got = min(n, int(numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(got)
+    _ACTIVE.n = got
+    try:
+        yield got
+    finally:
+        _ACTIVE.n = before
+        numba.set_num_threads(saved)
